@@ -1,0 +1,70 @@
+"""spatialid: identity-preserving FLUX.1 generation with spatially scheduled PuLID injection.
+
+Public names are imported lazily so that ``import spatialid`` (and the CLI's argument checks) stay
+fast: torch, diffusers and transformers load only when a name that needs them is first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY: dict[str, str] = {
+    # errors
+    "SpatialIDError": "spatialid.errors",
+    "CheckpointError": "spatialid.errors",
+    "FaceNotFoundError": "spatialid.errors",
+    "ModelFilesMissingError": "spatialid.errors",
+    "InputImageError": "spatialid.errors",
+    # PuLID-FLUX modules and weights
+    "IDFormer": "spatialid.models.idformer",
+    "PerceiverAttentionCA": "spatialid.models.perceiver_ca",
+    "load_pulid_checkpoint": "spatialid.models.checkpoint",
+    # masks and schedule
+    "SpatialSchedule": "spatialid.masks.schedule",
+    "PRESETS": "spatialid.masks.schedule",
+    "resolve_preset": "spatialid.masks.schedule",
+    # injection
+    "IdentityInjector": "spatialid.injection.injector",
+    # identity encoding
+    "IdentityEncoder": "spatialid.encoder.identity_encoder",
+    "IdentityEmbedding": "spatialid.encoder.embedding",
+    # pipeline
+    "SpatialIDPipeline": "spatialid.pipeline.pipeline_spatialid",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'spatialid' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from spatialid.encoder.embedding import IdentityEmbedding
+    from spatialid.encoder.identity_encoder import IdentityEncoder
+    from spatialid.errors import (
+        CheckpointError,
+        FaceNotFoundError,
+        InputImageError,
+        ModelFilesMissingError,
+        SpatialIDError,
+    )
+    from spatialid.injection.injector import IdentityInjector
+    from spatialid.masks.schedule import PRESETS, SpatialSchedule, resolve_preset
+    from spatialid.models.checkpoint import load_pulid_checkpoint
+    from spatialid.models.idformer import IDFormer
+    from spatialid.models.perceiver_ca import PerceiverAttentionCA
+    from spatialid.pipeline.pipeline_spatialid import SpatialIDPipeline

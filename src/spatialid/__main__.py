@@ -1,0 +1,5 @@
+import sys
+
+from spatialid.cli.main import main
+
+sys.exit(main())
