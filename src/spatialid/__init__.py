@@ -23,9 +23,11 @@ _LAZY: dict[str, str] = {
     "IDFormer": "spatialid.models.idformer",
     "PerceiverAttentionCA": "spatialid.models.perceiver_ca",
     "load_pulid_checkpoint": "spatialid.models.checkpoint",
+    "save_pulid_checkpoint": "spatialid.models.checkpoint",
     # masks and schedule
     "SpatialSchedule": "spatialid.masks.schedule",
     "PRESETS": "spatialid.masks.schedule",
+    "PRESET_DESCRIPTIONS": "spatialid.masks.schedule",
     "resolve_preset": "spatialid.masks.schedule",
     # injection
     "IdentityInjector": "spatialid.injection.injector",
@@ -63,8 +65,8 @@ if TYPE_CHECKING:  # pragma: no cover
         SpatialIDError,
     )
     from spatialid.injection.injector import IdentityInjector
-    from spatialid.masks.schedule import PRESETS, SpatialSchedule, resolve_preset
-    from spatialid.models.checkpoint import load_pulid_checkpoint
+    from spatialid.masks.schedule import PRESET_DESCRIPTIONS, PRESETS, SpatialSchedule, resolve_preset
+    from spatialid.models.checkpoint import load_pulid_checkpoint, save_pulid_checkpoint
     from spatialid.models.idformer import IDFormer
     from spatialid.models.perceiver_ca import PerceiverAttentionCA
     from spatialid.pipeline.pipeline_spatialid import SpatialIDPipeline

@@ -1,1 +1,70 @@
-"""models"""
+"""PuLID-FLUX modules (IDFormer, identity cross-attention), their configs and checkpoint I/O.
+
+The configs are imported eagerly (plain dataclasses); the torch modules load on first use so that
+``import spatialid.models.configs`` (used by the CLI's argument checks) does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from spatialid.models.configs import (
+    PULID_FLUX,
+    TINY_FLUX,
+    TINY_PULID,
+    IDFormerConfig,
+    PerceiverCAConfig,
+    PuLIDFluxConfig,
+    TinyFluxConfig,
+)
+
+_LAZY: dict[str, str] = {
+    "IDFormer": "spatialid.models.idformer",
+    "PerceiverAttentionCA": "spatialid.models.perceiver_ca",
+    "load_pulid_checkpoint": "spatialid.models.checkpoint",
+    "save_pulid_checkpoint": "spatialid.models.checkpoint",
+    "build_pulid_modules": "spatialid.models.checkpoint",
+    "expected_pulid_layout": "spatialid.models.checkpoint",
+    "resolve_pulid_checkpoint": "spatialid.models.checkpoint",
+    "DEFAULT_REPO_ID": "spatialid.models.checkpoint",
+    "DEFAULT_FILENAME": "spatialid.models.checkpoint",
+}
+
+__all__ = [
+    "IDFormerConfig",
+    "PerceiverCAConfig",
+    "PuLIDFluxConfig",
+    "TinyFluxConfig",
+    "PULID_FLUX",
+    "TINY_FLUX",
+    "TINY_PULID",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'spatialid.models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from spatialid.models.checkpoint import (
+        DEFAULT_FILENAME,
+        DEFAULT_REPO_ID,
+        build_pulid_modules,
+        expected_pulid_layout,
+        load_pulid_checkpoint,
+        resolve_pulid_checkpoint,
+        save_pulid_checkpoint,
+    )
+    from spatialid.models.idformer import IDFormer
+    from spatialid.models.perceiver_ca import PerceiverAttentionCA

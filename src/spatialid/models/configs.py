@@ -93,8 +93,8 @@ TINY_PULID = PuLIDFluxConfig(
         num_queries=4,
         output_dim=32,
         ff_mult=2,
-        id_cond_dim=1280,  # owned by the identity encoder's tiny configuration
-        vit_dim=32,  # owned by the identity encoder's tiny configuration
+        id_cond_dim=160,  # tiny identity encoder: dlib 128-d descriptor + 32-d tiny EVA02 embedding
+        vit_dim=32,  # tiny identity encoder: width of the tiny EVA02 tower's hidden states
     ),
     ca=PerceiverCAConfig(dim=TINY_FLUX.inner_dim, dim_head=8, heads=2, kv_dim=32),
     num_ca=4,  # 4 double blocks / 2 + 8 single blocks / 4

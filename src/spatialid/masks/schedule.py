@@ -1,0 +1,351 @@
+"""Temporal-spatial scheduler: which spatial mask modulates identity injection at flow time t.
+
+FLUX's flow-matching time t runs from 1 (pure noise) to 0 (clean image). Early on the activations
+carry no layout, so a fixed centre prior is used; in the middle the face region read from the
+cross-attention output (the *refined* mask) confines identity features to the face; late, when the
+layout is settled, the mask is relaxed towards uniform so the details of the whole head and hair
+still receive identity::
+
+    t >  early          -> centre prior
+    early >= t > late   -> refined mask
+    t <= late           -> late_floor + (1 - late_floor) * refined
+    then, if global_floor > 0, clamp from below at global_floor
+
+``PRESETS`` names the configurations used in the paper, the PuLID baseline (``None`` = uniform
+injection) and the ablations a researcher needs; ``resolve_preset`` turns a name into a schedule.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Union
+
+import torch
+
+from spatialid.errors import SpatialIDError
+from spatialid.masks.extractor import (
+    _cached,
+    _center_prior_cached,
+    _check_tokens,
+    entropy_mask,
+    norm_mask,
+    refine_mask,
+)
+
+__all__ = [
+    "SOURCES",
+    "MODES",
+    "PHASES",
+    "ScheduleError",
+    "SpatialSchedule",
+    "PRESETS",
+    "PRESET_DESCRIPTIONS",
+    "resolve_preset",
+]
+
+#: Mask sources: "norm" = L2 norm of the CA output; "entropy" = attention entropy over ID tokens.
+SOURCES = ("norm", "entropy")
+#: Phase rules: the full schedule, or one of the ablations.
+MODES = ("scheduled", "prior", "attention", "no-relax")
+#: Labels returned by :meth:`SpatialSchedule.phase`.
+PHASES = ("prior", "attention", "relaxed")
+
+TimeLike = Union[float, torch.Tensor]
+
+
+class ScheduleError(SpatialIDError, ValueError):
+    """A schedule setting or preset name is invalid (a ValueError, shown by the CLI as one line)."""
+
+
+@dataclass(frozen=True)
+class SpatialSchedule:
+    """SpatialID's temporal-spatial schedule of the identity-injection mask.
+
+    Args:
+        early: above this t the centre prior is used (the layout is still noise).
+        late: at or below this t the mask is relaxed towards uniform.
+        late_floor: value the relaxed mask starts from: ``late_floor + (1 - late_floor) * refined``.
+        center_sigma: width of the centre prior on the [-1, 1] x [-1, 1] grid.
+        global_floor: lower bound applied to the mask at every t (0 disables it).
+        source: ``"norm"`` (per-token L2 norm of the CA output, the default) or ``"entropy"``
+            (entropy of the attention over identity tokens; :meth:`mask` then needs ``attn_probs``).
+        mode: ``"scheduled"`` (the rule above), or an ablation: ``"prior"`` (centre prior at
+            every t), ``"attention"`` (refined mask at every t), ``"no-relax"`` (no late
+            relaxation).
+    """
+
+    early: float = 0.7
+    late: float = 0.3
+    late_floor: float = 0.5
+    center_sigma: float = 0.3
+    global_floor: float = 0.0
+    source: str = "norm"
+    mode: str = "scheduled"
+
+    def __post_init__(self) -> None:
+        for name in ("early", "late", "late_floor", "center_sigma", "global_floor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ScheduleError(f"SpatialSchedule.{name} must be a number, got {value!r}")
+            value = float(value)
+            if not math.isfinite(value):
+                raise ScheduleError(f"SpatialSchedule.{name} must be finite, got {value!r}")
+            object.__setattr__(self, name, value)  # normalise ints to floats (stable to_dict)
+        if not 0.0 <= self.late <= self.early <= 1.0:
+            raise ScheduleError(
+                "SpatialSchedule needs 0 <= late <= early <= 1, "
+                f"got early={self.early}, late={self.late}"
+            )
+        if self.center_sigma <= 0.0:
+            raise ScheduleError(
+                f"SpatialSchedule.center_sigma must be > 0, got {self.center_sigma}"
+            )
+        for name in ("late_floor", "global_floor"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ScheduleError(
+                    f"SpatialSchedule.{name} must be in [0, 1], got {getattr(self, name)}"
+                )
+        if self.source not in SOURCES:
+            raise ScheduleError(
+                f"unknown mask source {self.source!r}; choose one of: {', '.join(SOURCES)}"
+            )
+        if self.mode not in MODES:
+            raise ScheduleError(
+                f"unknown schedule mode {self.mode!r}; choose one of: {', '.join(MODES)}"
+            )
+
+    # ------------------------------------------------------------------------------------------
+    # (de)serialisation
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as JSON-serialisable values (stored in PNG metadata)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SpatialSchedule:
+        """Inverse of :meth:`to_dict`; missing keys take defaults, unknown keys are an error."""
+        if not isinstance(data, Mapping):
+            raise ScheduleError(
+                f"a schedule must be a mapping of fields, got {type(data).__name__}"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ScheduleError(
+                f"unknown SpatialSchedule field(s) {', '.join(map(str, unknown))}; "
+                f"valid fields: {', '.join(sorted(known))}"
+            )
+        return cls(**dict(data))
+
+    # ------------------------------------------------------------------------------------------
+    # phases
+
+    @property
+    def needs_attention_probs(self) -> bool:
+        """True when :meth:`mask` needs ``attn_probs`` (entropy source and a mode that uses it)."""
+        return self.source == "entropy" and self.mode != "prior"
+
+    def phase(self, t: TimeLike) -> str:
+        """Label of the mask used at time ``t``: ``"prior"``, ``"attention"`` or ``"relaxed"``.
+
+        Meant for logs and visualisations: a tensor ``t`` must hold one element and is read on
+        the host (a device sync), so do not call this inside a compiled step.
+        """
+        if isinstance(t, torch.Tensor):
+            if t.numel() != 1:
+                raise ValueError(
+                    f"phase() needs a single time value, got a tensor of shape {tuple(t.shape)}"
+                )
+            # Compare in t's dtype, exactly as mask() does with a tensor t.
+            tt = _time_tensor(t).reshape(())
+            after_early, after_late = bool(tt > self.early), bool(tt > self.late)
+        else:
+            value = _check_time(t)
+            after_early, after_late = value > self.early, value > self.late
+        if self.mode == "prior":
+            return "prior"
+        if self.mode == "attention":
+            return "attention"
+        if after_early:
+            return "prior"
+        if after_late or self.mode == "no-relax":
+            return "attention"
+        return "relaxed"
+
+    # ------------------------------------------------------------------------------------------
+    # the mask
+
+    def mask(
+        self,
+        t: TimeLike,
+        ca_raw: torch.Tensor,
+        rows: int,
+        cols: int,
+        *,
+        attn_probs: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Injection mask ``[B, rows*cols, 1]`` in ``ca_raw``'s dtype and device.
+
+        Args:
+            t: flow time in [0, 1] (1 = noise). A Python number is validated and only the mask of
+                its phase is computed. A tensor (0-d, ``[1]`` or ``[B]``, any float dtype/device,
+                e.g. the transformer's ``timestep``) selects the phase per sample with
+                ``torch.where`` and is never read on the host, so its range is not checked; it
+                is compared with ``early``/``late`` in its own dtype (thresholds rounded to it).
+            ca_raw: ``[B, rows*cols, D]`` raw output of the identity cross-attention (before its
+                output projection), image tokens in row-major order.
+            rows, cols: the image-token grid.
+            attn_probs: ``[B, heads, rows*cols, n_id]`` attention probabilities over identity
+                tokens; required when ``source == "entropy"`` (see :attr:`needs_attention_probs`).
+        """
+        if ca_raw.dim() != 3:
+            raise ValueError(f"ca_raw must be [B, N, D], got shape {tuple(ca_raw.shape)}")
+        batch, n_tokens = ca_raw.shape[:2]
+        _check_tokens(n_tokens, rows, cols, "ca_raw")
+        if self.needs_attention_probs:
+            if attn_probs is None:
+                raise ValueError(
+                    "SpatialSchedule(source='entropy') needs attn_probs [B, heads, N, n_id]; "
+                    "pass the CA attention probabilities or use source='norm'"
+                )
+            shape = tuple(attn_probs.shape)
+            if len(shape) != 4 or shape[0] != batch or shape[2] != n_tokens:
+                raise ValueError(
+                    f"attn_probs must be [{batch}, heads, {n_tokens}, n_id], got {shape}"
+                )
+
+        if isinstance(t, torch.Tensor):
+            out = self._mask_tensor_t(t, ca_raw, rows, cols, attn_probs)
+        else:
+            out = self._mask_float_t(_check_time(t), ca_raw, rows, cols, attn_probs)
+        if self.global_floor > 0.0:
+            out = out.clamp_min(self.global_floor)
+        return out.unsqueeze(-1).to(dtype=ca_raw.dtype)
+
+    # internals -------------------------------------------------------------------------------
+
+    def _prior(self, rows: int, cols: int, device: torch.device) -> torch.Tensor:
+        """Shared cached ``[1, N]`` float32 prior: never modify it in place."""
+        return _cached(_center_prior_cached, rows, cols, self.center_sigma, device, torch.float32)
+
+    def _refined(
+        self, ca_raw: torch.Tensor, rows: int, cols: int, attn_probs: torch.Tensor | None
+    ) -> torch.Tensor:
+        if self.source == "entropy":
+            raw = entropy_mask(attn_probs.to(ca_raw.device), rows, cols)  # type: ignore[union-attr]
+        else:
+            raw = norm_mask(ca_raw)
+        return refine_mask(raw, rows, cols)
+
+    def _relax(self, refined: torch.Tensor) -> torch.Tensor:
+        return self.late_floor + (1.0 - self.late_floor) * refined
+
+    def _mask_float_t(
+        self, t: float, ca_raw: torch.Tensor, rows: int, cols: int, attn_probs: torch.Tensor | None
+    ) -> torch.Tensor:
+        batch, n_tokens = ca_raw.shape[:2]
+        phase = self.phase(t)
+        if phase == "prior":
+            # clone: the result must not alias the cached prior.
+            return self._prior(rows, cols, ca_raw.device).expand(batch, n_tokens).clone()
+        refined = self._refined(ca_raw, rows, cols, attn_probs)
+        return refined if phase == "attention" else self._relax(refined)
+
+    def _mask_tensor_t(
+        self,
+        t: torch.Tensor,
+        ca_raw: torch.Tensor,
+        rows: int,
+        cols: int,
+        attn_probs: torch.Tensor | None,
+    ) -> torch.Tensor:
+        batch, n_tokens = ca_raw.shape[:2]
+        if t.dim() > 1 or (t.dim() == 1 and t.shape[0] not in (1, batch)):
+            raise ValueError(
+                f"t must be a number, a 0-d tensor or a tensor of shape [{batch}], "
+                f"got shape {tuple(t.shape)}"
+            )
+        if self.mode == "prior":
+            return self._prior(rows, cols, ca_raw.device).expand(batch, n_tokens).clone()
+        refined = self._refined(ca_raw, rows, cols, attn_probs)
+        if self.mode == "attention":
+            return refined
+        tt = _time_tensor(t).to(device=ca_raw.device).reshape(-1, 1)  # [B|1, 1]
+        if self.mode == "scheduled":
+            refined = torch.where(tt <= self.late, self._relax(refined), refined)
+        # [B|1, N] prior against [B, N] refined broadcasts to [B, N].
+        return torch.where(tt > self.early, self._prior(rows, cols, ca_raw.device), refined)
+
+
+def _time_tensor(t: torch.Tensor) -> torch.Tensor:
+    """t detached, in its own floating dtype (integer tensors become float32).
+
+    Comparing a tensor with a Python float rounds the float to the tensor's dtype, so a float32 or
+    bf16 timestep holding "0.3" counts as t <= 0.3 even though float32(0.3) > 0.3 in float64.
+    """
+    t = t.detach()
+    return t if t.is_floating_point() else t.to(torch.float32)
+
+
+def _check_time(t: Any) -> float:
+    if isinstance(t, bool) or not isinstance(t, numbers.Real):
+        raise ValueError(f"t must be a number in [0, 1] or a tensor, got {type(t).__name__}")
+    value = float(t)
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise ValueError(f"t must be in [0, 1] (1 = pure noise), got {value}")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# presets
+
+PRESETS: dict[str, SpatialSchedule | None] = {
+    "pulid": None,
+    "paper": SpatialSchedule(),
+    "relaxed": SpatialSchedule(late_floor=0.8, center_sigma=0.7, global_floor=0.3),
+    "prior-only": SpatialSchedule(mode="prior"),
+    "attention-only": SpatialSchedule(mode="attention"),
+    "no-relax": SpatialSchedule(mode="no-relax"),
+    "entropy": SpatialSchedule(source="entropy"),
+}
+
+PRESET_DESCRIPTIONS: dict[str, str] = {
+    "pulid": "PuLID baseline: uniform identity injection on every token at every step (no mask).",
+    "paper": (
+        "SpatialID as published: centre prior (t > 0.7), refined CA-norm mask, "
+        "relaxed to 0.5 + 0.5*mask for t <= 0.3."
+    ),
+    "relaxed": (
+        "Authors' best trade-off: wider prior (sigma 0.7), late floor 0.8 "
+        "and a 0.3 floor at every step."
+    ),
+    "prior-only": "Ablation: the centre prior at every step (no attention-derived mask).",
+    "attention-only": "Ablation: the refined CA-norm mask at every step (no prior, no relaxation).",
+    "no-relax": "Ablation: paper schedule without late relaxation (refined mask down to t = 0).",
+    "entropy": "Paper schedule with the attention-entropy mask source instead of the CA norm.",
+}
+
+
+def resolve_preset(
+    name_or_schedule: str | SpatialSchedule | Mapping[str, Any] | None,
+) -> SpatialSchedule | None:
+    """Turn a preset name (case-insensitive; ``_`` accepted for ``-``), a schedule, a field mapping
+    (e.g. from PNG metadata) or None into a :class:`SpatialSchedule` or None (uniform injection)."""
+    if name_or_schedule is None or isinstance(name_or_schedule, SpatialSchedule):
+        return name_or_schedule
+    if isinstance(name_or_schedule, Mapping):
+        return SpatialSchedule.from_dict(name_or_schedule)
+    if isinstance(name_or_schedule, str):
+        key = name_or_schedule.strip().lower().replace("_", "-")
+        if key in PRESETS:
+            return PRESETS[key]
+        raise ScheduleError(
+            f"unknown schedule preset {name_or_schedule!r}; valid presets: {', '.join(PRESETS)}"
+        )
+    raise TypeError(
+        "expected a preset name, a SpatialSchedule, a mapping of fields or None, "
+        f"got {type(name_or_schedule).__name__}"
+    )

@@ -1,0 +1,101 @@
+"""PuLID-FLUX identity cross-attention (one of the 20 ``pulid_ca.<i>`` modules).
+
+FLUX image tokens (queries) attend to the IDFormer's identity tokens (keys/values only). The
+result is added to the image stream by the injector; SpatialID additionally needs the attention
+result before the output projection (``return_raw=True``) to derive where the face is.
+
+This runs 20 times per denoising step on 4096 image tokens, so it avoids copies: heads are split
+with views, the fused ``scaled_dot_product_attention`` kernel does the attention, and the only
+materialised intermediate is the ``[B, N, heads*dim_head]`` tensor ``to_out`` needs anyway (which
+is also the raw output).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spatialid.models.configs import PerceiverCAConfig
+
+__all__ = ["PerceiverAttentionCA"]
+
+
+class PerceiverAttentionCA(nn.Module):
+    """Cross-attention from image tokens (``dim``) to identity tokens (``kv_dim``).
+
+    Parameter names and shapes equal each ``pulid_ca.<i>.`` part of the published PuLID-FLUX
+    checkpoint. ``norm1`` normalises the identity tokens, ``norm2`` the image tokens.
+    """
+
+    def __init__(self, dim: int = 3072, dim_head: int = 128, heads: int = 16, kv_dim: int = 2048) -> None:
+        super().__init__()
+        for name, value in (("dim", dim), ("dim_head", dim_head), ("heads", heads), ("kv_dim", kv_dim)):
+            if value <= 0:
+                raise ValueError(f"PerceiverAttentionCA {name} must be positive, got {value}")
+        self.config = PerceiverCAConfig(dim=dim, dim_head=dim_head, heads=heads, kv_dim=kv_dim)
+        self.dim = dim
+        self.kv_dim = kv_dim
+        self.dim_head = dim_head
+        self.heads = heads
+        inner = dim_head * heads
+        self.inner_dim = inner
+        self.norm1 = nn.LayerNorm(kv_dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(kv_dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    @classmethod
+    def from_config(cls, config: PerceiverCAConfig) -> PerceiverAttentionCA:
+        """Build an (untrained) module with the shape described by ``config``."""
+        return cls(**config.to_dict())
+
+    def _check_inputs(self, id_tokens: torch.Tensor, latents: torch.Tensor) -> None:
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 3 or latents.shape[-1] != self.dim:
+            shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"PerceiverAttentionCA latents must be [B, N, {self.dim}], got {shape}")
+        if not isinstance(id_tokens, torch.Tensor) or id_tokens.ndim != 3 or id_tokens.shape[-1] != self.kv_dim:
+            shape = tuple(id_tokens.shape) if isinstance(id_tokens, torch.Tensor) else type(id_tokens).__name__
+            raise ValueError(f"PerceiverAttentionCA id_tokens must be [B, n, {self.kv_dim}], got {shape}")
+        if id_tokens.shape[1] == 0:
+            raise ValueError("PerceiverAttentionCA needs at least one identity token, got n=0")
+        b_id, b = id_tokens.shape[0], latents.shape[0]
+        if b_id not in (1, b):
+            raise ValueError(
+                f"PerceiverAttentionCA id_tokens batch ({b_id}) must equal the latents batch ({b}) or be 1"
+            )
+
+    def forward(
+        self, id_tokens: torch.Tensor, latents: torch.Tensor, return_raw: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Attend from ``latents`` [B, N, dim] to ``id_tokens`` [B or 1, n, kv_dim].
+
+        An ``id_tokens`` batch of 1 is shared by every sample (one identity for the whole batch);
+        otherwise the batches must match (e.g. true-CFG batches with per-sample identities).
+        Inputs are cast to the weights' dtype when they differ; the output has ``latents``' dtype.
+
+        Returns ``out`` [B, N, dim], or ``(out, raw)`` with ``return_raw=True`` where ``raw`` is the
+        attention result before ``to_out``, [B, N, heads*dim_head], so ``to_out(raw) == out``.
+        """
+        self._check_inputs(id_tokens, latents)
+        out_dtype = latents.dtype
+        w_dtype = self.to_q.weight.dtype
+        b, n, _ = latents.shape
+        h = self.heads
+
+        q = self.to_q(self.norm2(latents.to(w_dtype)))  # [B, N, inner]
+        kv = self.to_kv(self.norm1(id_tokens.to(w_dtype)))  # [B_id, n, 2*inner]
+        k, v = kv.view(kv.shape[0], kv.shape[1], 2, h, self.dim_head).permute(2, 0, 3, 1, 4).unbind(0)
+        if k.shape[0] != b:
+            # Shared identity: copy the few identity keys/values per sample (B*n*inner values)
+            # rather than pass stride-0 batches, which some fused kernels do not accept.
+            k = k.expand(b, -1, -1, -1).contiguous()
+            v = v.expand(b, -1, -1, -1).contiguous()
+        q = q.view(b, n, h, self.dim_head).transpose(1, 2)  # [B, H, N, D] view
+        attn = F.scaled_dot_product_attention(q, k, v, scale=self.dim_head**-0.5)
+        raw = attn.transpose(1, 2).reshape(b, n, self.inner_dim)  # the one copy, needed by to_out
+        out = self.to_out(raw).to(out_dtype)
+        if return_raw:
+            return out, raw
+        return out

@@ -1,0 +1,345 @@
+"""IdentityInjector on a tiny random-weight diffusers FluxTransformer2DModel."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel
+
+from spatialid.injection import IdentityInjector, injection_points
+from spatialid.masks import SpatialSchedule
+from spatialid.models import PerceiverAttentionCA
+from spatialid.models.configs import TINY_FLUX, TINY_PULID
+
+TEXT_LEN = 5
+KV_DIM = TINY_PULID.ca.kv_dim
+
+
+def make_transformer(seed: int = 0) -> FluxTransformer2DModel:
+    torch.manual_seed(seed)
+    cfg = TINY_FLUX
+    model = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=cfg.latent_channels * 4,
+        num_layers=cfg.num_layers,
+        num_single_layers=cfg.num_single_layers,
+        attention_head_dim=cfg.attention_head_dim,
+        num_attention_heads=cfg.num_attention_heads,
+        joint_attention_dim=cfg.joint_attention_dim,
+        pooled_projection_dim=cfg.pooled_projection_dim,
+        guidance_embeds=True,
+        axes_dims_rope=cfg.axes_dims_rope,
+    )
+    return model.eval()
+
+
+def make_ca_modules(seed: int = 1, n: int = TINY_PULID.num_ca) -> torch.nn.ModuleList:
+    torch.manual_seed(seed)
+    mods = torch.nn.ModuleList(PerceiverAttentionCA.from_config(TINY_PULID.ca) for _ in range(n))
+    # Random LayerNorm affine parameters so the test exercises them too.
+    for m in mods:
+        for p in m.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+    return mods.eval()
+
+
+def make_inputs(batch: int, rows: int, cols: int, t: float | list[float] = 0.5, seed: int = 2) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    n = rows * cols
+    img_ids = torch.zeros(n, 3)
+    img_ids[:, 1] = torch.arange(rows).repeat_interleave(cols).float()
+    img_ids[:, 2] = torch.arange(cols).repeat(rows).float()
+    timestep = torch.tensor([t] * batch if isinstance(t, float) else t, dtype=torch.float32)
+    return dict(
+        hidden_states=torch.randn(batch, n, TINY_FLUX.latent_channels * 4, generator=g),
+        encoder_hidden_states=torch.randn(batch, TEXT_LEN, TINY_FLUX.joint_attention_dim, generator=g),
+        pooled_projections=torch.randn(batch, TINY_FLUX.pooled_projection_dim, generator=g),
+        timestep=timestep,
+        img_ids=img_ids,
+        txt_ids=torch.zeros(TEXT_LEN, 3),
+        guidance=torch.full((batch,), 3.5),
+        return_dict=False,
+    )
+
+
+def id_tokens(batch: int, seed: int = 3) -> torch.Tensor:
+    return torch.randn(batch, 4, KV_DIM, generator=torch.Generator().manual_seed(seed))
+
+
+def reference_forward(model, ca_modules, inputs, embeds, weight, schedule=None, grid=None):
+    """The FLUX forward written out by hand with PuLID/SpatialID injection between blocks."""
+    hidden = model.x_embedder(inputs["hidden_states"])
+    timestep = inputs["timestep"].to(hidden.dtype) * 1000
+    guidance = inputs["guidance"].to(hidden.dtype) * 1000
+    temb = model.time_text_embed(timestep, guidance, inputs["pooled_projections"])
+    text = model.context_embedder(inputs["encoder_hidden_states"])
+    rotary = model.pos_embed(torch.cat((inputs["txt_ids"], inputs["img_ids"]), dim=0))
+    embeds = embeds.expand(hidden.shape[0], -1, -1)
+
+    def inject(k, h):
+        if schedule is None:
+            return h + weight * ca_modules[k](embeds, h)
+        out, raw = ca_modules[k](embeds, h, return_raw=True)
+        mask = schedule.mask(inputs["timestep"].float(), raw, *grid)
+        return h + weight * mask * out
+
+    k = 0
+    for i, block in enumerate(model.transformer_blocks):
+        text, hidden = block(hidden_states=hidden, encoder_hidden_states=text, temb=temb, image_rotary_emb=rotary)
+        if i % 2 == 0:
+            hidden = inject(k, hidden)
+            k += 1
+    for j, block in enumerate(model.single_transformer_blocks):
+        text, hidden = block(hidden_states=hidden, encoder_hidden_states=text, temb=temb, image_rotary_emb=rotary)
+        if j % 4 == 0:
+            hidden = inject(k, hidden)
+            k += 1
+    assert k == len(ca_modules)
+    return model.proj_out(model.norm_out(hidden, temb))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_transformer()
+
+
+@pytest.fixture(scope="module")
+def cas():
+    return make_ca_modules()
+
+
+@pytest.fixture()
+def injector(model, cas):
+    inj = IdentityInjector(model, cas, double_interval=2, single_interval=4)
+    yield inj
+    inj.detach()
+
+
+def test_injection_points_follow_pulid_flux_layout():
+    pts = injection_points(19, 38, 2, 4)
+    assert len(pts) == 20
+    assert pts[:10] == [("double", i) for i in range(0, 19, 2)]
+    assert pts[10:] == [("single", j) for j in range(0, 38, 4)]
+    with pytest.raises(ValueError):
+        injection_points(4, 8, 0, 4)
+
+
+def test_rejects_wrong_number_of_ca_modules(model):
+    with pytest.raises(ValueError, match="4 injection points"):
+        IdentityInjector(model, make_ca_modules(n=3))
+    with pytest.raises(TypeError):
+        IdentityInjector(torch.nn.Linear(2, 2), make_ca_modules())
+
+
+@torch.no_grad()
+def test_outside_active_and_after_detach_bit_identical(model, cas):
+    inputs = make_inputs(2, 4, 4)
+    plain = model(**inputs)[0]
+    inj = IdentityInjector(model, cas)
+    assert torch.equal(model(**inputs)[0], plain)
+    with inj.active(id_tokens(1)):
+        injected = model(**inputs)[0]
+    assert not torch.allclose(injected, plain)
+    assert torch.equal(model(**inputs)[0], plain)
+    inj.detach()
+    assert torch.equal(model(**inputs)[0], plain)
+    assert not inj.attached
+    with pytest.raises(RuntimeError, match="detached"):
+        with inj.active(id_tokens(1)):
+            pass
+
+
+@torch.no_grad()
+def test_uniform_injection_matches_hand_written_loop(model, cas, injector):
+    inputs = make_inputs(2, 4, 4)
+    embeds = id_tokens(1)
+    with injector.active(embeds, id_weight=0.8, schedule=None):
+        got = model(**inputs)[0]
+    want = reference_forward(model, cas, inputs, embeds, 0.8)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("t", [0.9, 0.5, 0.1])
+@torch.no_grad()
+def test_spatial_injection_matches_hand_written_loop(model, cas, injector, t):
+    rows, cols = 3, 5  # odd, non-square grid
+    inputs = make_inputs(2, rows, cols, t=t)
+    embeds = id_tokens(2)
+    schedule = SpatialSchedule()
+    with injector.active(embeds, id_weight=1.0, schedule=schedule, grid=(rows, cols)):
+        got = model(**inputs)[0]
+    want = reference_forward(model, cas, inputs, embeds, 1.0, schedule=schedule, grid=(rows, cols))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_none_schedule_is_pulid_and_spatial_differs(model, injector):
+    inputs = make_inputs(1, 4, 4, t=0.5)
+    embeds = id_tokens(1)
+    with injector.active(embeds, schedule=None):
+        uniform = model(**inputs)[0]
+    with injector.active(embeds, schedule=SpatialSchedule(), grid=(4, 4)):
+        spatial = model(**inputs)[0]
+    assert not torch.allclose(uniform, spatial)
+    # A schedule whose mask is 1 everywhere (global floor 1) is exactly PuLID.
+    with injector.active(embeds, schedule=SpatialSchedule(global_floor=1.0), grid=(4, 4)):
+        floor_one = model(**inputs)[0]
+    torch.testing.assert_close(floor_one, uniform, rtol=1e-6, atol=1e-6)
+
+
+@torch.no_grad()
+def test_zero_weight_and_none_embeds_are_bit_identical(model, injector):
+    inputs = make_inputs(2, 4, 4)
+    plain_inj = IdentityInjector  # noqa: F841 (keeps the name in the failure message readable)
+    with injector.active(id_tokens(1), id_weight=0.0, schedule=SpatialSchedule(), grid=(4, 4)):
+        zero = model(**inputs)[0]
+    with injector.active(lambda call: None):
+        none = model(**inputs)[0]
+    injector.detach()
+    plain = model(**inputs)[0]
+    assert torch.equal(zero, plain)
+    assert torch.equal(none, plain)
+
+
+@torch.no_grad()
+def test_batch_with_per_sample_embeddings_matches_single_runs(model, injector):
+    """A true-CFG style batch (positive and zero identity per sample) equals separate runs."""
+    inputs = make_inputs(2, 4, 4, t=[0.5, 0.5])
+    embeds = torch.cat([id_tokens(1, seed=5), torch.zeros(1, 4, KV_DIM)])
+    schedule = SpatialSchedule()
+    with injector.active(embeds, schedule=schedule, grid=(4, 4)):
+        both = model(**inputs)[0]
+    for b in range(2):
+        single = {k: (v[b : b + 1] if k in ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance") else v) for k, v in inputs.items()}
+        with injector.active(embeds[b : b + 1], schedule=schedule, grid=(4, 4)):
+            one = model(**single)[0]
+        torch.testing.assert_close(both[b : b + 1], one, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_per_sample_time_selects_phase_per_sample(model, injector):
+    """Different t per sample (no host sync) equals running each t on its own."""
+    inputs = make_inputs(2, 4, 4, t=[0.9, 0.2])
+    embeds = id_tokens(1)
+    schedule = SpatialSchedule()
+    with injector.active(embeds, schedule=schedule, grid=(4, 4)):
+        both = model(**inputs)[0]
+    for b, t in enumerate((0.9, 0.2)):
+        single = make_inputs(2, 4, 4, t=t)
+        with injector.active(embeds, schedule=schedule, grid=(4, 4)):
+            alone = model(**single)[0]
+        torch.testing.assert_close(both[b], alone[b], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_callable_embeds_and_mask_recording(model, injector):
+    inputs = make_inputs(1, 2, 3, t=0.8)
+    embeds = id_tokens(1)
+    seen = []
+
+    def per_call(i):
+        seen.append(i)
+        return None if i == 0 else embeds
+
+    with injector.active(per_call, schedule=SpatialSchedule(), grid=(2, 3), record_masks=True) as session:
+        model(**inputs)
+        model(**make_inputs(1, 2, 3, t=0.5))
+        model(**make_inputs(1, 2, 3, t=0.2))
+    assert seen == [0, 1, 2]
+    assert session.calls == 3
+    assert len(session.records) == 2 * TINY_PULID.num_ca  # call 0 was not injected
+    by_call = session.masks_by_call()
+    assert sorted(by_call) == [1, 2]
+    assert [r.point for r in by_call[1]] == list(range(TINY_PULID.num_ca))
+    rec = by_call[1][0]
+    assert rec.mask.dtype == torch.float16 and rec.mask.device.type == "cpu"
+    assert rec.mask.shape == (1, 6)
+    assert rec.t == pytest.approx(0.5) and rec.phase == "attention"
+    assert by_call[2][0].phase == "relaxed"
+    assert float(by_call[2][0].mask.min()) >= 0.5 - 1e-3  # late floor
+
+
+@torch.no_grad()
+def test_uniform_recording_has_full_masks(model, injector):
+    with injector.active(id_tokens(1), record_masks=True) as session:
+        model(**make_inputs(2, 2, 2, t=0.4))
+    assert len(session.records) == TINY_PULID.num_ca
+    assert all(r.phase == "uniform" and torch.all(r.mask == 1) for r in session.records)
+    assert session.records[0].t == pytest.approx(0.4)
+
+
+@torch.no_grad()
+def test_one_by_one_grid(model, injector):
+    inputs = make_inputs(2, 1, 1, t=0.5)
+    with injector.active(id_tokens(2), schedule=SpatialSchedule(), grid=(1, 1)):
+        out = model(**inputs)[0]
+    assert out.shape == (2, 1, TINY_FLUX.latent_channels * 4)
+    assert torch.isfinite(out).all()
+
+
+def test_bf16_transformer_and_ca(cas):
+    model = make_transformer().to(torch.bfloat16)
+    ca16 = copy.deepcopy(cas).to(torch.bfloat16)
+    inj = IdentityInjector(model, ca16)
+    inputs = make_inputs(2, 4, 4)
+    for key in ("hidden_states", "encoder_hidden_states", "pooled_projections"):
+        inputs[key] = inputs[key].to(torch.bfloat16)
+    inputs["timestep"] = inputs["timestep"].to(torch.bfloat16)
+    with torch.no_grad(), inj.active(id_tokens(1), schedule=SpatialSchedule(), grid=(4, 4), record_masks=True) as s:
+        out = model(**inputs)[0]
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert s.records[0].phase == "attention"
+    inj.detach()
+
+
+@torch.no_grad()
+def test_argument_errors(model, injector):
+    inputs = make_inputs(1, 3, 5)
+    with pytest.raises(ValueError, match="grid 4x4"):
+        with injector.active(id_tokens(1), schedule=SpatialSchedule(), grid=(4, 4)):
+            model(**inputs)
+    with pytest.raises(ValueError, match="square"):
+        with injector.active(id_tokens(1), schedule=SpatialSchedule()):
+            model(**inputs)
+    with pytest.raises(ValueError, match="batch 3"):
+        with injector.active(id_tokens(3)):
+            model(**make_inputs(2, 2, 2))
+    with pytest.raises(ValueError, match="id_weight"):
+        with injector.active(id_tokens(1), id_weight=float("nan")):
+            pass
+    with pytest.raises(ValueError, match="shape"):
+        with injector.active(torch.zeros(4, KV_DIM)):
+            pass
+    with pytest.raises(RuntimeError, match="nested"):
+        with injector.active(id_tokens(1)):
+            with injector.active(id_tokens(1)):
+                pass
+    assert injector.session is None
+
+
+@torch.no_grad()
+def test_entropy_source_uses_attention_probabilities(model, cas, injector):
+    """The entropy preset computes its mask from softmax(QK^T) of each CA module."""
+    from spatialid.injection.injector import _attention_probs
+    from spatialid.masks import PRESETS, entropy_mask
+
+    schedule = PRESETS["entropy"]
+    inputs = make_inputs(2, 3, 3, t=0.5)
+    embeds = id_tokens(1)
+    with injector.active(embeds, schedule=schedule, grid=(3, 3), record_masks=True) as session:
+        out = model(**inputs)[0]
+    assert torch.isfinite(out).all()
+    # Check the first injection point's mask against an explicit softmax of that CA module.
+    hidden = model.x_embedder(inputs["hidden_states"])
+    temb = model.time_text_embed(inputs["timestep"] * 1000, inputs["guidance"] * 1000, inputs["pooled_projections"])
+    text = model.context_embedder(inputs["encoder_hidden_states"])
+    rotary = model.pos_embed(torch.cat((inputs["txt_ids"], inputs["img_ids"])))
+    _, h = model.transformer_blocks[0](hidden_states=hidden, encoder_hidden_states=text, temb=temb, image_rotary_emb=rotary)
+    probs = _attention_probs(cas[0], embeds.expand(2, -1, -1), h)
+    assert probs.shape == (2, cas[0].heads, 9, 4)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, cas[0].heads, 9))
+    expected = schedule.mask(0.5, torch.zeros(2, 9, 1), 3, 3, attn_probs=probs)[..., 0]
+    torch.testing.assert_close(session.records[0].mask.float(), expected, atol=2e-3, rtol=0)
+    assert entropy_mask(probs, 3, 3).shape == (2, 9)
