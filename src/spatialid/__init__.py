@@ -36,6 +36,8 @@ _LAZY: dict[str, str] = {
     "IdentityEmbedding": "spatialid.encoder.embedding",
     # pipeline
     "SpatialIDPipeline": "spatialid.pipeline.pipeline_spatialid",
+    "SpatialIDPipelineOutput": "spatialid.pipeline.pipeline_spatialid",
+    "StepMasks": "spatialid.pipeline.pipeline_spatialid",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -69,4 +71,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from spatialid.models.checkpoint import load_pulid_checkpoint, save_pulid_checkpoint
     from spatialid.models.idformer import IDFormer
     from spatialid.models.perceiver_ca import PerceiverAttentionCA
-    from spatialid.pipeline.pipeline_spatialid import SpatialIDPipeline
+    from spatialid.pipeline.pipeline_spatialid import SpatialIDPipeline, SpatialIDPipelineOutput, StepMasks

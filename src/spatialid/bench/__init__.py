@@ -1,1 +1,37 @@
-"""bench"""
+"""Benchmark runner: IBench-compatible grids of identities x prompts x presets x seeds.
+
+Submodules: ``datasets`` (input readers), ``grid`` (items, keys, shards), ``results`` (output folder,
+IBench results JSON), ``runner`` (the resumable loop), ``generators`` (pipeline-backed generate and
+encode functions), ``merge`` (joining shard outputs), ``samples`` (offline sample inputs).
+"""
+
+from spatialid.bench.datasets import BenchInputError, Identity, PromptSpec, load_identities, load_prompts, render_prompt
+from spatialid.bench.grid import BASELINE_PRESET, BenchItem, ShardSpec, build_grid, parse_shard, select_items
+from spatialid.bench.merge import MergeSummary, merge_runs
+from spatialid.bench.results import BenchStateError, PresetResults, load_manifest, load_preset_results
+from spatialid.bench.runner import BenchSettings, BenchSummary, EmbeddingCache, run_bench
+
+__all__ = [
+    "BASELINE_PRESET",
+    "BenchInputError",
+    "BenchItem",
+    "BenchSettings",
+    "BenchStateError",
+    "BenchSummary",
+    "EmbeddingCache",
+    "Identity",
+    "MergeSummary",
+    "PresetResults",
+    "PromptSpec",
+    "ShardSpec",
+    "build_grid",
+    "load_identities",
+    "load_manifest",
+    "load_preset_results",
+    "load_prompts",
+    "merge_runs",
+    "parse_shard",
+    "render_prompt",
+    "run_bench",
+    "select_items",
+]

@@ -1,0 +1,295 @@
+"""Readers for benchmark inputs: identities (photos) and prompts.
+
+Two layouts are accepted for each input:
+
+* IBench's JSON files. Identities: ``{"datas": [{"id": "path/to/photo.jpg", "gender": "female", ...}]}``;
+  prompts: ``{"datas": [{"prompt": "a {person} ... [note]", "prompt_attr": [...], "prompt_style": [...]}]}``.
+  ``{person}`` becomes "woman", "man" or "person" by the identity's gender and bracketed ``[...]``
+  notes (annotations for humans, not meant for the model) are removed, as IBench's own generation
+  scripts do.
+* Plain files: a folder of photos (one identity per photo, gender unknown -> "person") or a single
+  photo, and a text file with one prompt per line (blank lines and lines starting with ``#`` skipped).
+
+IBench's identity files hold absolute paths from the machine they were made on; ``id_root`` lets a
+relocated checkout be used without editing the JSON (see :func:`resolve_photo_path`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spatialid.errors import SpatialIDError
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "BenchInputError",
+    "check_unique_keys",
+    "Identity",
+    "PromptSpec",
+    "identity_key",
+    "load_identities",
+    "load_prompts",
+    "person_word",
+    "render_prompt",
+    "resolve_photo_path",
+]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+_BRACKETS = re.compile(r"\[[^\]]*\]")
+_SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.;:!?])")
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+class BenchInputError(SpatialIDError, ValueError):
+    """A benchmark input file (identities, prompts, grid options) is missing or malformed."""
+
+
+# ---------------------------------------------------------------------------------------- prompts
+
+
+def person_word(gender: str | None) -> str:
+    """The word that replaces ``{person}``: woman / man / person (unknown or other genders)."""
+    g = (gender or "").strip().lower()
+    if g in ("female", "woman", "f", "girl"):
+        return "woman"
+    if g in ("male", "man", "m", "boy"):
+        return "man"
+    return "person"
+
+
+def render_prompt(template: str, gender: str | None) -> str:
+    """Fill ``{person}`` by gender and drop bracketed ``[...]`` notes (whitespace tidied)."""
+    text = _BRACKETS.sub(" ", template)
+    text = text.replace("{person}", person_word(gender))
+    text = " ".join(text.split())
+    return _SPACE_BEFORE_PUNCT.sub(r"\1", text)
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """One prompt template; ``index`` is its position in the prompts file (part of item keys)."""
+
+    index: int
+    template: str
+    prompt_attr: tuple[Any, ...] = ()
+    prompt_style: tuple[Any, ...] = ()
+
+    def render(self, gender: str | None) -> str:
+        return render_prompt(self.template, gender)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "prompt": self.template,
+            "prompt_attr": list(self.prompt_attr),
+            "prompt_style": list(self.prompt_style),
+        }
+
+
+def _as_tuple(value: Any) -> tuple[Any, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    return (value,)
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise BenchInputError(f"{what} file {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise BenchInputError(f"cannot read {what} file {path}: {exc.strerror or exc}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BenchInputError(f"{what} file {path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+
+
+def _datas(doc: Any, path: Path, what: str) -> list[Any]:
+    datas = doc.get("datas") if isinstance(doc, dict) else doc if isinstance(doc, list) else None
+    if not isinstance(datas, list):
+        raise BenchInputError(f'{what} file {path} must hold {{"datas": [...]}} (IBench format) or a JSON list')
+    if not datas:
+        raise BenchInputError(f"{what} file {path} lists no entries")
+    return datas
+
+
+def load_prompts(source: str | os.PathLike[str], limit: int | None = None) -> list[PromptSpec]:
+    """Read prompts from an IBench JSON file or a text file (one prompt per line).
+
+    ``limit`` keeps the first N prompts (indices stay those of the file, so keys do not change).
+    """
+    path = Path(source)
+    if not path.exists():
+        raise BenchInputError(f"prompts file {path} does not exist")
+    if path.is_dir():
+        raise BenchInputError(f"prompts {path} is a folder; give an IBench prompts .json or a .txt with one prompt per line")
+    prompts: list[PromptSpec] = []
+    if path.suffix.lower() == ".json":
+        for i, entry in enumerate(_datas(_read_json(path, "prompts"), path, "prompts")):
+            if isinstance(entry, str):
+                entry = {"prompt": entry}
+            if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
+                raise BenchInputError(f'prompts file {path}: entry {i} has no "prompt" text')
+            if not render_prompt(entry["prompt"], None):
+                raise BenchInputError(f"prompts file {path}: entry {i} is empty once [...] notes are removed")
+            prompts.append(
+                PromptSpec(i, entry["prompt"], _as_tuple(entry.get("prompt_attr")), _as_tuple(entry.get("prompt_style")))
+            )
+    else:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise BenchInputError(f"prompts file {path} is not UTF-8 text") from None
+        except OSError as exc:
+            raise BenchInputError(f"cannot read prompts file {path}: {exc.strerror or exc}") from None
+        index = 0
+        for line in lines:
+            text = line.strip()
+            if not text or text.startswith("#"):
+                continue
+            if render_prompt(text, None):
+                prompts.append(PromptSpec(index, text))
+                index += 1
+    if not prompts:
+        raise BenchInputError(f"prompts file {path} holds no prompt")
+    return prompts[:limit] if limit else prompts
+
+
+# ------------------------------------------------------------------------------------- identities
+
+
+def identity_key(id_string: str) -> str:
+    """Stable file-safe name of an identity: the photo's stem plus a short hash of the full id.
+
+    The hash keeps two photos named ``001.jpg`` in different folders apart; the stem keeps the
+    output files readable.
+    """
+    stem = Path(id_string.replace("\\", "/")).stem or "id"
+    slug = _KEY_UNSAFE.sub("-", stem).strip("-")[:40] or "id"
+    digest = hashlib.sha1(id_string.encode("utf-8")).hexdigest()[:6]
+    return f"{slug}-{digest}"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """One identity: the photo to encode and the gender used to fill ``{person}``.
+
+    ``id`` is the string from the identities file, kept verbatim because IBench's results use it to
+    find the reference photo; ``path`` is where the photo was found on this machine.
+    """
+
+    key: str
+    id: str
+    path: Path
+    gender: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def person(self) -> str:
+        return person_word(self.gender)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "path": str(self.path), "gender": self.gender}
+
+
+def resolve_photo_path(id_string: str, base_dir: Path, id_root: str | os.PathLike[str] | None = None) -> Path | None:
+    """Find an identity photo: as written, relative to the identities file, then under ``id_root``.
+
+    Under ``id_root`` the path's trailing parts are tried from longest to shortest, so
+    ``/old/machine/IBench/data/images/x.jpg`` is found as ``ROOT/data/images/x.jpg``,
+    ``ROOT/images/x.jpg`` or ``ROOT/x.jpg``.
+    """
+    raw = Path(os.path.expanduser(id_string))
+    candidates = [raw] if raw.is_absolute() else [base_dir / raw, raw]
+    if id_root is not None:
+        root = Path(id_root)
+        parts = [p for p in raw.parts if p not in (raw.anchor, "")]
+        candidates += [root.joinpath(*parts[i:]) for i in range(len(parts))]
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    return None
+
+
+def _photo_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def load_identities(
+    source: str | os.PathLike[str],
+    *,
+    id_root: str | os.PathLike[str] | None = None,
+    limit: int | None = None,
+) -> list[Identity]:
+    """Read identities from an IBench JSON file, a folder of photos, or one photo.
+
+    Every photo must exist (checked now, before hours of generation): a missing one raises
+    :class:`BenchInputError` naming how many are missing, the first one, and ``--id-root``.
+    """
+    path = Path(source)
+    if not path.exists():
+        raise BenchInputError(f"identities {path} does not exist (give an IBench identities .json, a folder of photos or one photo)")
+    identities: list[Identity] = []
+    if path.is_dir():
+        files = _photo_files(path)
+        if not files:
+            raise BenchInputError(f"identities folder {path} holds no photo ({', '.join(IMAGE_SUFFIXES)})")
+        # keys from the file name only, so shards on machines with other mount points agree
+        identities = [Identity(identity_key(f.name), str(f), f.resolve(), "") for f in files]
+    elif path.suffix.lower() in IMAGE_SUFFIXES:
+        identities = [Identity(identity_key(path.name), str(path), path.resolve(), "")]
+    elif path.suffix.lower() == ".json":
+        missing: list[str] = []
+        seen: set[str] = set()
+        for i, entry in enumerate(_datas(_read_json(path, "identities"), path, "identities")):
+            if isinstance(entry, str):
+                entry = {"id": entry}
+            if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or not entry["id"].strip():
+                raise BenchInputError(f'identities file {path}: entry {i} has no "id" (path of the photo)')
+            id_string = entry["id"]
+            if id_string in seen:
+                continue  # the same photo twice adds nothing but duplicate keys
+            seen.add(id_string)
+            gender = entry.get("gender") or ""
+            if not isinstance(gender, str):
+                raise BenchInputError(f'identities file {path}: entry {i} has a non-text "gender"')
+            found = resolve_photo_path(id_string, path.parent, id_root)
+            if found is None:
+                missing.append(id_string)
+                found = Path(id_string)
+            extra = {k: v for k, v in entry.items() if k not in ("id", "gender")}
+            identities.append(Identity(identity_key(id_string), id_string, found, gender, extra))
+            if limit and len(identities) >= limit:
+                break
+        if missing:
+            where = f" under --id-root {id_root}" if id_root is not None else ""
+            raise BenchInputError(
+                f"{len(missing)} of {len(identities)} identity photos not found{where} (first: {missing[0]}); "
+                "pass --id-root with the folder that holds them (e.g. your IBench checkout)"
+            )
+    else:
+        raise BenchInputError(
+            f"identities {path}: unsupported file type {path.suffix or '(none)'}; "
+            "give an IBench identities .json, a folder of photos or one photo"
+        )
+    return identities[:limit] if limit else identities
+
+
+def check_unique_keys(identities: Sequence[Identity]) -> None:
+    """Two different ids must not map to one key (a SHA-1 prefix collision: practically never)."""
+    seen: dict[str, str] = {}
+    for ident in identities:
+        other = seen.setdefault(ident.key, ident.id)
+        if other != ident.id:
+            raise BenchInputError(f"identities {other!r} and {ident.id!r} map to the same key {ident.key}; rename one photo")

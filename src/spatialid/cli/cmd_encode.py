@@ -1,0 +1,155 @@
+"""``spatialid encode``: identity photo(s) -> identity tokens file, to generate many times from.
+
+Encoding loads the face models, EVA-CLIP and the PuLID IDFormer but not FLUX, so it is the cheap
+step; ``spatialid generate --id-embeds FILE`` then skips all face models. Photos are checked before
+any model is loaded, and the output file is written atomically.
+
+``--model tiny`` is the offline toy configuration (dlib faces, tiny random EVA02 and IDFormer from
+``--seed``, default 0 = the weights ``generate --model tiny`` uses). Any other ``--model`` (a FLUX.1
+id or folder, only recorded in the file) selects the real encoder, whose IDFormer comes from the
+PuLID-FLUX checkpoint ``--pulid``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+__all__ = ["register", "run"]
+
+log = logging.getLogger("spatialid.encode")
+
+DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "encode",
+        help="encode identity photo(s) into an identity file for `generate --id-embeds`",
+        description=(
+            "Detect and align the face in each --id photo, run the PuLID-FLUX identity encoder and write "
+            "the identity tokens (and the unconditional tokens used by true CFG) to --out (.safetensors). "
+            "Several --id photos must show the same person: their tokens are averaged. "
+            "'--model tiny' runs offline with dlib and random weights (a toy; identity differs from PuLID's)."
+        ),
+    )
+    p.add_argument("--id", dest="id_images", action="append", required=True, metavar="PHOTO",
+                   help="photo of the person (repeat for several photos of the same person)")
+    p.add_argument("--out", required=True, metavar="EMBEDS", help="output identity file (.safetensors)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="'tiny' for the offline toy encoder, else the FLUX.1 id/folder you will generate with "
+                   f"(recorded in the file; default {DEFAULT_MODEL})")
+    p.add_argument("--pulid", default=None,
+                   help="PuLID-FLUX weights (its IDFormer encodes the face): .safetensors file, folder or hub id "
+                   "(default guozinan/PuLID pulid_flux_v0.9.1.safetensors)")
+    p.add_argument("--eva", default=None,
+                   help="EVA02-CLIP-L-14-336 weights: file, folder or hub id "
+                   "(default timm/eva02_large_patch14_clip_336.merged2b_s6b_b61k)")
+    p.add_argument("--models-dir", default=None,
+                   help="folder with the offline face/EVA weights layout (default $SPATIALID_MODELS_DIR or "
+                   "~/.cache/spatialid/models): antelopev2/, facexlib/, eva-clip/")
+    p.add_argument("--face-backend", choices=("auto", "facexlib", "dlib"), default="auto",
+                   help="face alignment/parsing: facexlib as PuLID (auto: when installed), or the dlib fallback")
+    p.add_argument("--debug-dir", default=None, metavar="DIR",
+                   help="also write the aligned face, the parsing-masked face and the detection drawing as PNGs")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+                   help="EVA/IDFormer dtype (default: bfloat16 on GPU, float32 on CPU; tiny: float32)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="tiny model only: seed of its random weights (default 0, as `generate --model tiny`)")
+    p.add_argument("--offline", action="store_true", help="never download: use local files only (like HF_HUB_OFFLINE=1)")
+    p.add_argument("--cache-dir", default=None, help="Hugging Face cache folder for downloaded weights")
+    p.set_defaults(func=run)
+
+
+def _device(name: str) -> str:
+    import torch
+
+    from spatialid.errors import SpatialIDError
+
+    text = (name or "auto").strip().lower()
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return text
+    if text == "cuda" or text.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise SpatialIDError(f"--device {name} requested but CUDA is not available; use --device cpu")
+        if ":" in text:
+            idx = text.split(":", 1)[1]
+            if not idx.isdigit() or int(idx) >= torch.cuda.device_count():
+                raise SpatialIDError(f"--device {name}: no such CUDA device ({torch.cuda.device_count()} visible)")
+        return text
+    raise SpatialIDError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
+
+
+def _dtype(name: str, device: str, tiny: bool):
+    import torch
+
+    if name == "auto":
+        return torch.float32 if tiny or not device.startswith("cuda") else torch.bfloat16
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def _check_paths(args: argparse.Namespace) -> Path:
+    from spatialid.errors import SpatialIDError
+    from spatialid.utils.images import load_image
+
+    out = Path(args.out).expanduser()
+    if out.suffix.lower() != ".safetensors":
+        raise SpatialIDError(f"--out {out}: the identity file must end in .safetensors")
+    if out.is_dir():
+        raise SpatialIDError(f"--out {out} is a folder; give a file name ending in .safetensors")
+    for photo in args.id_images:
+        load_image(photo)  # fail on a bad photo before loading any model
+    if args.debug_dir is not None and Path(args.debug_dir).is_file():
+        raise SpatialIDError(f"--debug-dir {args.debug_dir} is a file; give a folder")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    out = _check_paths(args)
+    tiny = args.model == "tiny"
+    device = _device(args.device)
+    dtype = _dtype(args.dtype, device, tiny)
+
+    from spatialid.encoder.embedding import atomic_write_bytes
+    from spatialid.encoder.identity_encoder import IdentityEncoder
+
+    if tiny:
+        encoder = IdentityEncoder.tiny(seed=args.seed, device=device, dtype=dtype)
+    else:
+        encoder = IdentityEncoder.from_pretrained(
+            pulid=args.pulid,
+            eva=args.eva,
+            models_dir=args.models_dir,
+            cache_dir=args.cache_dir,
+            local_files_only=True if args.offline else None,
+            face_backend=args.face_backend,
+            device=device,
+            dtype=dtype,
+        )
+    emb = encoder.encode(list(args.id_images))
+    emb.metadata["model"] = args.model
+    if not tiny:
+        emb.metadata["pulid"] = args.pulid or "guozinan/PuLID"
+    emb.save(out)
+
+    if args.debug_dir is not None:
+        import io
+
+        folder = Path(args.debug_dir).expanduser()
+        for name, image in emb.debug_images.items():
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            atomic_write_bytes(folder / f"{name}.png", buf.getvalue())
+        log.info("debug images written to %s", folder)
+
+    x0, y0, x1, y1 = emb.face_box or (0, 0, 0, 0)
+    photos = f"{emb.num_images} photo{'s' if emb.num_images != 1 else ''}"
+    print(
+        f"wrote {out} ({photos}, tokens {list(emb.tokens.shape)}, face {x1 - x0:.0f}x{y1 - y0:.0f} px "
+        f"at ({x0:.0f}, {y0:.0f}), encoder {emb.metadata.get('encoder')})"
+    )
+    return 0

@@ -1,0 +1,268 @@
+"""Loading FLUX.1 weights: hub ids or local folders, single files, quantized transformers, offline errors.
+
+What users of PuLID-FLUX run, mapped onto what diffusers supports:
+
+* a diffusers-layout repository or folder (``black-forest-labs/FLUX.1-dev``, ``FLUX.1-Krea-dev``
+  and other FLUX.1 derivatives with the same transformer) -> :meth:`FluxPipeline.from_pretrained`;
+* a single transformer file (``flux1-dev.safetensors`` in BFL's original layout, or a ``.gguf``)
+  -> :meth:`FluxTransformer2DModel.from_single_file`, the other components from a base repository;
+* a quantized transformer: ``nf4`` / ``int8`` (bitsandbytes), ``torchao-int8`` / ``torchao-fp8``
+  (torchao weight-only), or ``gguf:<file>`` (pre-quantized GGUF, e.g. city96's FLUX.1-dev-gguf).
+
+Every "the weights are not here and we may not download them" failure becomes one
+:class:`~spatialid.errors.ModelFilesMissingError` naming the model id, the files and how to place
+them for offline use; a missing optional package becomes :class:`MissingDependencyError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from spatialid.errors import ModelFilesMissingError, SpatialIDError
+
+__all__ = [
+    "DEFAULT_FLUX",
+    "QUANTIZATION_MODES",
+    "MissingDependencyError",
+    "flux_files_hint",
+    "hub_errors",
+    "is_single_file",
+    "load_flux_transformer",
+    "parse_quantization",
+    "resolve_local_files_only",
+]
+
+DEFAULT_FLUX = "black-forest-labs/FLUX.1-dev"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".sft", ".gguf")
+
+# mode -> (package to import, what it is, approx. transformer weight size for FLUX.1-dev)
+QUANTIZATION_MODES: dict[str, tuple[str, str, str]] = {
+    "nf4": ("bitsandbytes", "bitsandbytes 4-bit NF4 (compute in the pipeline dtype)", "~6.7 GB"),
+    "int8": ("bitsandbytes", "bitsandbytes LLM.int8 8-bit", "~12 GB"),
+    "torchao-int8": ("torchao", "torchao int8 weight-only", "~12 GB"),
+    "torchao-fp8": ("torchao", "torchao float8 weight-only (Ada/Hopper GPUs)", "~12 GB"),
+    "gguf": ("gguf", "pre-quantized GGUF file, gguf:<path or repo/file.gguf> (Q8_0 ~12.7 GB, Q4_K_S ~6.8 GB)", "file size"),
+}
+
+
+class MissingDependencyError(SpatialIDError, ImportError):
+    """An optional package needed for the requested mode is not installed."""
+
+
+def resolve_local_files_only(local_files_only: bool | None) -> bool:
+    """``None`` follows ``HF_HUB_OFFLINE`` (as huggingface_hub does)."""
+    if local_files_only is not None:
+        return bool(local_files_only)
+    value = os.environ.get("HF_HUB_OFFLINE", "")
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def pipeline_dtype_kwargs(dtype: Any) -> dict[str, Any]:
+    """``DiffusionPipeline.from_pretrained`` renamed ``torch_dtype`` to ``dtype`` in recent releases;
+    pass whichever this diffusers understands without a deprecation warning."""
+    try:
+        from diffusers.utils import deprecation_utils
+    except ImportError:  # pragma: no cover
+        return {"torch_dtype": dtype}
+    return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
+
+
+def is_single_file(source: str | os.PathLike[str]) -> bool:
+    return str(source).lower().endswith(SINGLE_FILE_SUFFIXES)
+
+
+def flux_files_hint(flux: str) -> str:
+    """How to make FLUX weights available offline (one sentence, for error messages)."""
+    return (
+        f"download them on a connected machine with `hf download {flux}` (FLUX.1-dev is gated: accept its "
+        f"licence on https://huggingface.co/{flux} and log in first) and copy the Hugging Face cache "
+        "(~/.cache/huggingface/hub or $HF_HOME) here, or pass --model with a local folder in diffusers "
+        "layout (model_index.json, transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, "
+        "tokenizer_2/, scheduler/)"
+    )
+
+
+def _is_missing_files_error(exc: BaseException) -> bool:
+    try:
+        from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+    except ImportError:  # pragma: no cover - very old huggingface_hub
+        LocalEntryNotFoundError = OfflineModeIsEnabled = ()  # type: ignore[assignment]  # noqa: N806
+    if isinstance(exc, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+        return True
+    text = str(exc).lower()
+    markers = (
+        "not fully cached",
+        "cannot find an appropriate cached snapshot",
+        "outgoing traffic has been disabled",
+        "couldn't connect",
+        "could not connect",
+        "connection error",
+        "offline",
+        "is not a local folder and is not a valid model identifier",
+        "neither a valid local path nor a valid repo id",
+        "does not appear to have a file named",
+        "no such file or directory",
+    )
+    return isinstance(exc, (OSError, ValueError)) and any(m in text for m in markers)
+
+
+@contextlib.contextmanager
+def hub_errors(what: str, model_id: str, hint: str) -> Iterator[None]:
+    """Turn diffusers/huggingface_hub "files not available" errors into one ModelFilesMissingError."""
+    try:
+        yield
+    except SpatialIDError:
+        raise
+    except Exception as exc:
+        if isinstance(exc, ImportError):
+            raise
+        if _is_missing_files_error(exc):
+            reason = " ".join(str(exc).split())
+            if len(reason) > 160:
+                reason = reason[:157] + "..."
+            raise ModelFilesMissingError(
+                f"{what} {model_id!r} is not available locally and cannot be downloaded ({reason}); {hint}"
+            ) from exc
+        raise
+
+
+def parse_quantization(spec: str | None) -> tuple[str | None, str | None]:
+    """``"nf4"`` -> ``("nf4", None)``; ``"gguf:path.gguf"`` -> ``("gguf", "path.gguf")``; None/"none" -> (None, None)."""
+    if spec is None or str(spec).strip().lower() in {"", "none", "off", "bf16", "fp16"}:
+        return None, None
+    text = str(spec).strip()
+    mode, _, arg = text.partition(":")
+    mode = mode.lower()
+    if mode not in QUANTIZATION_MODES:
+        raise SpatialIDError(
+            f"unknown quantization {spec!r}; choose one of: none, {', '.join(m if m != 'gguf' else 'gguf:FILE' for m in QUANTIZATION_MODES)}"
+        )
+    if mode == "gguf" and not arg:
+        raise SpatialIDError("gguf quantization needs a file: --quantize gguf:flux1-dev-Q8_0.gguf (or repo/file.gguf)")
+    if mode != "gguf" and arg:
+        raise SpatialIDError(f"quantization {mode!r} takes no argument, got {spec!r}")
+    return mode, arg or None
+
+
+def _require(package: str, mode: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(package) is None:
+        raise MissingDependencyError(
+            f"quantization {mode!r} needs the {package!r} package; install it with pip install 'spatialid[quant]'"
+        )
+
+
+def _gguf_local_path(arg: str, *, cache_dir: Any, local_files_only: bool) -> str:
+    """A local .gguf path, a URL, or ``owner/repo/file.gguf`` fetched with huggingface_hub."""
+    if arg.startswith(("http://", "https://")) or Path(arg).expanduser().exists():
+        return str(Path(arg).expanduser()) if not arg.startswith("http") else arg
+    parts = arg.split("/")
+    if len(parts) < 3:
+        raise ModelFilesMissingError(f"GGUF file {arg!r} not found; give a local path or owner/repo/file.gguf")
+    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    from huggingface_hub import hf_hub_download
+
+    with hub_errors(
+        "GGUF file",
+        arg,
+        f"download it with `hf download {repo_id} {filename}` and pass the local path to --quantize gguf:PATH",
+    ):
+        return hf_hub_download(repo_id, filename, cache_dir=cache_dir, local_files_only=local_files_only)
+
+
+def load_flux_transformer(
+    flux: str = DEFAULT_FLUX,
+    quantization: str | None = None,
+    *,
+    torch_dtype: Any = None,
+    single_file: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_files_only: bool | None = None,
+    revision: str | None = None,
+) -> Any:
+    """Load a (possibly quantized) ``FluxTransformer2DModel``.
+
+    Args:
+        flux: diffusers-layout repo id or folder providing the transformer config (and weights
+            unless ``single_file`` or a GGUF is given).
+        quantization: None, ``"nf4"``, ``"int8"``, ``"torchao-int8"``, ``"torchao-fp8"`` or
+            ``"gguf:<file>"`` (see :data:`QUANTIZATION_MODES`).
+        torch_dtype: compute dtype (bfloat16 recommended on GPUs).
+        single_file: a BFL-layout ``.safetensors`` transformer file to load instead of ``flux``'s.
+
+    Peak memory of the transformer alone (FLUX.1-dev, 12B parameters): bf16 ~23.8 GB, int8 ~12 GB,
+    NF4 ~6.7 GB, GGUF as its file; activations at 1024x1024 add ~1-3 GB.
+    """
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    dtype = torch_dtype if torch_dtype is not None else torch.bfloat16
+    offline = resolve_local_files_only(local_files_only)
+    mode, arg = parse_quantization(quantization)
+    common: dict[str, Any] = {"torch_dtype": dtype, "cache_dir": cache_dir, "local_files_only": offline}
+    hint = flux_files_hint(flux)
+
+    if mode == "gguf":
+        _require("gguf", mode)
+        from diffusers import GGUFQuantizationConfig
+
+        path = _gguf_local_path(arg or "", cache_dir=cache_dir, local_files_only=offline)
+        with hub_errors("FLUX transformer config of", flux, hint):
+            return FluxTransformer2DModel.from_single_file(
+                path,
+                quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),
+                config=flux,
+                subfolder="transformer",
+                **common,
+            )
+
+    quant_config = None
+    if mode in ("nf4", "int8"):
+        _require("bitsandbytes", mode)
+        from diffusers import BitsAndBytesConfig
+
+        if mode == "nf4":
+            quant_config = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+            )
+        else:
+            quant_config = BitsAndBytesConfig(load_in_8bit=True)
+    elif mode in ("torchao-int8", "torchao-fp8"):
+        _require("torchao", mode)
+        quant_config = _torchao_config(mode)
+
+    if single_file is not None:
+        with hub_errors("FLUX transformer config of", flux, hint):
+            return FluxTransformer2DModel.from_single_file(
+                single_file,
+                config=flux,
+                subfolder="transformer",
+                **({"quantization_config": quant_config} if quant_config is not None else {}),
+                **common,
+            )
+    with hub_errors("FLUX transformer", flux, hint):
+        return FluxTransformer2DModel.from_pretrained(
+            flux,
+            subfolder="transformer",
+            revision=revision,
+            **({"quantization_config": quant_config} if quant_config is not None else {}),
+            **common,
+        )
+
+
+def _torchao_config(mode: str) -> Any:
+    """diffusers >= 0.36 wants an ``AOBaseConfig`` object; older releases a string quant type."""
+    from diffusers import TorchAoConfig
+
+    try:
+        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
+
+        obj = Int8WeightOnlyConfig() if mode == "torchao-int8" else Float8WeightOnlyConfig()
+        return TorchAoConfig(obj)
+    except (ImportError, TypeError, ValueError):
+        return TorchAoConfig("int8wo" if mode == "torchao-int8" else "float8wo")
