@@ -1,0 +1,559 @@
+"""What the web UI does, as plain functions: check the form, run one generation, build the outputs.
+
+Nothing here imports Gradio, so every rule (limits, messages, file names, metadata) is unit-tested
+without a server; :mod:`spatialid.ui.app` only wires these functions to components and turns
+:class:`~spatialid.errors.SpatialIDError` into ``gr.Error`` popups. Generation goes through the
+same :func:`spatialid.pipeline.runner.run_job` as ``spatialid generate``, so the PNGs a visitor
+downloads carry exactly the CLI's metadata (readable with ``spatialid info``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import secrets
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from spatialid.errors import FaceNotFoundError, InputImageError, SpatialIDError
+
+__all__ = [
+    "PLAIN_PRESET_TEXT",
+    "TINY_NOTICE",
+    "GenerationRequest",
+    "IdentityCache",
+    "GenerationResult",
+    "ProgressFn",
+    "UIDefaults",
+    "UIInputError",
+    "UILimits",
+    "build_request",
+    "collect_photos",
+    "compare_list",
+    "defaults_for",
+    "parse_seed",
+    "preset_choices",
+    "preset_help",
+    "run_generation",
+    "settings_text",
+]
+
+#: ``progress(done, total, description)``; ``done``/``total`` count denoising steps.
+ProgressFn = Callable[[int, int, str], None]
+
+#: Image suffixes accepted as identity photos (what Pillow reads for photos in practice).
+PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".heic", ".avif")
+
+TINY_NOTICE = (
+    "**Tiny demo model.** This server runs `--model tiny`: the real architecture at toy size with "
+    "*random weights*, so the generated images are coloured noise **by design**. It exercises the whole "
+    "path (face detection -> identity tokens -> masked injection -> image, masks, metadata) on any CPU. "
+    "Start the server with a FLUX.1 model (`spatialid serve --model black-forest-labs/FLUX.1-dev`) for real pictures."
+)
+
+# One plain sentence per preset for visitors (the technical line from PRESET_DESCRIPTIONS follows it).
+PLAIN_PRESET_TEXT: dict[str, str] = {
+    "pulid": "The original PuLID: the identity is pushed into every part of the picture at every step.",
+    "paper": "SpatialID: the identity goes mostly where the face is, so hair, clothes and background follow the prompt more freely.",
+    "relaxed": "A gentler SpatialID: the face gets most of the identity, but the rest of the picture still gets some.",
+    "prior-only": "Experiment: the identity goes to the centre of the picture, wherever the face actually ends up.",
+    "attention-only": "Experiment: only where the model itself looks at the identity, from the first step to the last.",
+    "no-relax": "Experiment: like SpatialID, but the identity stays confined to the face until the very end.",
+    "entropy": "Variant of SpatialID that finds the face region from how focused the model's attention is.",
+}
+
+
+class UIInputError(SpatialIDError, ValueError):
+    """A form value in the web UI is missing or out of range (shown as a one-line popup)."""
+
+
+@dataclass(frozen=True)
+class UILimits:
+    """What one visitor may ask of the shared GPU (enforced here, mirrored by the sliders)."""
+
+    max_upload_mb: float = 20.0
+    max_photos: int = 4
+    max_side: int = 2048
+    max_steps: int = 100
+    max_images: int = 4
+
+
+@dataclass(frozen=True)
+class UIDefaults:
+    """Initial slider values (PuLID-FLUX's app: 20 steps, guidance 4; the tiny model: small and fast)."""
+
+    width: int = 1024
+    height: int = 1024
+    steps: int = 20
+    guidance: float = 4.0
+    id_weight: float = 1.0
+    start_step: int = 0
+    true_cfg: float = 1.0
+    preset: str = "paper"
+    num_images: int = 1
+
+
+def defaults_for(pipe: Any) -> tuple[UIDefaults, UILimits]:
+    """Defaults and limits for ``pipe``: the tiny model gets 128 px and 4 steps so a click takes seconds."""
+    if getattr(pipe, "is_tiny", False):
+        return UIDefaults(width=128, height=128, steps=4), UILimits(max_side=512, max_steps=50)
+    width = int(getattr(pipe, "default_width", 1024) or 1024)
+    height = int(getattr(pipe, "default_height", 1024) or 1024)
+    steps = int(getattr(pipe, "default_num_inference_steps", 20) or 20)
+    return UIDefaults(width=width, height=height, steps=steps), UILimits()
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def preset_choices() -> list[str]:
+    """Preset names in the order of :data:`spatialid.masks.PRESETS` (pulid first, then paper, ...)."""
+    from spatialid.masks import PRESETS
+
+    return list(PRESETS)
+
+
+def preset_help(name: str | None) -> str:
+    """Markdown shown under the preset menu: a plain sentence, then the precise rule."""
+    from spatialid.masks import PRESET_DESCRIPTIONS, PRESETS
+
+    if not name or name not in PRESETS:
+        return "Pick a preset to see what it does."
+    plain = PLAIN_PRESET_TEXT.get(name, "")
+    technical = PRESET_DESCRIPTIONS.get(name, "")
+    parts = [f"**{name}**: {plain}" if plain else f"**{name}**"]
+    if technical:
+        parts.append(f"<small>{technical}</small>")
+    return "<br>".join(parts)
+
+
+def compare_list(preset: str, chosen: Sequence[str] | None) -> list[str]:
+    """The presets of a comparison: those ticked (in menu order), else PuLID vs the chosen preset.
+
+    Always at least two distinct presets, so "compare" shows a difference: ticking one preset adds
+    the selected one (or ``paper`` / ``pulid`` when that is the same).
+    """
+    order = preset_choices()
+    picked = [p for p in order if p in set(chosen or [])]
+    unknown = [p for p in (chosen or []) if p not in order]
+    if unknown:
+        raise UIInputError(f"unknown preset {unknown[0]!r} to compare; valid presets: {', '.join(order)}")
+    if len(picked) >= 2:
+        return picked
+    base = picked or ["pulid"]
+    other = preset if preset not in base else ("paper" if base[0] != "paper" else "pulid")
+    return [p for p in order if p in {*base, other}]
+
+
+# ----------------------------------------------------------------------------- form values
+
+
+def parse_seed(value: Any) -> int:
+    """A whole number in [0, 2**32), or ``random`` / empty / -1 for a fresh random seed."""
+    if value is None:
+        return secrets.randbelow(2**32)
+    if isinstance(value, bool):
+        raise UIInputError(f"seed must be a whole number or 'random', got {value!r}")
+    text = str(value).strip()
+    if text.lower() in {"", "random", "rand", "-1", "-1.0"}:
+        return secrets.randbelow(2**32)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif re.fullmatch(r"[+-]?\d+(\.0*)?", text):
+        number = float(text)
+    else:
+        number = math.nan
+    if not math.isfinite(number) or not number.is_integer():
+        raise UIInputError(f"seed must be a whole number or 'random', got {text!r}")
+    seed = int(number)
+    if not 0 <= seed < 2**32:
+        raise UIInputError(f"seed must be between 0 and {2**32 - 1} (or 'random'), got {seed}")
+    return seed
+
+
+def _path_of(item: Any) -> Path:
+    """Gradio hands files over as str paths, ``NamedString`` / tempfile objects or dicts."""
+    if isinstance(item, (str, os.PathLike)):
+        return Path(os.fspath(item))
+    if isinstance(item, Mapping):
+        for key in ("path", "name"):
+            if item.get(key):
+                return Path(str(item[key]))
+    for attr in ("path", "name"):
+        value = getattr(item, attr, None)
+        if isinstance(value, (str, os.PathLike)) and str(value):
+            return Path(os.fspath(value))
+    if isinstance(item, tuple) and item:  # gallery (path, caption)
+        return _path_of(item[0])
+    raise UIInputError(f"cannot read an uploaded file from a {type(item).__name__}; upload the photo again")
+
+
+def _short(message: str, paths: Sequence[Path]) -> str:
+    """Replace server-side temp paths in a message by the file names the visitor knows."""
+    for p in sorted(paths, key=lambda q: len(str(q)), reverse=True):
+        message = message.replace(str(p), p.name)
+    return " ".join(message.split())
+
+
+def collect_photos(files: Any, limits: UILimits = UILimits()) -> list[Path]:
+    """Check the uploaded identity photos and return their paths (in upload order).
+
+    Refuses: no photo, too many, a file that is not an image (by name or by content), a file over
+    the upload limit, and anything :func:`spatialid.utils.images.load_image` refuses (animated,
+    damaged, decompression bomb). Messages name the file as the visitor uploaded it.
+    """
+    from spatialid.utils.images import load_image
+
+    if files is None or (isinstance(files, (list, tuple)) and not files):
+        raise UIInputError("no identity photo: upload one or more photos of the same person (JPEG, PNG or WebP)")
+    items = list(files) if isinstance(files, (list, tuple)) else [files]
+    paths = [_path_of(item) for item in items]
+    if len(paths) > limits.max_photos:
+        raise UIInputError(
+            f"{len(paths)} photos uploaded; use at most {limits.max_photos} photos of the same person"
+        )
+    limit_bytes = int(limits.max_upload_mb * 1024 * 1024)
+    for path in paths:
+        if path.suffix.lower() not in PHOTO_SUFFIXES:
+            raise UIInputError(
+                f"{path.name} is not a photo (wrong file type); upload a JPEG, PNG or WebP image of a face"
+            )
+        try:
+            size = path.stat().st_size
+        except OSError:
+            raise UIInputError(f"{path.name}: the upload is missing on the server; upload the photo again") from None
+        if size > limit_bytes:
+            raise UIInputError(
+                f"{path.name} is {size / 2**20:.1f} MB, over the {limits.max_upload_mb:g} MB limit; "
+                "upload a smaller photo (a face needs only about 1000 px)"
+            )
+        try:
+            load_image(path)
+        except InputImageError as exc:
+            raise InputImageError(_short(str(exc), [path])) from None
+    return paths
+
+
+def _number(name: str, value: Any, low: float, high: float, *, integer: bool = False) -> float:
+    if value is None or isinstance(value, bool) or (isinstance(value, str) and not value.strip()):
+        raise UIInputError(f"{name} is empty; enter a number between {low:g} and {high:g}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UIInputError(f"{name} must be a number between {low:g} and {high:g}, got {value!r}") from None
+    if not math.isfinite(number):
+        raise UIInputError(f"{name} must be a number between {low:g} and {high:g}, got {value!r}")
+    if integer and not number.is_integer():
+        raise UIInputError(f"{name} must be a whole number, got {value!r}")
+    if not low <= number <= high:
+        raise UIInputError(f"{name} must be between {low:g} and {high:g}, got {number:g}")
+    return number
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A checked form: everything one click asks for."""
+
+    photos: tuple[Path, ...]
+    prompt: str
+    negative_prompt: str = ""
+    preset: str = "paper"
+    id_weight: float = 1.0
+    start_step: int = 0
+    true_cfg: float = 1.0
+    steps: int = 20
+    guidance: float = 4.0
+    width: int = 1024
+    height: int = 1024
+    seed: int = 0
+    num_images: int = 1
+    compare: tuple[str, ...] = ()
+
+    @property
+    def total_steps(self) -> int:
+        """Denoising steps of the whole request (the comparison reruns only presets not yet drawn)."""
+        extra = sum(1 for name in self.compare if name != self.preset)
+        return self.steps * (1 + extra)
+
+
+def build_request(
+    photos: Any,
+    prompt: Any,
+    negative_prompt: Any = "",
+    preset: Any = "paper",
+    id_weight: Any = 1.0,
+    start_step: Any = 0,
+    true_cfg: Any = 1.0,
+    steps: Any = 20,
+    guidance: Any = 4.0,
+    width: Any = 1024,
+    height: Any = 1024,
+    seed: Any = "random",
+    num_images: Any = 1,
+    compare: bool = False,
+    compare_presets: Sequence[str] | None = None,
+    *,
+    limits: UILimits = UILimits(),
+) -> GenerationRequest:
+    """Validate the form in the order a visitor fills it; the first problem raises one line."""
+    from spatialid.pipeline.settings import (
+        MAX_GUIDANCE,
+        MAX_ID_WEIGHT,
+        MAX_TRUE_CFG,
+        MIN_SIZE,
+        SIZE_MULTIPLE,
+    )
+
+    paths = collect_photos(photos, limits)
+    text = "" if prompt is None else str(prompt).strip()
+    if not text:
+        raise UIInputError("the prompt is empty; describe the picture you want, e.g. 'portrait, oil painting'")
+    choices = preset_choices()
+    if preset not in choices:
+        raise UIInputError(f"unknown preset {preset!r}; choose one of: {', '.join(choices)}")
+    n_steps = int(_number("steps", steps, 1, limits.max_steps, integer=True))
+    start = int(_number("start step", start_step, 0, n_steps - 1, integer=True))
+    sizes = []
+    for name, value in (("width", width), ("height", height)):
+        v = int(_number(name, value, MIN_SIZE, limits.max_side, integer=True))
+        if v % SIZE_MULTIPLE:
+            raise UIInputError(f"{name} must be a multiple of {SIZE_MULTIPLE} (FLUX draws 16x16-pixel patches), got {v}")
+        sizes.append(v)
+    return GenerationRequest(
+        photos=tuple(paths),
+        prompt=text,
+        negative_prompt="" if negative_prompt is None else str(negative_prompt).strip(),
+        preset=str(preset),
+        id_weight=_number("id weight", id_weight, 0.0, MAX_ID_WEIGHT),
+        start_step=start,
+        true_cfg=_number("true CFG", true_cfg, 1.0, MAX_TRUE_CFG),
+        steps=n_steps,
+        guidance=_number("guidance", guidance, 0.0, MAX_GUIDANCE),
+        width=sizes[0],
+        height=sizes[1],
+        seed=parse_seed(seed),
+        num_images=int(_number("number of images", num_images, 1, limits.max_images, integer=True)),
+        compare=tuple(compare_list(str(preset), compare_presets)) if compare else (),
+    )
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+@dataclass
+class GenerationResult:
+    """Everything the page shows after one click."""
+
+    images: list[Image.Image]
+    image_files: list[Path]
+    mask_picture: Image.Image | None
+    comparison: Image.Image | None
+    aligned_face: Image.Image | None
+    files: list[Path]  # every PNG offered for download (images, mask pictures, comparison)
+    settings: dict[str, Any] = field(default_factory=dict)  # metadata of the first PNG
+    messages: list[str] = field(default_factory=list)  # notes from the run (e.g. no masks recorded)
+    seconds: float = 0.0
+
+    @property
+    def captions(self) -> list[str]:
+        seeds = self.settings.get("seeds") or [self.settings.get("seed")] * len(self.images)
+        return [f"seed {s}" for s in seeds[: len(self.images)]]
+
+    @property
+    def status(self) -> str:
+        n = len(self.images)
+        what = f"{n} image{'s' if n != 1 else ''}"
+        if self.comparison is not None:
+            what += " + preset comparison"
+        line = f"Done: {what} in {self.seconds:.1f} s, seed {self.settings.get('seed')}, preset {self.settings.get('preset')}."
+        if self.settings.get("note"):
+            line += " Tiny model: the images are noise by design."
+        for message in self.messages:
+            line += f" Note: {message}."
+        return line
+
+
+class _StepCounter:
+    """Wraps the pipeline so each call reports its denoising steps to ``progress``.
+
+    :func:`run_job` makes one pipeline call for the images and one per extra compared preset;
+    the counter keeps a running total over all of them so the bar moves from 0 to 100 % once.
+    """
+
+    def __init__(self, pipe: Any, progress: ProgressFn | None, total: int) -> None:
+        self.pipe = pipe
+        self.progress = progress
+        self.total = max(1, total)
+        self.done = 0
+        self.calls = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        call_no = self.calls
+        if self.progress is not None:
+            def on_step_end(pipeline: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+                self.done = min(self.total, self.done + 1)
+                label = "denoising" if call_no == 1 else f"comparing presets ({kwargs.get('preset')})"
+                self.progress(self.done, self.total, label)
+                return callback_kwargs
+
+            kwargs["callback_on_step_end"] = on_step_end
+        return self.pipe(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # anything else: the real pipeline
+        return getattr(self.pipe, name)
+
+
+class IdentityCache:
+    """The last few identity embeddings, keyed by the photos' bytes.
+
+    Visitors usually keep their photo and change the prompt or the settings; the face detector and
+    encoder then run once per photo set instead of once per click. Keyed by content (SHA-256), not
+    by upload path: every upload gets a fresh temp path even for the same file.
+    """
+
+    def __init__(self, maxsize: int = 8) -> None:
+        self.maxsize = maxsize
+        self._items: OrderedDict[tuple, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(pipe: Any, photos: Sequence[Path]) -> tuple:
+        digests = tuple(hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in photos)
+        return (id(pipe), digests)
+
+    def get_or_encode(self, pipe: Any, photos: Sequence[Path]) -> Any:
+        key = self.key(pipe, photos)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return self._items[key]
+        paths = [str(p) for p in photos]
+        try:
+            embedding = pipe.encode_identity(paths if len(paths) > 1 else paths[0])
+        except (FaceNotFoundError, InputImageError) as exc:
+            raise type(exc)(_short(str(exc), list(photos))) from None
+        with self._lock:
+            self.misses += 1
+            self._items[key] = embedding
+            while len(self._items) > self.maxsize:
+                self._items.popitem(last=False)
+        return embedding
+
+
+def _pipe_device(pipe: Any) -> str:
+    device = getattr(pipe, "_execution_device", None)
+    return str(device) if device is not None else "cpu"
+
+
+def run_generation(
+    pipe: Any,
+    request: GenerationRequest,
+    out_root: str | os.PathLike[str],
+    *,
+    progress: ProgressFn | None = None,
+    lock: threading.Lock | None = None,
+    identity_cache: IdentityCache | None = None,
+) -> GenerationResult:
+    """Encode the photos, generate, write PNGs (with the CLI's metadata) and the pictures.
+
+    Files go to a fresh folder under ``out_root`` per request, so two visitors never overwrite each
+    other's downloads. ``lock`` serialises pipeline use when several events share one model;
+    ``identity_cache`` skips the encoder when the same photos come again.
+    """
+    from spatialid.pipeline.runner import GenerationJob, run_job
+    from spatialid.utils.images import load_image
+
+    started = time.perf_counter()
+    root = Path(out_root)
+    root.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=root))
+    out = folder / f"spatialid-s{request.seed}.png"
+    names = [p.name for p in request.photos]
+    reference = load_image(request.photos[0])
+
+    guard = lock if lock is not None else threading.Lock()
+    with guard:
+        if progress is not None:
+            progress(0, request.total_steps, "finding the face")
+        cache = identity_cache if identity_cache is not None else IdentityCache(maxsize=1)
+        identity = cache.get_or_encode(pipe, request.photos)
+        job = GenerationJob(
+            prompt=request.prompt,
+            out=out,
+            preset=request.preset,
+            id_weight=request.id_weight,
+            start_step=request.start_step,
+            true_cfg=request.true_cfg,
+            negative_prompt=request.negative_prompt,
+            steps=request.steps,
+            guidance=request.guidance,
+            width=request.width,
+            height=request.height,
+            seed=request.seed,
+            num_images=request.num_images,
+            masks=True,
+            compare=list(request.compare) or None,
+            identity_files=names,
+            identity_source="image",
+            reference_image=reference,
+        )
+        model_info = getattr(pipe, "model_info", None) or {}
+        extra = {"device": _pipe_device(pipe), "quantization": model_info.get("quantization"), "interface": "web"}
+        counter = _StepCounter(pipe, progress, request.total_steps)
+        messages: list[str] = []
+        result = run_job(counter, job, identity, log=messages.append, extra_settings=extra)
+
+    from spatialid.pipeline.metadata import read_png_metadata
+
+    images = [_open(p) for p in result.images]
+    try:
+        file_settings = read_png_metadata(result.images[0])  # exactly what the download carries
+    except SpatialIDError:  # pragma: no cover - run_job always writes it
+        file_settings = dict(result.settings)
+    mask_picture = _open(result.masks[0]) if result.masks else None
+    comparison = _open(result.compare) if result.compare else None
+    return GenerationResult(
+        images=images,
+        image_files=list(result.images),
+        mask_picture=mask_picture,
+        comparison=comparison,
+        aligned_face=getattr(identity, "aligned_face", None),
+        files=list(result.files),
+        settings=file_settings,
+        messages=messages,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _open(path: Path) -> Image.Image:
+    with Image.open(path) as im:
+        im.load()
+        return im.copy()
+
+
+def settings_text(settings: Mapping[str, Any]) -> str:
+    """The settings as the PNG stores them: the summary line, then the JSON (encoder internals left
+    out for readability; the downloaded PNG keeps them)."""
+    from spatialid.pipeline.metadata import format_summary
+
+    shown = dict(settings)
+    identity = shown.get("identity")
+    if isinstance(identity, Mapping) and "embedding" in identity:
+        shown["identity"] = {k: v for k, v in identity.items() if k != "embedding"}
+    body = json.dumps(shown, indent=2, ensure_ascii=False, sort_keys=True, default=str)
+    return f"{format_summary(settings)}\n\n{body}"

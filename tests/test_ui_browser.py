@@ -1,0 +1,312 @@
+"""End to end: ``spatialid serve --model tiny`` driven in Debian's chromium with Playwright.
+
+Runs a real server process on 127.0.0.1 and a real browser (no browser download: Playwright
+launches /usr/bin/chromium, which ``.ci/run`` installs). A visitor's path: upload the astronaut
+photo, type a prompt, press Generate, see an image and the mask picture; upload a photo without a
+face (coffee cup) and see the one-line error; click an example and see it run. The page must not
+request anything outside 127.0.0.1 (the machine may be offline). The screenshot is written to
+``test-artifacts/ui.png`` at the repository root.
+
+Run only these tests with ``python -m pytest -m browser``; they skip with the reason when chromium
+or Playwright is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO_ROOT / "test-artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+# The machine's network may be closed: without these flags chromium keeps trying to reach Google
+# services (updates, sync, QUIC probes) and fills the log with refused connections.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SERVER_START_TIMEOUT = 90.0  # s: Python + torch + gradio imports and the tiny model on 2 slow cores
+GENERATE_TIMEOUT_MS = 60_000
+
+if not CHROMIUM.exists():
+    pytest.skip(
+        f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium) to run the browser test",
+        allow_module_level=True,
+    )
+pytest.importorskip("playwright.sync_api", reason="Playwright (python) is not installed: pip install playwright")
+pytest.importorskip("gradio", reason="Gradio is not installed: pip install 'spatialid[ui]'")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout: float) -> None:
+    """Poll the page until it answers 200; fail early (with the server log) if the process dies."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"spatialid serve exited with {proc.returncode} before answering:\n{log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        time.sleep(0.3)
+    pytest.fail(f"spatialid serve did not answer on {url} within {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's process group (gradio may start helper threads/processes), then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """``spatialid serve --model tiny`` on a free port of 127.0.0.1; always terminated afterwards."""
+    work = tmp_path_factory.mktemp("serve")
+    port = _free_port()
+    log_path = work / "server.log"
+    env = {
+        **os.environ,
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "SPATIALID_CACHE": str(work / "cache"),
+        "GRADIO_TEMP_DIR": str(work / "gradio"),
+    }
+    cmd = [
+        sys.executable, "-m", "spatialid", "serve", "--model", "tiny", "--host", "127.0.0.1",
+        "--port", str(port), "--output-dir", str(work / "outputs"), "--device", "cpu", "--max-upload-mb", "1",
+    ]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        _wait_ready(url, proc, log_path, SERVER_START_TIMEOUT)
+        yield {"url": url, "log": log_path, "outputs": work / "outputs", "proc": proc}
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    import skimage.data
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("photos")
+    out = {}
+    for name in ("astronaut", "coffee"):
+        out[name] = folder / f"{name}.png"
+        Image.fromarray(getattr(skimage.data, name)()).save(out[name])
+    return out
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        instance = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield instance
+        finally:
+            instance.close()
+
+
+@pytest.fixture()
+def page(browser: object, server: dict, request: pytest.FixtureRequest) -> Iterator[object]:
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})  # type: ignore[attr-defined]
+    pg = context.new_page()
+    pg.set_default_timeout(GENERATE_TIMEOUT_MS)
+    outside: list[str] = []
+
+    def record(request: object) -> None:
+        host = urlparse(request.url).hostname  # type: ignore[attr-defined]
+        if request.url.startswith(("http:", "https:", "ws:", "wss:")) and host not in ("127.0.0.1", "localhost"):  # type: ignore[attr-defined]
+            outside.append(request.url)  # type: ignore[attr-defined]
+
+    pg.on("request", record)
+    pg.outside_requests = outside  # type: ignore[attr-defined]
+    pg.goto(server["url"])
+    pg.wait_for_selector("#generate")
+    try:
+        yield pg
+    finally:
+        with contextlib.suppress(Exception):  # the page as the test left it, to debug failures
+            ARTIFACTS.mkdir(exist_ok=True)
+            pg.screenshot(path=str(ARTIFACTS / f"last-{request.node.name}.png"))
+        context.close()
+
+
+def _upload_and_generate(page: object, photo: Path, prompt: str) -> None:
+    page.locator("#id-photos input[type=file]").set_input_files(str(photo))  # type: ignore[attr-defined]
+    # upload finished: the box lists the file with a download link to the server's copy
+    page.locator(f'#id-photos a[download="{photo.name}"]').wait_for()  # type: ignore[attr-defined]
+    page.locator("#prompt textarea").fill(prompt)  # type: ignore[attr-defined]
+    page.locator("#generate").click()  # type: ignore[attr-defined]
+
+
+def _image_loaded(page: object, selector: str) -> dict:
+    """Wait until an <img> under ``selector`` has decoded pixels; return its natural size."""
+    img = page.locator(f"{selector} img").first  # type: ignore[attr-defined]
+    img.wait_for(state="visible")
+    page.wait_for_function(  # type: ignore[attr-defined]
+        "sel => { const i = document.querySelector(sel + ' img'); return i && i.complete && i.naturalWidth > 0; }",
+        arg=selector,
+    )
+    return img.evaluate("i => ({w: i.naturalWidth, h: i.naturalHeight, src: i.src})")
+
+
+def test_generate_shows_image_masks_and_no_face_error(page: object, server: dict, photos: dict) -> None:
+    started = time.monotonic()
+    assert "noise by design" in page.locator("#tiny-notice").inner_text()  # type: ignore[attr-defined]
+
+    # 1. a photo with a face: image, mask picture, aligned face, downloads, settings.
+    _upload_and_generate(page, photos["astronaut"], "portrait photo of a woman wearing a space suit")
+    page.locator("#status").get_by_text("Done:").wait_for()  # type: ignore[attr-defined]
+    image = _image_loaded(page, "#images")
+    masks = _image_loaded(page, "#mask-picture")
+    face = _image_loaded(page, "#aligned-face")
+    assert (image["w"], image["h"]) == (128, 128)  # the tiny model's default size in the UI
+    assert masks["w"] > image["w"]  # final image + early/mid/late heat maps side by side
+    assert face["w"] > 0
+    settings = page.locator("#settings textarea").input_value()  # type: ignore[attr-defined]
+    assert "portrait photo of a woman wearing a space suit" in settings
+    assert '"preset": "paper"' in settings and "astronaut.png" in settings
+    assert page.locator('#downloads a[download$=".png"]').count() == 2  # type: ignore[attr-defined]  # image + masks
+    written = sorted(p.name for p in server["outputs"].rglob("*.png"))
+    assert any(n.endswith("_masks.png") for n in written) and any(not n.endswith("_masks.png") for n in written)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "ui.png"), full_page=True)  # type: ignore[attr-defined]
+
+    # 2. a photo without a face: the one-line error, naming the file.
+    page.locator("#id-photos button[aria-label='Clear']").first.click()  # type: ignore[attr-defined]
+    _upload_and_generate(page, photos["coffee"], "portrait photo of a person")
+    status = page.locator("#status").get_by_text("Not generated")  # type: ignore[attr-defined]
+    status.wait_for()
+    message = page.locator("#status").inner_text()  # type: ignore[attr-defined]
+    assert "no face found in coffee.png" in message and "\n" not in message.strip()
+    toast = page.locator(".toast-body").filter(has_text="no face found")  # type: ignore[attr-defined]
+    toast.first.wait_for(state="visible")  # the red popup, top right
+    page.wait_for_timeout(600)  # let the popup finish fading in before the screenshot
+    page.screenshot(path=str(ARTIFACTS / "ui-error.png"), full_page=False)  # type: ignore[attr-defined]
+
+    assert page.outside_requests == []  # type: ignore[attr-defined]
+    assert time.monotonic() - started < 90
+
+
+def test_example_click_runs_generation(page: object) -> None:
+    """One click on the astronaut example fills the form and generates (the visitor's first try)."""
+    page.locator("#examples").get_by_text("astronaut").first.click()  # type: ignore[attr-defined]
+    page.locator("#status").get_by_text("Done:").wait_for()  # type: ignore[attr-defined]
+    assert _image_loaded(page, "#images")["w"] == 128
+    assert page.locator("#prompt textarea").input_value().startswith("portrait photo")  # type: ignore[attr-defined]
+    # the second example is a photo without a face: one click shows why it cannot work
+    page.locator("#examples").get_by_text("coffee cup").first.click()  # type: ignore[attr-defined]
+    page.locator("#status").get_by_text("Not generated").wait_for()  # type: ignore[attr-defined]
+    assert "no face found in coffee.png" in page.locator("#status").inner_text()  # type: ignore[attr-defined]
+    assert page.outside_requests == []  # type: ignore[attr-defined]
+
+
+def test_compare_presets_side_by_side(page: object, photos: dict) -> None:
+    """Compare mode: PuLID and SpatialID from the same seed in one labelled picture."""
+    page.locator("#compare input[type=checkbox]").check()  # type: ignore[attr-defined]
+    page.locator("#compare-presets").wait_for(state="visible")  # type: ignore[attr-defined]
+    _upload_and_generate(page, photos["astronaut"], "portrait photo, oil painting")
+    page.locator("#status").get_by_text("Done:").wait_for()  # type: ignore[attr-defined]
+    grid = _image_loaded(page, "#comparison")
+    assert grid["w"] >= 3 * 128  # identity photo + pulid + paper tiles
+    assert "preset comparison" in page.locator("#status").inner_text()  # type: ignore[attr-defined]
+    page.locator("#comparison").scroll_into_view_if_needed()  # type: ignore[attr-defined]
+    page.screenshot(path=str(ARTIFACTS / "ui-compare.png"))  # type: ignore[attr-defined]
+
+
+def test_wrong_file_type_is_refused(page: object, tmp_path: Path) -> None:
+    """A text file is refused by the upload box itself; Generate then says a photo is missing."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a photo")
+    page.locator("#id-photos input[type=file]").set_input_files(str(notes))  # type: ignore[attr-defined]
+    page.locator(".toast-body").filter(has_text="Invalid file type").first.wait_for(state="visible")  # type: ignore[attr-defined]
+    page.locator("#prompt textarea").fill("portrait")  # type: ignore[attr-defined]
+    page.locator("#generate").click()  # type: ignore[attr-defined]
+    page.locator("#status").get_by_text("Not generated").wait_for()  # type: ignore[attr-defined]
+    assert "no identity photo" in page.locator("#status").inner_text()  # type: ignore[attr-defined]
+
+
+def test_too_large_upload_is_refused(page: object, tmp_path: Path) -> None:
+    """The server runs with --max-upload-mb 1: a 3 MB photo never reaches the model."""
+    import numpy as np
+    from PIL import Image
+
+    big = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (1000, 1000, 3), dtype=np.uint8)).save(big)
+    assert big.stat().st_size > 2 * 2**20
+    page.locator("#id-photos input[type=file]").set_input_files(str(big))  # type: ignore[attr-defined]
+    toast = page.locator(".toast-body").filter(has_text="exceed the maximum allowed size")  # type: ignore[attr-defined]
+    toast.first.wait_for(state="visible")
+    assert "big.png" in toast.first.inner_text()
+    assert page.locator('#id-photos a[download="big.png"]').count() == 0  # type: ignore[attr-defined]
+
+
+def test_queue_shows_waiting_visitor_their_place(browser: object, server: dict, photos: dict) -> None:
+    """One generation at a time: a second visitor sees "queue: 1/1" until the first one is done."""
+    import re
+
+    pages = []
+    contexts = [browser.new_context(viewport={"width": 1200, "height": 900}) for _ in range(2)]  # type: ignore[attr-defined]
+    try:
+        for ctx in contexts:
+            pg = ctx.new_page()
+            pg.set_default_timeout(GENERATE_TIMEOUT_MS)
+            pg.goto(server["url"])
+            pg.wait_for_selector("#generate")
+            pages.append(pg)
+        first, second = pages
+        # the first visitor asks for a long job: every preset compared (7 runs of 4 steps)
+        first.locator("#compare input[type=checkbox]").check()
+        for label in first.locator("#compare-presets label").all():
+            label.locator("input").check()
+        _upload_and_generate(first, photos["astronaut"], "portrait photo")
+        first.locator("#images").get_by_text(re.compile(r"processing|\d+/\d+ steps")).first.wait_for()
+        _upload_and_generate(second, photos["astronaut"], "portrait photo")
+        second.locator("#images").get_by_text(re.compile(r"queue: 1/\d")).first.wait_for(timeout=15_000)
+        first.locator("#status").get_by_text("Done:").wait_for()
+        second.locator("#status").get_by_text("Done:").wait_for()
+        assert "preset comparison" in first.locator("#status").inner_text()
+    finally:
+        for ctx in contexts:
+            ctx.close()

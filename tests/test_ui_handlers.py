@@ -1,0 +1,452 @@
+"""The web UI's rules without a server: form checks, messages, generation outputs, app wiring, serve flags."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from spatialid.errors import FaceNotFoundError, InputImageError, SpatialIDError
+from spatialid.ui import handlers as h
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import skimage.data
+
+    folder = tmp_path_factory.mktemp("photos")
+    Image.fromarray(skimage.data.astronaut()).save(folder / "astronaut.png")
+    Image.fromarray(skimage.data.coffee()).save(folder / "coffee.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    import torch
+
+    from spatialid.pipeline.pipeline_spatialid import SpatialIDPipeline
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    pipe = SpatialIDPipeline.tiny(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def identities():
+    return h.IdentityCache(maxsize=4)
+
+
+def _form(photos, **overrides):
+    values = dict(
+        photos=photos, prompt="portrait photo", negative_prompt="", preset="paper", id_weight=1.0,
+        start_step=0, true_cfg=1.0, steps=3, guidance=4.0, width=128, height=128, seed="7",
+        num_images=1, compare=False, compare_presets=None,
+    )
+    values.update(overrides)
+    return values
+
+
+# ----------------------------------------------------------------------------- seeds
+
+
+@pytest.mark.parametrize("value", [None, "", "random", " Random ", "-1", -1, -1.0])
+def test_parse_seed_random_forms(value):
+    seeds = {h.parse_seed(value) for _ in range(5)}
+    assert all(0 <= s < 2**32 for s in seeds)
+    assert len(seeds) > 1  # really random, not a constant
+
+
+@pytest.mark.parametrize("value,expected", [("42", 42), (" 7 ", 7), ("12.0", 12), (3, 3), (5.0, 5), ("0", 0), (2**32 - 1, 2**32 - 1)])
+def test_parse_seed_numbers(value, expected):
+    assert h.parse_seed(value) == expected
+
+
+@pytest.mark.parametrize("value", ["abc", "1.5", 2.5, "1e3", "-5", 2**32, True, "nan", float("inf")])
+def test_parse_seed_rejects(value):
+    with pytest.raises(h.UIInputError, match="seed"):
+        h.parse_seed(value)
+
+
+# ----------------------------------------------------------------------------- photos
+
+
+def test_collect_photos_accepts_gradio_value_shapes(photo_dir):
+    p = photo_dir / "astronaut.png"
+    named = types.SimpleNamespace(name=str(p))
+    assert h.collect_photos([str(p)]) == [p]
+    assert h.collect_photos(str(p)) == [p]
+    assert h.collect_photos([{"path": str(p)}, named, (str(p), None)]) == [p, p, p]
+
+
+@pytest.mark.parametrize("value", [None, [], ()])
+def test_collect_photos_requires_a_photo(value):
+    with pytest.raises(h.UIInputError, match="no identity photo"):
+        h.collect_photos(value)
+
+
+def test_collect_photos_limits_count(photo_dir):
+    p = str(photo_dir / "astronaut.png")
+    with pytest.raises(h.UIInputError, match="5 photos uploaded; use at most 4"):
+        h.collect_photos([p] * 5)
+
+
+def test_wrong_file_type_message_names_the_file(tmp_path):
+    upload = tmp_path / "gradio" / "abc123" / "notes.txt"
+    upload.parent.mkdir(parents=True)
+    upload.write_text("hello")
+    with pytest.raises(h.UIInputError) as info:
+        h.collect_photos([str(upload)])
+    message = str(info.value)
+    assert message.startswith("notes.txt is not a photo (wrong file type)")
+    assert str(upload.parent) not in message and "\n" not in message
+
+
+def test_fake_png_is_refused_without_temp_path(tmp_path):
+    upload = tmp_path / "deep" / "folder" / "face.png"
+    upload.parent.mkdir(parents=True)
+    upload.write_bytes(b"this is not a png at all")
+    with pytest.raises(InputImageError) as info:
+        h.collect_photos([str(upload)])
+    message = str(info.value)
+    assert "face.png" in message and str(upload.parent) not in message
+    assert "\n" not in message
+
+
+def test_too_large_upload(tmp_path):
+    big = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (600, 600, 3), dtype=np.uint8)).save(big)
+    size_mb = big.stat().st_size / 2**20
+    assert size_mb > 0.5
+    with pytest.raises(h.UIInputError, match=r"big\.png is 1\.\d MB, over the 0\.5 MB limit"):
+        h.collect_photos([str(big)], h.UILimits(max_upload_mb=0.5))
+    assert h.collect_photos([str(big)], h.UILimits(max_upload_mb=5)) == [big]
+
+
+def test_animated_gif_refused(tmp_path):
+    gif = tmp_path / "anim.gif"
+    frames = [Image.new("RGB", (32, 32), c) for c in ("red", "blue")]
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    with pytest.raises(InputImageError, match="anim.gif is an animated image"):
+        h.collect_photos([str(gif)])
+
+
+def test_missing_upload(tmp_path):
+    with pytest.raises(h.UIInputError, match="gone.png: the upload is missing"):
+        h.collect_photos([str(tmp_path / "gone.png")])
+
+
+# ----------------------------------------------------------------------------- form
+
+
+def test_build_request_ok_and_normalised(photo_dir):
+    req = h.build_request(**_form([str(photo_dir / "astronaut.png")], prompt="  a portrait  ", steps=3.0, width=128.0))
+    assert req.prompt == "a portrait" and req.steps == 3 and isinstance(req.steps, int)
+    assert (req.width, req.height, req.seed, req.num_images) == (128, 128, 7, 1)
+    assert req.compare == () and req.total_steps == 3
+
+
+@pytest.mark.parametrize(
+    "overrides,pattern",
+    [
+        ({"prompt": "   "}, "the prompt is empty"),
+        ({"prompt": None}, "the prompt is empty"),
+        ({"preset": "magic"}, "unknown preset 'magic'; choose one of: pulid, paper"),
+        ({"steps": 0}, "steps must be between 1 and 100"),
+        ({"steps": 2.5}, "steps must be a whole number"),
+        ({"steps": None}, "steps is empty"),
+        ({"start_step": 3}, "start step must be between 0 and 2"),
+        ({"width": 120}, "width must be a multiple of 16"),
+        ({"height": 4096}, "height must be between 64 and 2048"),
+        ({"id_weight": 3.5}, "id weight must be between 0 and 3"),
+        ({"id_weight": "x"}, "id weight must be a number"),
+        ({"true_cfg": 0.5}, "true CFG must be between 1 and 10"),
+        ({"guidance": float("nan")}, "guidance must be a number"),
+        ({"num_images": 5}, "number of images must be between 1 and 4"),
+        ({"seed": "lucky"}, "seed must be a whole number or 'random'"),
+    ],
+)
+def test_build_request_rejects(photo_dir, overrides, pattern):
+    with pytest.raises(h.UIInputError, match=pattern) as info:
+        h.build_request(**_form([str(photo_dir / "astronaut.png")], **overrides))
+    assert "\n" not in str(info.value)
+
+
+def test_build_request_checks_photos_first(tmp_path):
+    with pytest.raises(h.UIInputError, match="no identity photo"):
+        h.build_request(**_form(None, prompt=""))
+
+
+def test_compare_list_rules():
+    assert h.compare_list("paper", None) == ["pulid", "paper"]
+    assert h.compare_list("relaxed", []) == ["pulid", "relaxed"]
+    assert h.compare_list("pulid", None) == ["pulid", "paper"]
+    assert h.compare_list("paper", ["relaxed"]) == ["paper", "relaxed"]
+    assert h.compare_list("paper", ["paper"]) == ["pulid", "paper"]
+    assert h.compare_list("paper", ["entropy", "pulid", "relaxed"]) == ["pulid", "relaxed", "entropy"]
+    with pytest.raises(h.UIInputError, match="unknown preset 'nope' to compare"):
+        h.compare_list("paper", ["nope"])
+
+
+def test_total_steps_counts_only_extra_presets(photo_dir):
+    req = h.build_request(**_form([str(photo_dir / "astronaut.png")], compare=True, compare_presets=["pulid", "paper", "relaxed"]))
+    assert req.compare == ("pulid", "paper", "relaxed")
+    assert req.total_steps == 3 * 3  # paper is the main image; pulid and relaxed are extra
+
+
+def test_preset_help_covers_every_preset():
+    from spatialid.masks import PRESET_DESCRIPTIONS, PRESETS
+
+    assert h.preset_choices() == list(PRESETS)
+    assert set(h.PLAIN_PRESET_TEXT) == set(PRESETS)
+    for name in PRESETS:
+        text = h.preset_help(name)
+        assert text.startswith(f"**{name}**") and PRESET_DESCRIPTIONS[name] in text
+    assert h.preset_help("unknown") == "Pick a preset to see what it does."
+
+
+def test_defaults_for_tiny_and_full():
+    tiny_defaults, tiny_limits = h.defaults_for(types.SimpleNamespace(is_tiny=True))
+    assert (tiny_defaults.width, tiny_defaults.height, tiny_defaults.steps) == (128, 128, 4)
+    assert tiny_limits.max_side == 512
+    full = types.SimpleNamespace(is_tiny=False, default_width=896, default_height=1152, default_num_inference_steps=20)
+    d, lim = h.defaults_for(full)
+    assert (d.width, d.height, d.steps, d.guidance) == (896, 1152, 20, 4.0) and lim.max_side == 2048
+
+
+def test_settings_text_hides_encoder_internals():
+    settings = {"prompt": "p", "seed": 3, "identity": {"files": ["a.png"], "embedding": {"eva_config": "{...}"}}}
+    text = h.settings_text(settings)
+    first, rest = text.split("\n\n", 1)
+    assert first.startswith("p\n") and "Seed: 3" in first
+    data = json.loads(rest)
+    assert data["identity"] == {"files": ["a.png"]}
+    assert "embedding" in settings["identity"]  # the caller's dict is untouched
+
+
+# ----------------------------------------------------------------------------- generation (tiny model)
+
+
+def test_run_generation_outputs_and_metadata(tiny_pipe, photo_dir, tmp_path, identities):
+    from spatialid.pipeline.metadata import read_png_metadata
+    from spatialid.pipeline.runner import GenerationJob, run_job
+
+    req = h.build_request(**_form([str(photo_dir / "astronaut.png")], seed="11"))
+    calls = []
+    result = h.run_generation(
+        tiny_pipe, req, tmp_path / "out", progress=lambda d, t, s: calls.append((d, t, s)), identity_cache=identities
+    )
+
+    assert [im.size for im in result.images] == [(128, 128)]
+    assert result.mask_picture is not None and result.mask_picture.size[0] > 128 * 3
+    assert result.comparison is None
+    assert result.aligned_face is not None and result.aligned_face.size == (512, 512)
+    assert len(result.files) == 2 and all(p.exists() and p.suffix == ".png" for p in result.files)
+    assert all(tmp_path / "out" in p.parents for p in result.files)
+    # progress: "finding the face" at 0, then one report per denoising step, ending at the total
+    assert calls[0][:2] == (0, 3) and [c[0] for c in calls[1:]] == [1, 2, 3] and calls[-1][1] == 3
+
+    meta = read_png_metadata(result.image_files[0])
+    assert meta == result.settings
+    assert meta["prompt"] == "portrait photo" and meta["seed"] == 11 and meta["preset"] == "paper"
+    assert meta["identity"]["files"] == ["astronaut.png"] and meta["identity"]["source"] == "image"
+    assert meta["width"] == 128 and meta["steps"] == 3 and meta["interface"] == "web"
+    assert "noise by design" in meta["note"]
+    assert "Tiny model" in result.status and "seed 11" in result.status and result.captions == ["seed 11"]
+
+    # the CLI's run_job with the same settings writes the same keys (the UI adds "interface")
+    identity = identities.get_or_encode(tiny_pipe, [photo_dir / "astronaut.png"])
+    job = GenerationJob(prompt="portrait photo", out=tmp_path / "cli" / "x.png", steps=3, width=128, height=128,
+                        seed=11, identity_files=["astronaut.png"], identity_source="image")
+    cli = run_job(tiny_pipe, job, identity, log=lambda m: None, extra_settings={"device": "cpu", "quantization": None})
+    cli_meta = read_png_metadata(cli.images[0])
+    assert set(meta) - set(cli_meta) == {"interface"} and set(cli_meta) <= set(meta)
+    assert np.array_equal(np.asarray(Image.open(cli.images[0])), np.asarray(result.images[0]))  # same seed, same image
+
+
+def test_run_generation_compare_mode(tiny_pipe, photo_dir, tmp_path, identities):
+    req = h.build_request(**_form([str(photo_dir / "astronaut.png")], steps=2, compare=True))
+    calls = []
+    result = h.run_generation(
+        tiny_pipe, req, tmp_path, progress=lambda d, t, s: calls.append((d, t, s)), identity_cache=identities
+    )
+    assert result.comparison is not None
+    assert result.comparison.size[0] >= 3 * 128  # identity photo + pulid + paper
+    assert any(p.stem.endswith("_compare") for p in result.files)
+    assert calls[-1][:2] == (4, 4) and "comparing presets" in calls[-1][2]
+    assert "preset comparison" in result.status
+
+
+def test_two_requests_never_share_a_folder(tiny_pipe, photo_dir, tmp_path, identities):
+    req = h.build_request(**_form([str(photo_dir / "astronaut.png")], steps=1, seed="5"))
+    a = h.run_generation(tiny_pipe, req, tmp_path, identity_cache=identities)
+    b = h.run_generation(tiny_pipe, req, tmp_path, identity_cache=identities)
+    assert a.image_files[0].parent != b.image_files[0].parent
+    assert a.image_files[0].name == b.image_files[0].name == "spatialid-s5.png"
+
+
+def test_identity_cache_by_content(tmp_path):
+    calls = []
+
+    class FakePipe:
+        def encode_identity(self, photos):
+            calls.append(photos)
+            if "noface" in str(photos):
+                raise FaceNotFoundError(f"no face found in {photos}; use a photo where one face is visible")
+            return f"embedding-{len(calls)}"
+
+    a, b, c = (tmp_path / "up1" / "me.png", tmp_path / "up2" / "me.png", tmp_path / "other.png")
+    for p, data in ((a, b"same"), (b, b"same"), (c, b"different")):
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(data)
+    cache = h.IdentityCache(maxsize=2)
+    pipe = FakePipe()
+    assert cache.get_or_encode(pipe, [a]) == "embedding-1"
+    assert cache.get_or_encode(pipe, [b]) == "embedding-1"  # same bytes, new upload path: no re-encode
+    assert cache.get_or_encode(pipe, [c]) == "embedding-2"
+    assert cache.get_or_encode(pipe, [a, c]) == "embedding-3"  # several photos: one embedding
+    assert calls == [str(a), str(c), [str(a), str(c)]]
+    assert (cache.hits, cache.misses) == (1, 3)
+    assert cache.get_or_encode(pipe, [a]) == "embedding-4"  # evicted (maxsize 2)
+    bad = tmp_path / "tmpdir" / "noface.png"
+    bad.parent.mkdir()
+    bad.write_bytes(b"x")
+    with pytest.raises(FaceNotFoundError, match=r"^no face found in noface.png;"):
+        cache.get_or_encode(pipe, [bad])
+
+
+def test_no_face_error_names_the_upload(tiny_pipe, photo_dir, tmp_path):
+    upload = tmp_path / "gradio" / "f00d" / "coffee.png"
+    upload.parent.mkdir(parents=True)
+    upload.write_bytes((photo_dir / "coffee.png").read_bytes())
+    req = h.build_request(**_form([str(upload)]))
+    with pytest.raises(FaceNotFoundError) as info:
+        h.run_generation(tiny_pipe, req, tmp_path / "out")
+    message = str(info.value)
+    assert message.startswith("no face found in coffee.png") and str(upload.parent) not in message
+    assert not list((tmp_path / "out").rglob("*.png"))  # nothing written for a failed request
+
+
+# ----------------------------------------------------------------------------- examples
+
+
+def test_example_photos_written_once(tmp_path):
+    from spatialid.ui.examples import EXAMPLES, write_example_photos
+
+    paths = write_example_photos(tmp_path)
+    assert set(paths) == {e.name for e in EXAMPLES} == {"astronaut", "coffee"}
+    first = {k: p.stat().st_mtime_ns for k, p in paths.items()}
+    with Image.open(paths["astronaut"]) as im:
+        assert im.size == (512, 512) and im.mode == "RGB"
+    assert write_example_photos(tmp_path) == paths
+    assert {k: p.stat().st_mtime_ns for k, p in paths.items()} == first
+
+
+# ----------------------------------------------------------------------------- app wiring (no server)
+
+
+def test_build_app_queue_and_offline_settings(tmp_path):
+    pytest.importorskip("gradio")
+    from spatialid.ui.app import build_app
+
+    pipe = types.SimpleNamespace(is_tiny=True, model_info={"model": "tiny"})
+    demo = build_app(pipe, output_dir=tmp_path / "out", example_dir=tmp_path / "ex")
+    assert demo.analytics_enabled is False
+    assert os.environ.get("GRADIO_ANALYTICS_ENABLED") == "False"
+    generating = [f for f in demo.fns.values() if f.name == "on_generate"]
+    assert len(generating) == 3  # button, Enter in the prompt, example click
+    assert all(f.concurrency_id == "gpu" and f.concurrency_limit == 1 and f.queue for f in generating)
+    public = [f.api_name for f in demo.fns.values() if f.api_visibility == "public"]
+    assert public == ["generate"]
+    assert (tmp_path / "ex" / "astronaut.png").exists()
+    assert str(tmp_path / "out") in demo._spatialid_allowed_paths
+    config = json.dumps(demo.get_config_file())
+    assert "noise **by design**" in config and "googleapis" not in config
+
+
+def test_theme_fonts_are_served_locally():
+    gr = pytest.importorskip("gradio")
+    from spatialid.ui.app import _theme
+
+    theme = _theme()
+    fonts = [*theme._font, *theme._font_mono]
+    assert fonts and not any(isinstance(f, gr.themes.GoogleFont) for f in fonts)
+    assert "googleapis" not in json.dumps(getattr(theme, "_stylesheets", []))
+
+
+# ----------------------------------------------------------------------------- serve command
+
+
+def test_serve_parser_defaults_to_localhost():
+    from spatialid.cli.main import build_parser
+
+    args = build_parser().parse_args(["serve", "--model", "tiny"])
+    assert (args.host, args.port, args.model, args.offload) == ("127.0.0.1", 7860, "tiny", "none")
+    assert args.max_upload_mb == 20.0
+
+
+@pytest.mark.parametrize(
+    "host,loop", [("127.0.0.1", True), ("127.0.0.2", True), ("localhost", True), ("::1", True), ("[::1]", True),
+                  ("0.0.0.0", False), ("192.168.1.5", False), ("example.org", False), ("::", False)]
+)
+def test_is_loopback(host, loop):
+    from spatialid.cli.cmd_serve import is_loopback
+
+    assert is_loopback(host) is loop
+
+
+def test_port_in_use_is_a_one_line_error():
+    from spatialid.cli.cmd_serve import check_port_free
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        port = sock.getsockname()[1]
+        with pytest.raises(SpatialIDError, match=rf"cannot listen on 127.0.0.1:{port} .*choose another --port"):
+            check_port_free("127.0.0.1", port)
+
+
+def test_serve_warns_on_public_host_and_loads_once(monkeypatch, capsys):
+    from spatialid.cli import cmd_serve
+    from spatialid.ui import app
+
+    loaded, launched = [], []
+    monkeypatch.setattr(cmd_serve, "check_port_free", lambda host, port: None)
+    monkeypatch.setattr(app, "load_pipeline", lambda model, **kw: loaded.append((model, kw)) or "PIPE")
+    monkeypatch.setattr(app, "launch", lambda pipe, **kw: launched.append((pipe, kw)))
+    from spatialid.cli.main import main
+
+    assert main(["serve", "--model", "tiny", "--host", "0.0.0.0", "--port", "7999"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: listening on 0.0.0.0" in err and "noise by design" in err
+    assert [m for m, _ in loaded] == ["tiny"] and launched[0][0] == "PIPE"
+    assert launched[0][1]["host"] == "0.0.0.0" and launched[0][1]["port"] == 7999
+
+    loaded.clear()
+    assert main(["serve", "--model", "tiny"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,pattern", [(["--port", "0"], "--port must be between 1 and 65535"),
+                                          (["--max-upload-mb", "0"], "--max-upload-mb must be > 0"),
+                                          (["--host", " "], "--host is empty")])
+def test_serve_bad_flags(argv, pattern, capsys):
+    from spatialid.cli.main import main
+
+    assert main(["serve", "--model", "tiny", *argv]) == 2
+    assert pattern in capsys.readouterr().err
+
+
+def test_serve_check_args_namespace():
+    from spatialid.cli.cmd_serve import _check_args
+
+    _check_args(argparse.Namespace(port=7860, host="127.0.0.1", max_upload_mb=1.0))
