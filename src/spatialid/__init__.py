@@ -6,8 +6,9 @@ fast: torch, diffusers and transformers load only when a name that needs them is
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from spatialid._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -40,21 +41,7 @@ _LAZY: dict[str, str] = {
     "StepMasks": "spatialid.pipeline.pipeline_spatialid",
 }
 
-__all__ = ["__version__", *_LAZY]
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'spatialid' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
-
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _LAZY, ["__version__"])
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialid.encoder.embedding import IdentityEmbedding
@@ -67,8 +54,17 @@ if TYPE_CHECKING:  # pragma: no cover
         SpatialIDError,
     )
     from spatialid.injection.injector import IdentityInjector
-    from spatialid.masks.schedule import PRESET_DESCRIPTIONS, PRESETS, SpatialSchedule, resolve_preset
+    from spatialid.masks.schedule import (
+        PRESET_DESCRIPTIONS,
+        PRESETS,
+        SpatialSchedule,
+        resolve_preset,
+    )
     from spatialid.models.checkpoint import load_pulid_checkpoint, save_pulid_checkpoint
     from spatialid.models.idformer import IDFormer
     from spatialid.models.perceiver_ca import PerceiverAttentionCA
-    from spatialid.pipeline.pipeline_spatialid import SpatialIDPipeline, SpatialIDPipelineOutput, StepMasks
+    from spatialid.pipeline.pipeline_spatialid import (
+        SpatialIDPipeline,
+        SpatialIDPipelineOutput,
+        StepMasks,
+    )

@@ -5,11 +5,35 @@ IBench results JSON), ``runner`` (the resumable loop), ``generators`` (pipeline-
 encode functions), ``merge`` (joining shard outputs), ``samples`` (offline sample inputs).
 """
 
-from spatialid.bench.datasets import BenchInputError, Identity, PromptSpec, load_identities, load_prompts, render_prompt
-from spatialid.bench.grid import BASELINE_PRESET, BenchItem, ShardSpec, build_grid, parse_shard, select_items
+from spatialid.bench.datasets import (
+    BenchInputError,
+    Identity,
+    PromptSpec,
+    load_identities,
+    load_prompts,
+    render_prompt,
+)
+from spatialid.bench.grid import (
+    BASELINE_PRESET,
+    BenchItem,
+    ShardSpec,
+    build_grid,
+    parse_shard,
+    select_items,
+)
 from spatialid.bench.merge import MergeSummary, merge_runs
-from spatialid.bench.results import BenchStateError, PresetResults, load_manifest, load_preset_results
-from spatialid.bench.runner import BenchSettings, BenchSummary, EmbeddingCache, run_bench
+from spatialid.bench.results import (
+    BenchStateError,
+    PresetResults,
+    load_manifest,
+    load_preset_results,
+)
+from spatialid.bench.runner import (
+    BenchSettings,
+    BenchSummary,
+    EmbeddingCache,
+    run_bench,
+)
 
 __all__ = [
     "BASELINE_PRESET",

@@ -7,8 +7,9 @@ saved to / loaded from a small ``.safetensors`` file. Heavy modules load on firs
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from spatialid._lazy import lazy_exports
 
 _LAZY: dict[str, str] = {
     "IdentityEncoder": "spatialid.encoder.identity_encoder",
@@ -23,24 +24,20 @@ _LAZY: dict[str, str] = {
     "DlibFaceAnalyzer": "spatialid.encoder.face_dlib",
 }
 
-__all__ = list(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'spatialid.encoder' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
-
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _LAZY)
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialid.encoder.embedding import IdentityEmbedding
-    from spatialid.encoder.eva_clip import EVA02_CLIP_L_336, TINY_EVA, EvaVisionConfig, EvaVisionTower
+    from spatialid.encoder.eva_clip import (
+        EVA02_CLIP_L_336,
+        TINY_EVA,
+        EvaVisionConfig,
+        EvaVisionTower,
+    )
     from spatialid.encoder.face_dlib import DlibFaceAnalyzer
-    from spatialid.encoder.identity_encoder import MIN_FACE_SIZE, FaceAnalysis, IdentityEncoder, tiny_pulid_modules
+    from spatialid.encoder.identity_encoder import (
+        MIN_FACE_SIZE,
+        FaceAnalysis,
+        IdentityEncoder,
+        tiny_pulid_modules,
+    )

@@ -7,8 +7,7 @@ Model-heavy modules import torch/open_clip on use; importing this package stays 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from spatialid._lazy import lazy_exports
 
 _LAZY = {
     "ClipScorer": "spatialid.evaluation.clip_metrics",
@@ -26,13 +25,4 @@ _LAZY = {
     "evaluate": "spatialid.evaluation.evaluate",
 }
 
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'spatialid.evaluation' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _LAZY)

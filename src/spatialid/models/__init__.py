@@ -6,9 +6,9 @@ The configs are imported eagerly (plain dataclasses); the torch modules load on 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from spatialid._lazy import lazy_exports
 from spatialid.models.configs import (
     PULID_FLUX,
     TINY_FLUX,
@@ -31,30 +31,7 @@ _LAZY: dict[str, str] = {
     "DEFAULT_FILENAME": "spatialid.models.checkpoint",
 }
 
-__all__ = [
-    "IDFormerConfig",
-    "PerceiverCAConfig",
-    "PuLIDFluxConfig",
-    "TinyFluxConfig",
-    "PULID_FLUX",
-    "TINY_FLUX",
-    "TINY_PULID",
-    *_LAZY,
-]
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'spatialid.models' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
-
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _LAZY, ["IDFormerConfig", "PerceiverCAConfig", "PuLIDFluxConfig", "TinyFluxConfig", "PULID_FLUX", "TINY_FLUX", "TINY_PULID"])
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialid.models.checkpoint import (

@@ -7,8 +7,9 @@ checks) must not pull in torch or diffusers.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from spatialid._lazy import lazy_exports
 
 _LAZY: dict[str, str] = {
     "SpatialIDPipeline": "spatialid.pipeline.pipeline_spatialid",
@@ -24,21 +25,7 @@ _LAZY: dict[str, str] = {
     "GenerationSettingsError": "spatialid.pipeline.settings",
 }
 
-__all__ = list(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'spatialid.pipeline' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
-
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _LAZY)
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialid.pipeline.loading import load_flux_transformer

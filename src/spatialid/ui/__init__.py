@@ -6,8 +6,7 @@ the page. Names load lazily so ``import spatialid.ui`` does not import Gradio.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from spatialid._lazy import lazy_exports
 
 _LAZY: dict[str, str] = {
     "build_app": "spatialid.ui.app",
@@ -19,15 +18,4 @@ _LAZY: dict[str, str] = {
     "write_example_photos": "spatialid.ui.examples",
 }
 
-__all__ = list(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'spatialid.ui' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _LAZY)
