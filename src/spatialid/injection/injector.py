@@ -15,6 +15,18 @@ diffusers >= 0.35 return ``(encoder_hidden_states, hidden_states)`` with the ima
 and a forward pre-hook on the transformer that reads the call's ``timestep`` (FluxPipeline passes the
 flow-matching sigma in [0, 1]). Outside :meth:`IdentityInjector.active` every hook returns ``None``,
 so the transformer computes exactly what the plain model computes.
+
+Cost and ``torch.compile``
+--------------------------
+Per injection point the spatial path adds only the mask (about 25 small kernels on ``[B, N]``
+values, read from the CA's own raw output, so no second attention pass) to PuLID's work; the
+residual update is one fused ``addcmul`` for both paths. Nothing in a step reads a tensor value
+on the host (no ``.item()``, no Python branch on tensor data), except the optional mask
+recording, which copies masks to the CPU by design. The hooks trace under
+``torch.compile(transformer)`` (also with ``fullgraph=True``): dynamo guards on the session's
+static settings (schedule fields, grid, whether identity tokens are given), so each distinct
+schedule compiles once, while ``id_weight`` is passed as a 0-d tensor and the timestep as a
+tensor and changing them does not recompile.
 """
 
 from __future__ import annotations
@@ -69,6 +81,10 @@ class InjectionSession:
     record_masks: bool
     records: list[InjectionRecord] = field(default_factory=list)
     calls: int = 0
+    # id_weight != 0, and id_weight as a 0-d float32 tensor on the CA modules' device: the hooks
+    # read these instead of the float so that torch.compile does not specialise on its value.
+    _enabled: bool = True
+    _weight: torch.Tensor | None = None
     # per-call state, set by the transformer pre-hook
     _embeds: torch.Tensor | None = None
     _t: torch.Tensor | None = None
@@ -182,11 +198,15 @@ class IdentityInjector:
             grid=grid,
             record_masks=record_masks,
         )
+        session._enabled = session.id_weight != 0.0
+        device = next(self.ca_modules.parameters()).device
+        # torch.full launches a fill kernel; torch.tensor would copy from the host (a sync on CUDA).
+        session._weight = torch.full((), session.id_weight, dtype=torch.float32, device=device)
         self._session = session
         try:
             yield session
         finally:
-            session._embeds = session._t = None
+            session._embeds = session._t = session._weight = None
             self._session = None
 
     def detach(self) -> None:
@@ -210,7 +230,7 @@ class IdentityInjector:
         call_index = session.calls
         session.calls += 1
         embeds = session.id_embeds(call_index) if callable(session.id_embeds) else session.id_embeds
-        if embeds is None or session.id_weight == 0.0:
+        if embeds is None or not session._enabled:
             session._embeds = None
             return None
         hidden = kwargs.get("hidden_states", args[0] if args else None)
@@ -230,6 +250,8 @@ class IdentityInjector:
             self.ca_modules.to(hidden.device)
             param = next(self.ca_modules.parameters())
         session._embeds = embeds.to(device=param.device, dtype=param.dtype).expand(batch, -1, -1)
+        if session._weight.device != param.device:
+            session._weight = session._weight.to(param.device)
 
         timestep = kwargs.get("timestep", args[3] if len(args) > 3 else None)
         session._t = None
@@ -264,19 +286,24 @@ class IdentityInjector:
         embeds = session._embeds
         latents = image.to(embeds.dtype)
         schedule = session.schedule
+        weight = session._weight
         if schedule is None:
             delta = ca(embeds, latents)
             if session.record_masks:
                 t = session._t_float if session._t_float is not None else float("nan")
                 ones = torch.ones(image.shape[0], image.shape[1], dtype=torch.float16)
                 session.records.append(InjectionRecord(session.calls - 1, t, point, "uniform", ones))
-            return image + (session.id_weight * delta).to(image.dtype)
+            # image + w * delta in one pass (the 0-d weight does not change the result dtype).
+            return torch.addcmul(image, weight, delta.to(image.dtype))
 
         rows, cols = self._grid(session, image.shape[1])
-        delta, raw = ca(embeds, latents, return_raw=True)
         attn_probs = None
         if schedule.needs_attention_probs:
-            attn_probs = _attention_probs(ca, embeds, latents)
+            # One pass gives the output, the raw output and the probabilities (no second
+            # projection of the image tokens).
+            delta, raw, attn_probs = ca(embeds, latents, return_probs=True)
+        else:
+            delta, raw = ca(embeds, latents, return_raw=True)
         mask = schedule.mask(session._t, raw, rows, cols, attn_probs=attn_probs)
         if session.record_masks:
             t = session._t_float if session._t_float is not None else float("nan")
@@ -286,7 +313,8 @@ class IdentityInjector:
                     session.calls - 1, t, point, phase, mask.detach()[..., 0].to("cpu", torch.float16)
                 )
             )
-        return image + (session.id_weight * (mask * delta)).to(image.dtype)
+        # image + (w * M) * delta: the weight scales the small [B, N, 1] mask, then one fused pass.
+        return torch.addcmul(image, mask.to(image.dtype) * weight, delta.to(image.dtype))
 
     @staticmethod
     def _grid(session: InjectionSession, num_tokens: int) -> tuple[int, int]:
@@ -307,8 +335,9 @@ class IdentityInjector:
 def _attention_probs(ca: nn.Module, id_tokens: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
     """Softmax attention of each image token over the identity tokens, ``[B, heads, N, n_id]``.
 
-    Only the research "entropy" mask source needs this; it recomputes the query/key projections
-    of ``ca`` (the fused attention kernel does not expose its probabilities).
+    A float32 reference that recomputes the query/key projections of ``ca``. The injector itself
+    takes the probabilities from the CA forward (``return_probs=True``), which costs no second
+    projection; this helper remains for checks and analysis.
     """
     heads = ca.heads
     dim_head = ca.dim_head

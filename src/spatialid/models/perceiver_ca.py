@@ -67,8 +67,12 @@ class PerceiverAttentionCA(nn.Module):
             )
 
     def forward(
-        self, id_tokens: torch.Tensor, latents: torch.Tensor, return_raw: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        self,
+        id_tokens: torch.Tensor,
+        latents: torch.Tensor,
+        return_raw: bool = False,
+        return_probs: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Attend from ``latents`` [B, N, dim] to ``id_tokens`` [B or 1, n, kv_dim].
 
         An ``id_tokens`` batch of 1 is shared by every sample (one identity for the whole batch);
@@ -77,6 +81,11 @@ class PerceiverAttentionCA(nn.Module):
 
         Returns ``out`` [B, N, dim], or ``(out, raw)`` with ``return_raw=True`` where ``raw`` is the
         attention result before ``to_out``, [B, N, heads*dim_head], so ``to_out(raw) == out``.
+        With ``return_probs=True`` it returns ``(out, raw, probs)``, ``probs`` being the float32
+        softmax over identity tokens ``[B, heads, N, n]`` (the attention-entropy mask source needs
+        it). The attention is then computed explicitly in the same pass instead of by the fused
+        kernel, which does not expose its probabilities; with only ``n`` identity tokens the
+        score matrix is small, and no second projection of the image tokens is needed.
         """
         self._check_inputs(id_tokens, latents)
         out_dtype = latents.dtype
@@ -93,9 +102,19 @@ class PerceiverAttentionCA(nn.Module):
             k = k.expand(b, -1, -1, -1).contiguous()
             v = v.expand(b, -1, -1, -1).contiguous()
         q = q.view(b, n, h, self.dim_head).transpose(1, 2)  # [B, H, N, D] view
-        attn = F.scaled_dot_product_attention(q, k, v, scale=self.dim_head**-0.5)
+        scale = self.dim_head**-0.5
+        probs = None
+        if return_probs:
+            # Scores [B, H, N, n] in the compute dtype (float32 accumulation inside the matmul),
+            # softmax in float32 like the fused kernels do.
+            probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)).float() * scale, dim=-1)
+            attn = torch.matmul(probs.to(v.dtype), v)
+        else:
+            attn = F.scaled_dot_product_attention(q, k, v, scale=scale)
         raw = attn.transpose(1, 2).reshape(b, n, self.inner_dim)  # the one copy, needed by to_out
         out = self.to_out(raw).to(out_dtype)
+        if probs is not None:
+            return out, raw, probs
         if return_raw:
             return out, raw
         return out
