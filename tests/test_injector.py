@@ -6,33 +6,20 @@ import copy
 
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel
 
 from spatialid.injection import IdentityInjector, injection_points
 from spatialid.masks import SpatialSchedule
 from spatialid.models import PerceiverAttentionCA
 from spatialid.models.configs import TINY_FLUX, TINY_PULID
+from spatialid.pipeline.tiny import build_tiny_transformer
 
 TEXT_LEN = 5
 KV_DIM = TINY_PULID.ca.kv_dim
 
 
-def make_transformer(seed: int = 0) -> FluxTransformer2DModel:
+def make_transformer(seed: int = 0):
     torch.manual_seed(seed)
-    cfg = TINY_FLUX
-    model = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=cfg.latent_channels * 4,
-        num_layers=cfg.num_layers,
-        num_single_layers=cfg.num_single_layers,
-        attention_head_dim=cfg.attention_head_dim,
-        num_attention_heads=cfg.num_attention_heads,
-        joint_attention_dim=cfg.joint_attention_dim,
-        pooled_projection_dim=cfg.pooled_projection_dim,
-        guidance_embeds=True,
-        axes_dims_rope=cfg.axes_dims_rope,
-    )
-    return model.eval()
+    return build_tiny_transformer(TINY_FLUX).eval()
 
 
 def make_ca_modules(seed: int = 1, n: int = TINY_PULID.num_ca) -> torch.nn.ModuleList:

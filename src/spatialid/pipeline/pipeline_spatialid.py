@@ -692,21 +692,6 @@ def _collect_masks(records: Sequence[Any], calls_per_step: int, rows: int, cols:
 
 def _tiny_pulid_modules(seed: int) -> tuple[nn.Module, nn.ModuleList]:
     """Tiny IDFormer + CA modules, the same ones the identity encoder's tiny configuration uses."""
-    try:
-        from spatialid.encoder.identity_encoder import tiny_pulid_modules
-    except ImportError:
-        tiny_pulid_modules = None
-    if tiny_pulid_modules is not None:
-        return tiny_pulid_modules(seed)
-    from spatialid.models.checkpoint import build_pulid_modules
-    from spatialid.models.configs import TINY_PULID
+    from spatialid.encoder.identity_encoder import tiny_pulid_modules
 
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        idformer, cas = build_pulid_modules(TINY_PULID)
-    finally:
-        torch.random.set_rng_state(state)
-    idformer.eval().requires_grad_(False)
-    cas.eval().requires_grad_(False)
-    return idformer, cas
+    return tiny_pulid_modules(seed)

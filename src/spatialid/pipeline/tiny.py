@@ -123,6 +123,28 @@ def build_tiny_tokenizers(config: TinyFluxConfig = TINY_FLUX) -> tuple[Any, Any]
     return clip, t5
 
 
+def build_tiny_transformer(config: TinyFluxConfig = TINY_FLUX) -> Any:
+    """A ``FluxTransformer2DModel`` of the tiny size (random weights from torch's current RNG).
+
+    FLUX.1-dev's block types and guidance embedding at toy width: ``in_channels`` is the VAE's
+    latent channels packed 2x2, the rotary axes sum to the head dimension.
+    """
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=config.latent_channels * 4,
+        num_layers=config.num_layers,
+        num_single_layers=config.num_single_layers,
+        attention_head_dim=config.attention_head_dim,
+        num_attention_heads=config.num_attention_heads,
+        joint_attention_dim=config.joint_attention_dim,
+        pooled_projection_dim=config.pooled_projection_dim,
+        guidance_embeds=True,
+        axes_dims_rope=tuple(config.axes_dims_rope),
+    )
+
+
 def build_tiny_flux_components(
     seed: int = 0, config: TinyFluxConfig = TINY_FLUX, dtype: torch.dtype = torch.float32
 ) -> dict[str, Any]:
@@ -133,25 +155,14 @@ def build_tiny_flux_components(
     keeps FLUX's 8x down-sampling (four resolution levels) so image token grids are
     ``(height // 16, width // 16)`` exactly as with the real model.
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     tokenizer, tokenizer_2 = build_tiny_tokenizers(config)
     gen_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        transformer = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=config.latent_channels * 4,
-            num_layers=config.num_layers,
-            num_single_layers=config.num_single_layers,
-            attention_head_dim=config.attention_head_dim,
-            num_attention_heads=config.num_attention_heads,
-            joint_attention_dim=config.joint_attention_dim,
-            pooled_projection_dim=config.pooled_projection_dim,
-            guidance_embeds=True,
-            axes_dims_rope=tuple(config.axes_dims_rope),
-        )
+        transformer = build_tiny_transformer(config)
         torch.manual_seed(seed + 1)
         vae = AutoencoderKL(
             in_channels=3,
