@@ -177,3 +177,15 @@ def test_decompression_bomb_refused_before_decoding(tmp_path):
 def test_bad_in_memory_inputs(value, match):
     with pytest.raises(InputImageError, match=match):
         load_image(value)
+
+
+def test_loaded_image_remembers_its_file_for_messages(tmp_path):
+    from PIL import Image
+
+    from spatialid.utils.images import describe_source, load_image
+
+    path = tmp_path / "holiday.png"
+    Image.new("RGB", (32, 24), "white").save(path)
+    image = load_image(path)
+    assert describe_source(image) == str(path)
+    assert describe_source(Image.new("RGB", (5, 4))) == "PIL image 5x4 RGB"

@@ -34,6 +34,8 @@ __all__ = ["MAX_IMAGE_PIXELS", "ImageInput", "load_image", "describe_source"]
 # 64 megapixels: larger than any phone photo; anything bigger is refused before decoding. Pillow's
 # own bomb guard (~89 MP warning, ~179 MP error) is applied too but is looser than this.
 MAX_IMAGE_PIXELS = 64_000_000
+# Key in ``PIL.Image.info`` under which load_image records the file an image came from.
+SOURCE_KEY = "spatialid.source"
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 
@@ -43,6 +45,8 @@ def describe_source(source: Any) -> str:
     if isinstance(source, (str, os.PathLike)):
         return str(source)
     if isinstance(source, Image.Image):
+        if SOURCE_KEY in source.info:
+            return str(source.info[SOURCE_KEY])
         return f"PIL image {source.size[0]}x{source.size[1]} {source.mode}"
     if isinstance(source, np.ndarray):
         return f"array {tuple(source.shape)} {source.dtype}"
@@ -68,7 +72,9 @@ def load_image(source: ImageInput, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Ima
         _check_single_frame(source, describe_source(source))
         return _to_rgb(_exif_transpose(source, describe_source(source)), describe_source(source))
     if isinstance(source, (str, os.PathLike)):
-        return _from_path(Path(os.fspath(source)), max_pixels)
+        image = _from_path(Path(os.fspath(source)), max_pixels)
+        image.info[SOURCE_KEY] = os.fspath(source)  # so later messages can name the file
+        return image
     raise InputImageError(
         f"cannot read an image from a {type(source).__name__}; give a file path, a PIL image or a numpy array"
     )
