@@ -22,6 +22,7 @@ from typing import Any
 
 from spatialid.cli.cmd_serve import is_loopback
 from spatialid.errors import SpatialIDError
+from spatialid.pipeline.settings import MAX_GUIDANCE
 from spatialid.ui import handlers as h
 
 __all__ = ["build_app", "launch", "load_pipeline", "CSS"]
@@ -273,7 +274,7 @@ def build_app(
                         info="1 = off; > 1 uses the negative prompt and doubles the time", elem_id="true-cfg",
                     )
                     steps = gr.Slider(1, limits.max_steps, value=defaults.steps, step=1, label="Steps", elem_id="steps")
-                    guidance = gr.Slider(0, 15, value=defaults.guidance, step=0.1, label="Guidance", elem_id="guidance")
+                    guidance = gr.Slider(0, MAX_GUIDANCE, value=defaults.guidance, step=0.1, label="Guidance", elem_id="guidance")
                     with gr.Row():
                         width = gr.Slider(64, limits.max_side, value=defaults.width, step=16, label="Width", elem_id="width")
                         height = gr.Slider(64, limits.max_side, value=defaults.height, step=16, label="Height", elem_id="height")
