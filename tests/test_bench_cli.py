@@ -75,6 +75,8 @@ def test_tiny_bench_completes(full_run, capsys):
     assert {e["prompt"].split(" ")[3] for e in doc["datas"] if e["prompt"].startswith("portrait")} == {"woman", "man"}
     manifest = load_manifest(full_run)
     assert manifest["settings"]["width"] == 64 and manifest["presets"] == ["pulid", "paper"]
+    # "auto" is recorded as what it resolved to, so CPU and GPU shards never merge silently.
+    assert manifest["settings"]["dtype"] == "float32"
     assert len(list((full_run / "embeddings").glob("*.safetensors"))) == 2
     from spatialid.pipeline.metadata import read_png_metadata
 

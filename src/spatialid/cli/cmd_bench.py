@@ -7,6 +7,7 @@ exits without loading one. See docs/benchmark.md for the full IBench commands.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 
@@ -135,6 +136,10 @@ def run(args: argparse.Namespace) -> int:
 
     proc = process_split()
     rank, world = proc.index, proc.count
+    if settings.dtype is None:
+        # Record the dtype "auto" resolves to, so that shards run on a CPU and on a GPU (whose
+        # images differ) are never mistaken for one run on resume or merge.
+        settings = dataclasses.replace(settings, dtype=_auto_dtype_name(args.device, proc.device))
     manifest_args = dict(
         settings=settings.to_dict(), identities=identities, prompts=prompts, presets=presets, seeds=seeds,
         baseline=args.baseline,
@@ -200,6 +205,14 @@ def run(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _auto_dtype_name(device: str | None, process_device: str | None) -> str:
+    from spatialid.cli.cmd_generate import resolve_device, resolve_dtype
+
+    if process_device is not None and device in (None, "auto"):
+        device = process_device
+    return str(resolve_dtype("auto", resolve_device(device))).removeprefix("torch.")
 
 
 def _build_generator(args: argparse.Namespace, settings, process_device: str | None = None):
