@@ -296,7 +296,12 @@ def test_queue_shows_waiting_visitor_their_place(browser: object, server: dict, 
             pg.wait_for_selector("#generate")
             pages.append(pg)
         first, second = pages
-        # the first visitor asks for a long job: every preset compared (7 runs of 4 steps)
+        # the first visitor asks for a long job: every preset compared, at the most steps the tiny
+        # model allows (7 runs of 50 steps), so it is still running when the second one asks
+        first.get_by_role("button", name=re.compile("^Settings")).first.click()
+        steps_box = first.locator("#steps input[type=number]")
+        steps_box.fill("50")
+        steps_box.press("Enter")
         first.locator("#compare input[type=checkbox]").check()
         for label in first.locator("#compare-presets label").all():
             label.locator("input").check()
