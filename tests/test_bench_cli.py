@@ -232,3 +232,10 @@ def test_failed_model_load_leaves_no_manifest(inputs, tmp_path, capsys):
     assert main(args) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (out / "bench.json").exists()  # a corrected command can use the same --out
+
+
+def test_quantize_with_tiny_model_is_refused(inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(_bench_args(inputs, out, "--quantize", "nf4")) == 2
+    assert "--quantize applies to real FLUX weights" in capsys.readouterr().err
+    assert not (out / "bench.json").exists()

@@ -179,6 +179,18 @@ def quiet_third_party_logs() -> None:
             pass
 
 
+def check_quantize(model: str, quantize: str | None) -> None:
+    """Refuse an unknown ``--quantize`` mode, or one given with ``--model tiny`` (which has no FLUX weights)."""
+    if quantize in (None, "none"):
+        return
+    from spatialid.errors import SpatialIDError
+    from spatialid.pipeline.loading import parse_quantization
+
+    parse_quantization(quantize)
+    if model == "tiny":
+        raise SpatialIDError("--quantize applies to real FLUX weights, not to --model tiny")
+
+
 def load_pipeline(
     model: str,
     *,
@@ -189,7 +201,6 @@ def load_pipeline(
     dtype=None,
     offline: bool = False,
     cache_dir: str | None = None,
-    seed: int = 0,
 ):
     """Build the pipeline for ``--model`` (``tiny`` or FLUX weights) and apply the memory mode."""
     import torch
@@ -197,6 +208,7 @@ def load_pipeline(
     from spatialid.errors import SpatialIDError
     from spatialid.pipeline.pipeline_spatialid import SpatialIDPipeline
 
+    check_quantize(model, quantize)
     quiet_third_party_logs()
     if offload != "none" and not device.startswith("cuda"):
         raise SpatialIDError(f"--offload {offload} moves models between CPU and GPU; it needs --device cuda")
@@ -334,14 +346,7 @@ def run(args: argparse.Namespace) -> int:
     check_outputs(job)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    if args.quantize not in (None, "none"):
-        from spatialid.pipeline.loading import parse_quantization
-
-        parse_quantization(args.quantize)
-        if tiny:
-            from spatialid.errors import SpatialIDError
-
-            raise SpatialIDError("--quantize applies to real FLUX weights, not to --model tiny")
+    check_quantize(args.model, args.quantize)  # before the identity encoder runs: fail fast
     if tiny:
         print(
             "spatialid: note: --model tiny uses random weights at toy size: the images are noise by design "

@@ -150,12 +150,6 @@ def load_pipeline(
 
     dev = resolve_device(device or "auto")
     torch_dtype = resolve_dtype(dtype or "auto", dev)
-    if quantize not in (None, "none"):
-        from spatialid.pipeline.loading import parse_quantization
-
-        parse_quantization(quantize)
-        if model == "tiny":
-            raise SpatialIDError("--quantize applies to real FLUX weights, not to --model tiny")
     pipe = _load(
         model,
         pulid=pulid,
