@@ -78,7 +78,8 @@ from spatialid.masks import PRESETS, SpatialSchedule  # noqa: E402
 from spatialid.models import IDFormer, PerceiverAttentionCA  # noqa: E402
 from spatialid.models.configs import PULID_FLUX, TINY_FLUX, TINY_PULID, IDFormerConfig, PerceiverCAConfig  # noqa: E402
 
-ALL_VARIANTS: tuple[str, ...] = ("plain", "pulid", "paper", "relaxed", "prior-only", "attention-only", "no-relax", "entropy")
+# "plain" (no injection) and every preset, in the presets' order.
+ALL_VARIANTS: tuple[str, ...] = ("plain", *PRESETS)
 VIT_TOKENS = 577  # EVA02-CLIP-L/14 at 336 px: 24 x 24 patches + class token
 
 
@@ -480,8 +481,8 @@ def time_points(
 ) -> dict[str, list[float]]:
     """Cost of ONE injection point (CA forward + mask + residual update) per injected variant.
 
-    Uses the injector's own per-call set-up and per-point update (private methods: this is a
-    measurement tool) on an image-token tensor of the real shape, interleaved like the steps.
+    Uses the injector's public per-call set-up and per-point update (``begin_call`` / ``inject``,
+    the code path of its hooks) on an image-token tensor of the real shape, interleaved like the steps.
     Short and repeated many times, it resolves differences far below the step-level noise of a
     shared CPU; ``estimated_ratios`` combine it with the measured plain step.
     """
@@ -510,12 +511,12 @@ def time_points(
                 if r:
                     samples["pulid-reference"].append((clock() - start) / inner)
                 continue
-            with injector.active(embeds, 1.0, by_name[name].schedule, grid) as session:
-                injector._on_transformer_call(transformer, (), inputs)
+            with injector.active(embeds, 1.0, by_name[name].schedule, grid):
+                injector.begin_call(inputs["hidden_states"], inputs["timestep"])
                 _sync(device)
                 start = clock()
                 for _ in range(inner):
-                    injector._inject(0, image, session)
+                    injector.inject(0, image)
                 _sync(device)
                 if r:
                     samples[name].append((clock() - start) / inner)

@@ -34,8 +34,25 @@ def astronaut_emb(encoder) -> IdentityEmbedding:
 def photos(tmp_path_factory):
     d = tmp_path_factory.mktemp("photos")
     Image.fromarray(data.astronaut()).save(d / "astronaut.png")
-    Image.fromarray(data.coffee()).save(d / "coffee.jpg")
+    # small: a photo without a face also runs dlib's CNN detector, seconds at full size on a CPU
+    Image.fromarray(data.coffee()).resize((150, 100), Image.BICUBIC).save(d / "coffee.jpg")
     return d
+
+
+def turned_astronaut() -> np.ndarray:
+    """200x200, face turned ~50 degrees: HOG finds no face at all, dlib's CNN finds it."""
+    crop = Image.fromarray(data.astronaut()).crop((70, 0, 370, 300))
+    turned = crop.rotate(50, resample=Image.BICUBIC, fillcolor=(255, 255, 255))
+    return np.ascontiguousarray(np.asarray(turned.resize((200, 200), Image.BICUBIC)))
+
+
+def two_astronauts() -> tuple[np.ndarray, tuple[float, float], tuple[float, float]]:
+    """1000x512: a big astronaut far left (face 91 px) and a smaller one (face ~76 px) whose face is
+    nearest the centre; returns the image and the two faces' approximate top-left corners."""
+    canvas = np.full((512, 1000, 3), 255, np.uint8)
+    canvas[:, :512] = data.astronaut()
+    canvas[132:512, 512:892] = np.asarray(Image.fromarray(data.astronaut()).resize((380, 380), Image.BICUBIC))
+    return canvas, (175.0, 76.0), (643.0, 188.0)
 
 
 def test_tiny_config_matches_tiny_idformer():
@@ -89,27 +106,51 @@ def test_tokens_are_idformer_of_arcface_like_vector_and_eva(encoder, astronaut_e
 
 
 def test_no_face_in_coffee(encoder):
+    # neither HOG nor the CNN fallback finds a face: still an error
     with pytest.raises(FaceNotFoundError, match="no face found"):
         encoder.encode(data.coffee())
 
 
-def test_tiny_face_refused(encoder):
-    small = np.asarray(Image.fromarray(data.astronaut()).resize((256, 256), Image.BICUBIC))
-    with pytest.raises(FaceNotFoundError, match=r"only \d+x\d+ px, below the minimum of 64 px"):
-        encoder.encode(small)
+def test_small_face_is_encoded_with_a_warning(encoder, tmp_path, caplog):
+    """PuLID refuses no face: one ~40 px face gives tokens and one warning naming photo and size."""
+    Image.fromarray(data.astronaut()).resize((224, 224), Image.BICUBIC).save(tmp_path / "small.png")
+    with caplog.at_level(logging.WARNING, logger="spatialid.encoder.identity_encoder"):
+        emb = encoder.encode(tmp_path / "small.png")
+    x0, y0, x1, y1 = emb.face_box
+    assert 35 <= x1 - x0 < 64 and 35 <= y1 - y0 < 64
+    assert torch.isfinite(emb.tokens).all() and json.loads(emb.metadata["faces_found"]) == [1]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "small.png" in warnings[0] and f"{x1 - x0:.0f}x{y1 - y0:.0f} px" in warnings[0] and "64 px" in warnings[0]
 
 
-def test_several_faces_use_the_largest(encoder, caplog):
-    big = data.astronaut()
-    small = np.asarray(Image.fromarray(big).resize((300, 300), Image.BICUBIC))
-    canvas = np.full((512, 900, 3), 255, np.uint8)
-    canvas[:, :512] = big
-    canvas[100:400, 560:860] = small
-    with caplog.at_level(logging.INFO, logger="spatialid.encoder.identity_encoder"):
+def test_turned_face_found_by_the_cnn_fallback(encoder, caplog):
+    img = turned_astronaut()
+    with caplog.at_level(logging.INFO, logger="spatialid.encoder.face_dlib"):
+        emb = encoder.encode(img)
+    x0, y0, x1, y1 = emb.face_box  # the CNN's box around the turned face (~44-124 px)
+    assert 30 < x0 < 70 and 30 < y0 < 70 and 100 < x1 < 140 and 100 < y1 < 140
+    assert json.loads(emb.metadata["faces_found"]) == [1] and torch.isfinite(emb.tokens).all()
+    assert any("CNN face detector found 1" in r.getMessage() for r in caplog.records)
+
+
+def test_several_faces_follow_pulid(encoder, caplog):
+    """Identity vector from the largest face, alignment/EVA from the one nearest the centre."""
+    canvas, big, small = two_astronauts()
+    with caplog.at_level(logging.WARNING, logger="spatialid.encoder.identity_encoder"):
+        res = encoder.face_stack.analyze(canvas, "two.png")
         emb = encoder.encode(canvas)
-    assert emb.face_box[0] < 512  # the big face on the left
-    assert json.loads(emb.metadata["faces_found"]) == [2]
-    assert any("2 faces found" in r.getMessage() and "largest" in r.getMessage() for r in caplog.records)
+    assert res.num_faces == 2 and res.notes == ["identity_and_aligned_faces_differ"]
+    assert res.box[:2] == pytest.approx(big, abs=8) and emb.face_box[:2] == pytest.approx(big, abs=8)
+    # the aligned face's landmarks lie in the small astronaut's face box (x 643-719, y 188-263)
+    lm = np.asarray(res.landmarks5)
+    assert (lm[:, 0] > small[0]).all() and (lm[:, 0] < small[0] + 76).all()
+    assert (lm[:, 1] > small[1]).all() and (lm[:, 1] < small[1] + 76).all()
+    # the descriptor is the big face's: same as the one of the big astronaut alone
+    alone = encoder.face_stack.analyze(data.astronaut(), "astronaut")
+    assert np.linalg.norm(res.id_vector - alone.id_vector) < 1e-3
+    msgs = [r.getMessage() for r in caplog.records if "several faces in two.png" in r.getMessage()]
+    assert msgs and "largest of 2" in msgs[0] and "nearest the centre" in msgs[0] and "different faces" in msgs[0]
 
 
 def test_several_photos_mean_of_tokens(encoder, astronaut_emb):

@@ -175,6 +175,7 @@ def test_hidden_states_are_block_inputs(tower, pixels):
         for h in handles:
             h.remove()
     for idx, h in zip(CFG.hidden_indices, hidden):
+        # same forward pass: the tower's pre-hook and this hook see the same tensor
         assert torch.equal(h, outputs[idx]), f"hidden for block {idx} is not the output of block {idx - 1}"
     # and the final embedding is head(norm(x)[:, 0]) of the last block's output
     with torch.no_grad():
@@ -199,6 +200,7 @@ def test_open_clip_timm_names_convert(tower, pixels):
     with torch.no_grad():
         a, ha = tower(pixels)
         b, hb = EvaVisionTower(CFG, model=fresh)(pixels)
+    # exact: bit-copied weights (in memory) in a model built the same way, same input and ops
     assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ha, hb))
 
 

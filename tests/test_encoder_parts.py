@@ -21,7 +21,8 @@ from spatialid.encoder.align import (
     template_for_size,
     warp_affine,
 )
-from spatialid.encoder.embedding import IdentityEmbedding, atomic_write_bytes
+from spatialid.encoder.embedding import IdentityEmbedding
+from spatialid.utils.io import atomic_write_bytes
 from spatialid.encoder.parsing import (
     BACKGROUND_LABELS,
     OPENAI_CLIP_MEAN,
@@ -100,6 +101,7 @@ def test_templates():
 
 def test_warp_identity_and_integer_shift():
     img = np.random.default_rng(1).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    # exact: integer sample positions, and rounding to uint8 absorbs the ~1e-5 float error
     assert np.array_equal(warp_affine(img, np.eye(2, 3), (40, 30)), img)
     shifted = warp_affine(img, np.array([[1.0, 0, 5], [0, 1.0, -3]]), (40, 30), border_value=(1, 2, 3))
     assert np.array_equal(shifted[0:27, 5:40], img[3:30, 0:35])
@@ -217,6 +219,72 @@ def test_dlib_finds_astronaut_face_and_aligns_it(dlib_analyzer):
 
 def test_dlib_no_face_in_coffee(dlib_analyzer):
     assert dlib_analyzer.detect(data.coffee()) == []
+
+
+def _turned_astronaut() -> np.ndarray:
+    """200x200, face turned ~50 degrees: HOG finds no face at all, dlib's CNN finds it."""
+    crop = Image.fromarray(data.astronaut()).crop((70, 0, 370, 300))
+    turned = crop.rotate(50, resample=Image.BICUBIC, fillcolor=(255, 255, 255))
+    return np.ascontiguousarray(np.asarray(turned.resize((200, 200), Image.BICUBIC)))
+
+
+@pytest.fixture(scope="module")
+def cnn_analyzer():
+    """The encoder's analyzer (CNN fallback on); the CNN itself is loaded once per process."""
+    from spatialid.encoder.face_dlib import shared_dlib_analyzer
+
+    return shared_dlib_analyzer(True)
+
+
+def test_dlib_cnn_fallback_finds_the_turned_face(dlib_analyzer, cnn_analyzer):
+    img = _turned_astronaut()
+    rects, _, _ = dlib_analyzer.detector.run(img, 1, 0.0)
+    assert len(rects) == 0 and dlib_analyzer.detect(img) == []  # HOG: nothing, even at threshold 0
+    faces = cnn_analyzer.detect(img)
+    assert len(faces) == 1 and faces[0].extra["detector"] == "cnn" and faces[0].score > 0.5
+    face = faces[0]
+    x0, y0, x1, y1 = face.box
+    assert 30 < x0 < 70 and 30 < y0 < 70 and 100 < x1 < 140 and 100 < y1 < 140
+    le, re, nose, ml, mr = face.landmarks5
+    assert le[0] < nose[0] < re[0] and ml[0] < mr[0] and le[1] < ml[1] and re[1] < mr[1]
+    m = cnn_analyzer.alignment_matrix(face)
+    assert np.abs(apply_affine(m, face.landmarks5) - FFHQ_TEMPLATE_512).max() < 25
+
+
+def test_dlib_cnn_runs_only_when_hog_finds_nothing(cnn_analyzer, monkeypatch):
+    calls = []
+    monkeypatch.setattr(type(cnn_analyzer), "detect_cnn", lambda self, rgb: calls.append(rgb.shape) or [])
+    faces = cnn_analyzer.detect(data.astronaut())
+    assert len(faces) == 1 and faces[0].extra["detector"] == "hog" and calls == []
+    assert cnn_analyzer.detect(np.full((60, 80, 3), 128, np.uint8)) == [] and calls == [(60, 80, 3)]
+
+
+def test_dlib_cnn_finds_no_face_in_coffee(cnn_analyzer):
+    small = np.asarray(Image.fromarray(data.coffee()).resize((150, 100), Image.BICUBIC))
+    assert cnn_analyzer.detect_cnn(small) == []  # both passes (upsampled once too)
+
+
+def test_dlib_cnn_model_file_missing(tmp_path, dlib_analyzer):
+    from spatialid.encoder.face_dlib import DLIB_LANDMARKS_5, DlibFaceAnalyzer
+    from spatialid.errors import ModelFilesMissingError
+
+    (tmp_path / DLIB_LANDMARKS_5).symlink_to(dlib_analyzer.models_dir / DLIB_LANDMARKS_5)  # small: loads fast
+    assert DlibFaceAnalyzer(tmp_path, with_descriptor=False).cnn_path is None  # off by default
+    with pytest.raises(ModelFilesMissingError, match="mmod_human_face_detector.dat"):
+        DlibFaceAnalyzer(tmp_path, with_descriptor=False, cnn_fallback=True)
+
+
+def test_face_choice_rules():
+    from spatialid.encoder.face_dlib import FaceDetection, center_face, largest_face
+
+    def face(x0, y0, side):
+        return FaceDetection(box=(x0, y0, x0 + side, y0 + side), score=1.0, landmarks5=np.zeros((5, 2)))
+
+    big, mid, small = face(0, 0, 100), face(250, 160, 60), face(500, 300, 80)
+    assert largest_face([mid, big, small]) is big
+    assert center_face([big, small, mid], 600, 400) is mid  # box centre (280, 190) vs photo centre (300, 200)
+    with pytest.raises(ValueError):
+        center_face([], 10, 10)
 
 
 def test_dlib_descriptor_is_an_identity_signal(dlib_analyzer):

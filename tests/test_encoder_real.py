@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from skimage import data
 
@@ -52,7 +53,7 @@ class FakeArcFace:
 
 
 class FakeFacexlib:
-    """Behaves like FacexlibFace (detect, choose, align, parse) on top of dlib alignment."""
+    """Behaves like FacexlibFace (detect, align, parse) on top of dlib alignment."""
 
     name = "fake-facexlib"
 
@@ -63,12 +64,6 @@ class FakeFacexlib:
 
     def detect(self, rgb):
         return list(self.faces)
-
-    @staticmethod
-    def choose(faces, identity_box):
-        from spatialid.encoder.face_facexlib import FacexlibFace
-
-        return FacexlibFace.choose(faces, identity_box)
 
     def align(self, rgb, face, size=512):
         return np.full((size, size, 3), int(face.box[0]) % 256, np.uint8), np.eye(2, 3)
@@ -88,16 +83,28 @@ def _face(x0, y0, side, score=0.9):
 IMG = np.zeros((400, 600, 3), np.uint8)
 
 
-def test_largest_identity_face_and_matching_alignment_face():
-    big, small = _face(300, 50, 150), _face(20, 20, 80)
-    arc = FakeArcFace([big, small])
-    # facexlib lists faces in another order: the matching one (by overlap) must be aligned
-    fx = FakeFacexlib([_face(22, 18, 82), _face(305, 55, 140)])
-    res = _PuLIDStack(arc, fx, None, 64).analyze(IMG, "photo")
+def test_largest_identity_face_and_centre_alignment_face(caplog):
+    """PuLID-FLUX: ArcFace of insightface's largest face, facexlib's face nearest the photo centre."""
+    big, small = _face(400, 250, 150), _face(245, 150, 85)
+    arc = FakeArcFace([small, big])
+    # facexlib sees the same two people; the small one's box centre (285, 195) is nearest (300, 200)
+    fx = FakeFacexlib([_face(402, 248, 146), _face(240, 150, 90)])
+    with caplog.at_level(logging.WARNING, logger="spatialid.encoder.identity_encoder"):
+        res = _PuLIDStack(arc, fx, None, 64).analyze(IMG, "photo")
     assert res.box == big.box and res.num_faces == 2
-    assert arc.calls == [("embed", big.box)] and (res.id_vector == 300).all()
-    assert res.aligned[0, 0, 0] == 305 % 256  # the facexlib face overlapping the identity face
-    assert fx.parsed == 1 and res.notes == []
+    assert arc.calls == [("embed", big.box)] and (res.id_vector == 400).all()
+    assert res.aligned[0, 0, 0] == 240  # the centre-most facexlib face was aligned
+    assert fx.parsed == 1 and res.notes == ["identity_and_aligned_faces_differ"]
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert "several faces in photo" in msg and "largest of 2 (fake-insightface)" in msg and "different faces" in msg
+
+
+def test_same_face_for_identity_and_alignment_is_quiet(caplog):
+    face = _face(250, 150, 100)
+    with caplog.at_level(logging.WARNING, logger="spatialid.encoder.identity_encoder"):
+        res = _PuLIDStack(FakeArcFace([face]), FakeFacexlib([_face(255, 145, 96)]), None, 64).analyze(IMG, "photo")
+    assert res.box == face.box and res.notes == [] and res.aligned[0, 0, 0] == 255
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_arcface_on_aligned_crop_when_insightface_finds_nothing(caplog):
@@ -110,15 +117,27 @@ def test_arcface_on_aligned_crop_when_insightface_finds_nothing(caplog):
     assert any("ArcFace runs on the aligned crop" in r.getMessage() for r in caplog.records)
 
 
-def test_no_face_and_small_face_errors():
+def test_no_face_errors():
     with pytest.raises(FaceNotFoundError, match="no face found in photo"):
         _PuLIDStack(FakeArcFace([]), FakeFacexlib([]), None, 64).analyze(IMG, "photo")
     with pytest.raises(FaceNotFoundError, match="alignment detector"):
         _PuLIDStack(FakeArcFace([_face(0, 0, 100)]), FakeFacexlib([]), None, 64).analyze(IMG, "photo")
-    with pytest.raises(FaceNotFoundError, match="below the minimum of 64 px"):
-        _PuLIDStack(FakeArcFace([_face(0, 0, 40)]), FakeFacexlib([_face(0, 0, 40)]), None, 64).analyze(IMG, "photo")
-    with pytest.raises(FaceNotFoundError, match="below the minimum"):
-        _PuLIDStack(FakeArcFace([]), FakeFacexlib([_face(0, 0, 40)]), None, 64).analyze(IMG, "photo")
+
+
+def test_small_faces_are_used_with_one_warning(caplog):
+    """PuLID refuses no face: under min_face_size it is encoded, with one warning naming photo and size."""
+    with caplog.at_level(logging.WARNING, logger="spatialid.encoder.identity_encoder"):
+        stack = _PuLIDStack(FakeArcFace([_face(0, 0, 40)]), FakeFacexlib([_face(1, 1, 38)]), None, 64)
+        res = stack.analyze(IMG, "a.jpg")
+    assert (res.id_vector == 0).all() and res.notes == ["small_face"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "a.jpg" in warnings[0] and "40x40 px" in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spatialid.encoder.identity_encoder"):
+        res = _PuLIDStack(FakeArcFace([]), FakeFacexlib([_face(0, 0, 40)]), None, 64).analyze(IMG, "b.jpg")
+    assert res.notes == ["small_face", "arcface_on_aligned_crop"] and (res.id_vector == -1).all()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "b.jpg" in warnings[0] and "40x40 px" in warnings[0]
 
 
 def test_dlib_alignment_fallback_on_astronaut():
@@ -129,6 +148,33 @@ def test_dlib_alignment_fallback_on_astronaut():
     res = _PuLIDStack(arc, None, dl, 64).analyze(img, "astronaut")
     assert res.aligned.shape == (512, 512, 3) and res.labels.float().mean() < 0.7
     assert res.box == face.box and arc.calls == [("embed", face.box)]
+
+
+def test_dlib_alignment_fallback_uses_the_cnn_for_a_turned_face():
+    """HOG finds no face in the turned astronaut; the CNN fallback does, and ArcFace (none found by
+    insightface here) runs on the aligned crop: the identity is not lost."""
+    crop = Image.fromarray(data.astronaut()).crop((70, 0, 370, 300))
+    img = np.ascontiguousarray(np.asarray(
+        crop.rotate(50, resample=Image.BICUBIC, fillcolor=(255, 255, 255)).resize((200, 200), Image.BICUBIC)))
+    arc = FakeArcFace([])
+    res = _PuLIDStack(arc, None, shared_dlib_analyzer(False), 64).analyze(img, "turned")
+    assert arc.calls == [("aligned", (512, 512, 3))] and res.notes == ["arcface_on_aligned_crop"]
+    assert 30 < res.box[0] < 70 and 100 < res.box[2] < 140 and res.aligned.shape == (512, 512, 3)
+
+
+def test_dlib_alignment_fallback_follows_pulid_on_two_astronauts():
+    canvas = np.full((512, 1000, 3), 255, np.uint8)
+    canvas[:, :512] = data.astronaut()
+    canvas[132:512, 512:892] = np.asarray(Image.fromarray(data.astronaut()).resize((380, 380), Image.BICUBIC))
+    dl = shared_dlib_analyzer(False)
+    faces = dl.detect(canvas)
+    assert len(faces) == 2
+    big = max(faces, key=lambda f: f.area)
+    arc = FakeArcFace(faces)
+    res = _PuLIDStack(arc, None, dl, 64).analyze(canvas, "two")
+    assert arc.calls == [("embed", big.box)] and res.box == big.box
+    assert res.notes == ["identity_and_aligned_faces_differ"]
+    assert (np.asarray(res.landmarks5)[:, 0] > 600).all()  # aligned: the smaller astronaut, nearer the centre
 
 
 def test_box_iou():

@@ -18,8 +18,13 @@ from spatialid.bench.results import update_manifest
 from spatialid.bench.runner import BenchSettings, run_bench
 from spatialid.bench.samples import hash_encoder, write_sample_inputs
 from spatialid.errors import ModelFilesMissingError, SpatialIDError
-from spatialid.evaluation.contamination import apply_mask, background_change, face_region_mask
+from spatialid.evaluation.contamination import (
+    apply_mask,
+    background_change,
+    face_region_mask,
+)
 from spatialid.evaluation.stats import paired_difference, summarize
+from spatialid.pipeline.settings import GenerationSettings
 
 SIZE = 160
 
@@ -214,7 +219,7 @@ def fake_bench(tmp_path_factory, sample_dir):
     out = tmp_path_factory.mktemp("bench")
     identities = load_identities(sample_dir / "ids.json")
     prompts = load_prompts(sample_dir / "prompts.json", limit=2)
-    settings = BenchSettings(model="fake", steps=1, width=SIZE, height=SIZE)
+    settings = BenchSettings(model="fake", generation=GenerationSettings(steps=1, width=SIZE, height=SIZE))
     update_manifest(out, settings=settings.to_dict(), identities=identities, prompts=prompts, presets=["pulid", "paper"], seeds=[1], baseline=True)
     items = build_grid(identities, prompts, ["pulid", "paper"], [1])
     run_bench(items, out, settings=settings, generate_fn=PhotoGenerator(), encode_fn=hash_encoder, progress=False)
@@ -228,16 +233,23 @@ def tiny_models():
     return MetricModels.tiny()
 
 
+ALL_KEYS = ["clip_t", "clip_i", "clip_ref", "face_sim", "face_det", "anti_face_sim", "iq", "iq_01", "aesthetic", "fid",
+            "bg_lpips", "bg_clip_dist", "bg_mae", "bg_clip_t"]
+
+
 def test_evaluate_writes_every_metric_and_measures_contamination(fake_bench, tiny_models, tmp_path):
     from spatialid.evaluation.evaluate import evaluate
 
     data, files = evaluate([fake_bench], tiny_models, tmp_path / "report", progress=False)
     keys = [m.key for m in data.metrics]
-    assert keys == ["clip_t", "clip_i", "face_sim", "face_det", "iq", "bg_lpips", "bg_clip_dist", "bg_mae", "bg_clip_t"] or (
-        "bg_lpips" not in keys and len(keys) == 8
-    )
+    assert keys == ALL_KEYS or ("bg_lpips" not in keys and keys == [k for k in ALL_KEYS if k != "bg_lpips"])
     assert data.presets == ["none", "pulid", "paper"]
     s = data.summaries
+    # IBench's pair metrics need an image without identity: none for the baseline preset itself
+    for key in ("clip_i", "anti_face_sim", "fid"):
+        assert s["none"][key].count == 0 and s["paper"][key].count == 4
+    assert s["paper"]["fid"].std != s["paper"]["fid"].std  # one number per preset: no spread, no interval
+    assert set(data.paired["paper"]) == {k for k in keys if k not in ("fid", "anti_face_sim")}
     # faces are real photos here: detected in every identity image, FaceSim high
     assert s["paper"]["face_det"].mean == 1.0 and s["paper"]["face_sim"].mean > 0.9
     # contamination: paper pastes the face only, pulid also shifts the background by 40/255
@@ -250,8 +262,15 @@ def test_evaluate_writes_every_metric_and_measures_contamination(fake_bench, tin
     md = files["markdown"].read_text()
     assert md.splitlines()[2].startswith("> **WARNING:**") and "RANDOM WEIGHTS" in md
     header = next(line for line in md.splitlines() if line.startswith("| Preset"))
-    for title in ("CLIP-T ↑", "CLIP-I ↑", "FaceSim ↑", "Face det. ↑", "IQ ↑", "BG CLIP dist. ↓", "BG MAE ↓", "BG CLIP-T ↑"):
+    for title in ("CLIP-T ↑ [random]", "CLIP-I ↑ [random]", "CLIP-ref ↑ [random]", "FaceSim ↑", "Face det. ↑",
+                  "AntiFaceSim (ref.)", "IQ ↑ [random]", "IQ-01 ↑ [random]", "Aesthetic ↑ [random]", "FID ↓ [random]",
+                  "BG CLIP dist. ↓ [random]", "BG MAE ↓", "BG CLIP-T ↑ [random]"):
         assert title in header
+    assert "FaceSim ↑ [random]" not in header  # dlib has real weights
+    # the paper's PuLID row beside this run's pulid row, marked as quoted
+    assert "## The paper's numbers (quoted, not computed here)" in md
+    assert "| pulid | **paper** (PuLID (Krea)), quoted | 0.505 | 0.793 | 0.277 | 0.495 |" in md
+    assert "| pulid | this run (RANDOM-WEIGHT models) |" in md
     paper_row = next(line for line in md.splitlines() if line.startswith("| paper"))
     mae_col = header.split(" | ").index("BG MAE ↓")
     assert paper_row.split(" | ")[mae_col].startswith("**")  # best (lowest) background change
@@ -261,7 +280,11 @@ def test_evaluate_writes_every_metric_and_measures_contamination(fake_bench, tin
     assert [r["preset"] for r in rows] == ["none", "pulid", "paper"] and rows[0]["random_weights"] == "1"
     assert float(rows[2]["bg_mae_mean"]) == pytest.approx(s["paper"]["bg_mae"].mean, rel=1e-4)
     doc = json.loads(files["json"].read_text())
-    assert doc["random_weights"] and doc["best"]["bg_mae"] == "paper"
+    assert doc["random_weights"] and doc["best"]["bg_mae"] == "paper" and doc["best"]["anti_face_sim"] is None
+    assert doc["paper"]["rows"]["pulid"]["paper"] == {"iq": 0.505, "clip_i": 0.793, "clip_t": 0.277, "face_sim": 0.495}
+    assert doc["paper"]["rows"]["pulid"]["run"]["clip_t"] == pytest.approx(s["pulid"]["clip_t"].mean)
+    assert "paper" not in doc["paper"]["rows"]  # our 'paper' preset is not a row of the paper's table
+    assert {m["key"]: m["random_weights"] for m in doc["metrics"]}["face_sim"] is False
     assert set(doc["presets"]["paper"]["clip_t"]) == {"mean", "std", "count", "ci_low", "ci_high"}
     for name in ("metrics_bars", "tradeoff_facesim_clipt"):
         with Image.open(files[name]) as im:
@@ -284,15 +307,41 @@ def test_evaluate_cache_and_external_ibench_json(fake_bench, sample_dir, tiny_mo
     assert again.summaries["paper"]["clip_t"] == first.summaries["paper"]["clip_t"]
     monkeypatch.undo()
 
-    # an IBench results file from elsewhere: one method named after the file, no background columns
-    external = tmp_path / "other_method.json"
-    external.write_text((fake_bench / "pulid" / "results.json").read_text())
+    # an IBench results file from elsewhere (only IBench's keys, relative paths): one method named after
+    # the file; imagewithoutid gives CLIP-I, AntiFaceSim and FID, but no background columns (seed unknown)
+    from spatialid.bench.results import load_preset_results
+
+    external = tmp_path / "elsewhere" / "other_method.json"
+    (external.parent / "img").mkdir(parents=True)
+    base = {e["key"].rsplit("/", 1)[0]: e for e in load_preset_results(fake_bench / "none")[0].values()}
+    datas = []
+    for i, e in enumerate(sorted(load_preset_results(fake_bench / "pulid")[0].values(), key=lambda e: e["key"])):
+        unit = e["key"].rsplit("/", 1)[0]
+        for tag, src in (("with", fake_bench / "pulid" / e["image"]), ("without", fake_bench / "none" / base[unit]["image"])):
+            (external.parent / "img" / f"{tag}{i}.png").write_bytes(src.read_bytes())
+        datas.append({"num": i, "id": Path(e["id"]).name, "prompt": e["prompt"], "prompt_attr": [], "prompt_style": [],
+                      "imagewithid": f"img/with{i}.png", "imagewithoutid": f"img/without{i}.png"})
+    external.write_text(json.dumps({"datas": datas, "tags": {"category": "imageid"}}))
     with pytest.raises(ev.BenchStateError, match="2 reference photos not found.*--id-root"):
         ev.evaluate([external], tiny_models, tmp_path / "r2", progress=False, plots=False)
-    data, files = ev.evaluate([external], tiny_models, tmp_path / "r2", id_root=str(sample_dir), progress=False, plots=False)
-    assert data.presets == ["other_method"] and "bg_mae" not in [m.key for m in data.metrics]
-    assert data.summaries["other_method"]["face_det"].count == 4
+    data, files = ev.evaluate([external], tiny_models, tmp_path / "r2", id_root=str(sample_dir / "photos"),
+                              progress=False, plots=False)
+    keys = [m.key for m in data.metrics]
+    assert data.presets == ["other_method"] and "bg_mae" not in keys and {"clip_i", "anti_face_sim", "fid"} <= set(keys)
+    assert data.summaries["other_method"]["face_det"].count == 4 and not data.paper
+    # the same images score the same whichever way they are read (bench folder or IBench JSON)
+    bench_rows = sorted((r for r in first.per_image if r["preset"] == "pulid"), key=lambda r: r["key"])
+    assert [r["clip_i"] for r in sorted(data.per_image, key=lambda r: int(Path(r["image"]).stem[4:]))] == pytest.approx(
+        [r["clip_i"] for r in bench_rows], abs=1e-6)
+    assert data.summaries["other_method"]["fid"].mean == pytest.approx(first.summaries["pulid"]["fid"].mean, rel=1e-6)
     assert "No baseline" in files["markdown"].read_text()
+
+    for e in datas:
+        del e["imagewithoutid"]
+    external.write_text(json.dumps({"datas": datas}))
+    data, files = ev.evaluate([external], tiny_models, tmp_path / "r3", id_root=str(sample_dir / "photos"),
+                              progress=False, plots=False)
+    assert "clip_i" not in [m.key for m in data.metrics] and "No images without identity" in files["markdown"].read_text()
 
 
 def test_evaluate_input_errors(fake_bench, tiny_models, tmp_path):

@@ -6,8 +6,9 @@ import copy
 
 import pytest
 import torch
+from injection_helpers import attention_probs, masks_by_call
 
-from spatialid.injection import IdentityInjector, injection_points
+from spatialid.injection import IdentityInjector, TransformerCall, injection_points
 from spatialid.masks import SpatialSchedule
 from spatialid.models import PerceiverAttentionCA
 from spatialid.models.configs import TINY_FLUX, TINY_PULID
@@ -226,18 +227,19 @@ def test_callable_embeds_and_mask_recording(model, injector):
     embeds = id_tokens(1)
     seen = []
 
-    def per_call(i):
-        seen.append(i)
-        return None if i == 0 else embeds
+    def per_call(call):
+        seen.append(call)
+        return None if call.index == 0 else embeds
 
     with injector.active(per_call, schedule=SpatialSchedule(), grid=(2, 3), record_masks=True) as session:
         model(**inputs)
         model(**make_inputs(1, 2, 3, t=0.5))
         model(**make_inputs(1, 2, 3, t=0.2))
-    assert seen == [0, 1, 2]
+    # no cache context: calls are numbered by order, one call per step, all positive
+    assert seen == [TransformerCall(i, i, "cond", False) for i in range(3)]
     assert session.calls == 3
     assert len(session.records) == 2 * TINY_PULID.num_ca  # call 0 was not injected
-    by_call = session.masks_by_call()
+    by_call = masks_by_call(session.records)
     assert sorted(by_call) == [1, 2]
     assert [r.point for r in by_call[1]] == list(range(TINY_PULID.num_ca))
     rec = by_call[1][0]
@@ -309,7 +311,6 @@ def test_argument_errors(model, injector):
 @torch.no_grad()
 def test_entropy_source_uses_attention_probabilities(model, cas, injector):
     """The entropy preset computes its mask from softmax(QK^T) of each CA module."""
-    from spatialid.injection.injector import _attention_probs
     from spatialid.masks import PRESETS, entropy_mask
 
     schedule = PRESETS["entropy"]
@@ -324,9 +325,183 @@ def test_entropy_source_uses_attention_probabilities(model, cas, injector):
     text = model.context_embedder(inputs["encoder_hidden_states"])
     rotary = model.pos_embed(torch.cat((inputs["txt_ids"], inputs["img_ids"])))
     _, h = model.transformer_blocks[0](hidden_states=hidden, encoder_hidden_states=text, temb=temb, image_rotary_emb=rotary)
-    probs = _attention_probs(cas[0], embeds.expand(2, -1, -1), h)
+    probs = attention_probs(cas[0], embeds.expand(2, -1, -1), h)
     assert probs.shape == (2, cas[0].heads, 9, 4)
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, cas[0].heads, 9))
     expected = schedule.mask(0.5, torch.zeros(2, 9, 1), 3, 3, attn_probs=probs)[..., 0]
     torch.testing.assert_close(session.records[0].mask.float(), expected, atol=2e-3, rtol=0)
     assert entropy_mask(probs, 3, 3).shape == (2, 9)
+
+
+# ----------------------------------------------------------------------------- CFG branches and steps
+
+
+def _expected_tokens(cond, uncond):
+    return lambda call: uncond if call.branch == "uncond" else cond
+
+
+@torch.no_grad()
+def test_cache_context_gives_branch_and_step_in_any_order(model, injector):
+    """Branch and step come from diffusers' cache context, not from the call order: a loop that
+    runs uncond before cond, and a cond-only step, still gets the right tokens and step per call."""
+    cond, uncond = id_tokens(1, seed=7), id_tokens(1, seed=8)
+    # (a cond-only step right before an uncond-first step would read as one step: only a
+    # step_index in the context can tell those apart)
+    order = [("uncond", "cond"), ("cond",), ("cond", "uncond"), ("uncond", "cond")]
+    inputs = [make_inputs(1, 3, 3, t=1.0 - 0.25 * s, seed=10 + s) for s in range(len(order))]
+    seen, outs = [], []
+
+    def per_call(call):
+        seen.append(call)
+        return _expected_tokens(cond, uncond)(call)
+
+    schedule = SpatialSchedule()
+    with injector.active(per_call, schedule=schedule, grid=(3, 3), record_masks=True, calls_per_step=2) as session:
+        for step, branches in enumerate(order):
+            for branch in branches:
+                with model.cache_context(branch):
+                    outs.append(model(**inputs[step])[0])
+    want_calls = [(s, b) for s, branches in enumerate(order) for b in branches]
+    assert [(c.step, c.branch) for c in seen] == want_calls
+    assert [c.index for c in seen] == list(range(len(want_calls)))
+    assert all(c.from_context for c in seen)
+    # each call's output is exactly the output with that branch's tokens given as a tensor
+    for (step, branch), out in zip(want_calls, outs):
+        tokens = uncond if branch == "uncond" else cond
+        with injector.active(tokens, schedule=schedule, grid=(3, 3)):
+            assert torch.equal(out, model(**inputs[step])[0]), (step, branch)
+    # the records carry the call's step and branch
+    assert [(r.step, r.branch) for r in session.records[:: TINY_PULID.num_ca]] == want_calls
+    assert {r.call_index for r in session.records} == set(range(len(want_calls)))
+
+
+@torch.no_grad()
+def test_without_cache_context_calls_are_counted_as_before(model, injector):
+    """Fallback (no cache context): call i is step i // calls_per_step, cond then uncond, exactly
+    the numbering the pipeline used before it read the context."""
+    cond, uncond = id_tokens(1, seed=7), id_tokens(1, seed=8)
+    inputs = make_inputs(1, 2, 2, t=0.5)
+    seen, outs = [], []
+
+    def per_call(call):
+        seen.append(call)
+        return _expected_tokens(cond, uncond)(call)
+
+    with injector.active(per_call, calls_per_step=2):
+        for _ in range(5):
+            outs.append(model(**inputs)[0])
+    assert seen == [TransformerCall(i, i // 2, ("cond", "uncond")[i % 2], False) for i in range(5)]
+    for i, out in enumerate(outs):
+        with injector.active(cond if i % 2 == 0 else uncond):
+            assert torch.equal(out, model(**inputs)[0])
+    with pytest.raises(ValueError, match="calls_per_step"):
+        with injector.active(cond, calls_per_step=3):
+            pass
+
+
+@torch.no_grad()
+def test_context_step_index_wins_over_counting(model, injector):
+    seen = []
+    with injector.active(lambda call: seen.append(call)):
+        try:
+            with model.cache_context("cond", step_index=7):
+                model(**make_inputs(1, 2, 2))
+        except TypeError:  # diffusers releases whose cache_context takes only a name
+            pytest.skip("this diffusers' cache_context has no step_index")
+        with model.cache_context("uncond", step_index=7):
+            model(**make_inputs(1, 2, 2))
+    assert [(c.step, c.branch) for c in seen] == [(7, "cond"), (7, "uncond")]
+
+
+@torch.no_grad()
+def test_context_probe_accepts_the_older_diffusers_route(model, injector):
+    """diffusers 0.35's ``cache_context`` calls ``HookRegistry._set_context(name)``, which calls
+    ``hook._set_context(module, name)`` on every stateful hook; emulate that loop here."""
+    registry = model._diffusers_hook
+
+    def set_context(name):
+        for hook_name in reversed(registry._hook_order):
+            hook = registry.hooks[hook_name]
+            if hook._is_stateful:
+                hook._set_context(model, name)
+
+    seen = []
+    with injector.active(lambda call: seen.append(call)):
+        for name in ("uncond", "cond", "uncond", "cond"):
+            set_context(name)
+            model(**make_inputs(1, 2, 2))
+        set_context(None)
+        model(**make_inputs(1, 2, 2))
+    assert [(c.step, c.branch, c.from_context) for c in seen] == [
+        (0, "uncond", True), (0, "cond", True), (1, "uncond", True), (1, "cond", True), (4, "cond", False)
+    ]
+
+
+def test_call_counter_steps():
+    from spatialid.injection import CallCounter
+
+    counter = CallCounter(calls_per_step=2)
+    got = [counter.next(b) for b in ["cond", "cond", "uncond", "uncond", "cond", "uncond", "cond"]]
+    assert [(c.step, c.branch) for c in got] == [
+        (0, "cond"), (1, "cond"), (1, "uncond"), (2, "uncond"), (2, "cond"), (3, "uncond"), (3, "cond")
+    ]
+    fallback = CallCounter(calls_per_step=1)
+    assert [(c.step, c.branch) for c in (fallback.next() for _ in range(3))] == [(0, "cond"), (1, "cond"), (2, "cond")]
+
+
+@torch.no_grad()
+def test_context_probe_is_shared_and_removed_by_detach(cas):
+    from spatialid.injection.calls import CONTEXT_PROBE_NAME
+
+    fresh = make_transformer()
+    inputs = make_inputs(1, 2, 2)
+    plain = fresh(**inputs)[0]
+    first = IdentityInjector(fresh, cas)
+    second = IdentityInjector(fresh, cas)
+    probe = fresh._diffusers_hook.get_hook(CONTEXT_PROBE_NAME)
+    assert probe is not None and probe.users == 2 and probe._is_stateful
+    with fresh.cache_context("cond"):
+        assert probe.name == "cond"
+        assert torch.equal(fresh(**inputs)[0], plain)  # the probe itself changes nothing
+    assert probe.name is None
+    first.detach()
+    assert fresh._diffusers_hook.get_hook(CONTEXT_PROBE_NAME) is probe
+    second.detach()
+    assert fresh._diffusers_hook.get_hook(CONTEXT_PROBE_NAME) is None
+    assert "forward" not in vars(fresh)  # diffusers' forward wrapper is gone
+    assert torch.equal(fresh(**inputs)[0], plain)
+
+
+@torch.no_grad()
+def test_begin_call_and_inject_are_the_hooks_code_path(model, cas, injector):
+    """The public per-call API gives what the hooks compute, and the hooks go through it."""
+    rows, cols = 2, 3
+    inputs = make_inputs(2, rows, cols, t=0.5)
+    embeds = id_tokens(1)
+    schedule = SpatialSchedule()
+    image = torch.randn(2, rows * cols, cas[0].to_q.in_features, generator=torch.Generator().manual_seed(9))
+    with pytest.raises(RuntimeError, match="active"):
+        injector.begin_call(inputs["hidden_states"], inputs["timestep"])
+    with pytest.raises(RuntimeError, match="active"):
+        injector.inject(0, image)
+    with injector.active(embeds, id_weight=0.7, schedule=schedule, grid=(rows, cols)) as session:
+        call = injector.begin_call(inputs["hidden_states"], inputs["timestep"])
+        assert call == TransformerCall(0, 0, "cond", False) and session.call is call
+        got = injector.inject(1, image)
+    out, raw = cas[1](embeds.expand(2, -1, -1), image, return_raw=True)
+    want = image + 0.7 * schedule.mask(inputs["timestep"], raw, rows, cols) * out
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with injector.active(lambda call: None):
+        injector.begin_call(inputs["hidden_states"])
+        assert injector.inject(0, image) is image  # an un-injected call leaves the tokens alone
+    # the hooks call the public methods (one code path)
+    begun, injected = [], []
+    begin, inject = injector.begin_call, injector.inject
+    injector.begin_call = lambda *a, **k: begun.append(1) or begin(*a, **k)
+    injector.inject = lambda *a, **k: injected.append(a[0]) or inject(*a, **k)
+    try:
+        with injector.active(embeds):
+            model(**inputs)
+    finally:
+        del injector.begin_call, injector.inject
+    assert begun == [1] and injected == list(range(len(cas)))

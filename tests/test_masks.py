@@ -145,6 +145,7 @@ def test_entropy_mask_low_entropy_is_face():
     # entropies: 0, ln2, ln4, ln4/2 = ln2 -> normalised 0, .5, 1, .5 -> inverted
     torch.testing.assert_close(m, torch.tensor([[1.0, 0.5, 0.0, 0.5]]))
     assert m.dtype == torch.float32
+    # exact: entropy_mask's first step is the same .float() of the same bf16 values
     assert torch.equal(entropy_mask(probs.bfloat16(), 2, 2), entropy_mask(probs.bfloat16().float(), 2, 2))
 
 

@@ -10,17 +10,14 @@ import pytest
 from PIL import Image
 
 from spatialid.errors import InputImageError, SpatialIDError
-from spatialid.pipeline.metadata import (
+from spatialid.app.metadata import (
     METADATA_KEY,
     SUMMARY_KEY,
-    OutputPathError,
-    atomic_save_image,
-    atomic_write,
-    check_writable,
     format_summary,
     read_png_metadata,
     save_png_with_metadata,
 )
+from spatialid.utils.io import OutputPathError, atomic_save_image, atomic_write, check_writable
 
 SETTINGS = {
     "version": "0.1.0",

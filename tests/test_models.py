@@ -68,23 +68,110 @@ def test_full_layout_covers_all_tensors_and_parameters(pulid_layout):
     assert n == info["num_parameters"]
 
 
-def test_from_config_and_config_attribute():
+def test_from_config_and_pulid_config():
     m = IDFormer.from_config(TINY_PULID.idformer)
-    assert m.config == TINY_PULID.idformer
+    assert m.pulid_config == TINY_PULID.idformer
     ca = PerceiverAttentionCA.from_config(TINY_PULID.ca)
-    assert ca.config == TINY_PULID.ca
+    assert ca.pulid_config == TINY_PULID.ca
     with torch.device("meta"):
-        assert IDFormer().config == IDFormerConfig()
-        assert PerceiverAttentionCA().config == PerceiverCAConfig()
+        assert IDFormer().pulid_config == IDFormerConfig()
+        assert PerceiverAttentionCA().pulid_config == PerceiverCAConfig()
+        # diffusers' own config (a FrozenDict) rebuilds the same module, too
+        again = IDFormer.from_config(m.config)
+        assert again.pulid_config == TINY_PULID.idformer and _shapes(again) == _shapes(m)
+        assert PerceiverAttentionCA.from_config(dict(ca.config)).pulid_config == TINY_PULID.ca
+    assert m.config.dim == 32 and m.config["mapping_dim"] == 32  # FrozenDict: attribute and item access
+    assert IDFormerConfig().mapping_dim == 1024 and TINY_PULID.idformer.mapping_dim == 32
+
+
+def test_from_config_with_dataclass_takes_no_overrides():
+    with pytest.raises(TypeError, match="replace"):
+        IDFormer.from_config(TINY_PULID.idformer, dim=64)
+    with pytest.raises(TypeError, match="replace"):
+        PerceiverAttentionCA.from_config(TINY_PULID.ca, return_unused_kwargs=True)
+
+
+def _reference_rule_shapes(
+    dim: int = 1024,
+    depth: int = 10,
+    dim_head: int = 64,
+    heads: int = 16,
+    num_id_token: int = 5,
+    num_queries: int = 32,
+    output_dim: int = 2048,
+    ff_mult: int = 4,
+) -> dict[str, list[int]]:
+    """State_dict of the reference IDFormer constructor, written from its rule (not its code).
+
+    Its input MLPs have a hidden width fixed at 1024 whatever ``dim`` is; the inputs are the
+    1024-d EVA-CLIP hidden states and the 1280-d identity condition.
+    """
+    inner, hidden = dim_head * heads, dim * ff_mult
+    out: dict[str, list[int]] = {"latents": [1, num_queries, dim], "proj_out": [dim, output_dim]}
+    for i in range(depth):
+        a, f = f"layers.{i}.0.", f"layers.{i}.1."
+        out.update({
+            a + "norm1.weight": [dim], a + "norm1.bias": [dim], a + "norm2.weight": [dim], a + "norm2.bias": [dim],
+            a + "to_q.weight": [inner, dim], a + "to_kv.weight": [2 * inner, dim], a + "to_out.weight": [dim, inner],
+            f + "0.weight": [dim], f + "0.bias": [dim], f + "1.weight": [hidden, dim], f + "3.weight": [dim, hidden],
+        })
+
+    def mlp(prefix: str, in_dim: int, out_dim: int) -> None:
+        out.update({
+            prefix + "0.weight": [1024, in_dim], prefix + "0.bias": [1024],
+            prefix + "1.weight": [1024], prefix + "1.bias": [1024],
+            prefix + "3.weight": [1024, 1024], prefix + "3.bias": [1024],
+            prefix + "4.weight": [1024], prefix + "4.bias": [1024],
+            prefix + "6.weight": [out_dim, 1024], prefix + "6.bias": [out_dim],
+        })
+
+    for i in range(5):
+        mlp(f"mapping_{i}.", 1024, dim)
+    mlp("id_embedding_mapping.", 1280, dim * num_id_token)
+    return out
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"dim": 512, "depth": 5, "output_dim": 256},
+        {"dim": 768, "depth": 15, "dim_head": 32, "heads": 8, "num_id_token": 3, "num_queries": 16,
+         "output_dim": 1024, "ff_mult": 2},
+        {"dim": 2048, "depth": 5, "heads": 4, "num_id_token": 1, "num_queries": 8, "output_dim": 3072, "ff_mult": 1},
+    ],
+    ids=["default", "dim512", "dim768-depth15", "dim2048"],
+)
+def test_reference_constructor_arguments_give_reference_state_dict(kwargs):
+    """Any argument set of the reference constructor gives its names, shapes and order here."""
+    with torch.device("meta"):
+        model = IDFormer(**kwargs)
+    expected = _reference_rule_shapes(**kwargs)
+    got = _shapes(model)
+    assert got == expected
+    assert list(got) == list(expected)
+    assert model.pulid_config.mapping_dim == 1024
+
+
+def test_tiny_idformer_keeps_its_reduced_mapping_width():
+    """TINY_PULID sets mapping_dim=32: the tiny tensors (and their random init) are unchanged."""
+    with torch.device("meta"):
+        m = IDFormer.from_config(TINY_PULID.idformer)
+    assert m.mapping_0[0].weight.shape == (32, 32) and m.mapping_4[6].weight.shape == (32, 32)
+    assert m.id_embedding_mapping[0].weight.shape == (32, 160)
+    assert m.id_embedding_mapping[6].weight.shape == (64, 32)
+    assert sum(p.numel() for p in m.parameters()) == 57_760
 
 
 def test_idformer_init_statistics():
     torch.manual_seed(0)
-    m = IDFormer(dim=64, depth=5, dim_head=8, heads=2, num_id_token=2, num_queries=16, output_dim=48, vit_dim=24)
+    m = IDFormer(dim=64, depth=5, dim_head=8, heads=2, num_id_token=2, num_queries=16, output_dim=48, vit_dim=24,
+                 mapping_dim=40)
     # latents and proj_out ~ N(0, 1/dim)
     assert m.latents.std().item() == pytest.approx(64**-0.5, rel=0.15)
     assert m.proj_out.std().item() == pytest.approx(64**-0.5, rel=0.1)
     assert m.mapping_0[0].in_features == 24 and m.id_embedding_mapping[0].in_features == 1280
+    assert m.mapping_0[3].in_features == 40 and m.id_embedding_mapping[6].in_features == 40
     assert m.id_embedding_mapping[6].out_features == 128
 
 
@@ -106,7 +193,7 @@ def _tiny_inputs(b: int, cfg: IDFormerConfig = TINY_PULID.idformer, lengths=(7, 
 
 def _reference_idformer(m: IDFormer, id_cond: torch.Tensor, vit: list[torch.Tensor]) -> torch.Tensor:
     """Explicit re-statement of the published forward (q and k each scaled by dim_head**-0.25)."""
-    cfg = m.config
+    cfg = m.pulid_config
 
     def attn(layer, ctx, lat):
         ctx, lat = layer.norm1(ctx), layer.norm2(lat)
@@ -172,7 +259,7 @@ def test_idformer_bf16_forward_close_to_fp32():
         out = m.to(torch.bfloat16)(id_cond.bfloat16(), [h.bfloat16() for h in vit])
         mixed = m(id_cond, vit)  # fp32 inputs are cast to the weights' dtype
     assert out.dtype == torch.bfloat16 and out.shape == ref.shape
-    assert torch.equal(out, mixed)
+    assert torch.equal(out, mixed)  # the model's input cast is the same .to(bfloat16) as the test's
     assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max() + 0.02
 
 
@@ -222,7 +309,7 @@ def test_ca_matches_explicit_softmax_attention(b, n_img, n_id):
     assert out.shape == (b, n_img, 48) and raw.shape == (b, n_img, 48)
     torch.testing.assert_close(raw, ref_raw, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
-    assert torch.equal(plain, out)
+    assert torch.equal(plain, out)  # return_raw only also returns raw: same kernel path
     torch.testing.assert_close(ca.to_out(raw), out, rtol=0, atol=0)
 
 
@@ -280,7 +367,7 @@ def test_ca_bf16_and_mixed_dtypes():
         mixed = ca_bf(id_tokens, latents)  # fp32 inputs, bf16 weights: output in the latents' dtype
     assert out.dtype == torch.bfloat16 and raw.dtype == torch.bfloat16
     assert mixed.dtype == torch.float32
-    torch.testing.assert_close(mixed, out.float(), rtol=0, atol=0)
+    torch.testing.assert_close(mixed, out.float(), rtol=0, atol=0)  # same bf16 computation; bf16 -> f32 is exact
     assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
 
 

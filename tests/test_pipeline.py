@@ -27,7 +27,7 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def plain(pipe):
-    p = diffusers.FluxPipeline(**pipe.components)
+    p = diffusers.FluxPipeline(**pipe.flux_components)
     p.set_progress_bar_config(disable=True)
     return p
 
@@ -167,6 +167,7 @@ def test_start_step_leaves_early_steps_untouched(pipe, tokens):
         callback_on_step_end=capture(id_lat),
         callback_on_step_end_tensor_inputs=["latents"],
     )
+    # before start_step the injector gets no tokens and returns None: the plain forward runs
     assert torch.equal(plain_lat[0], id_lat[0]) and torch.equal(plain_lat[1], id_lat[1])
     assert not torch.equal(plain_lat[2], id_lat[2])
     assert [m.step for m in out.masks] == [2]
@@ -192,13 +193,110 @@ def test_cfg_start_step_beyond_last_step_is_plain_sampling(pipe, tokens):
         pipe, id_embeds=tokens[0], uncond_id_embeds=tokens[1], true_cfg=4.0, cfg_start_step=STEPS
     ).images
     no_cfg = run(pipe, id_embeds=tokens[0]).images
-    assert np.array_equal(with_cfg_never, no_cfg)
+    assert np.array_equal(with_cfg_never, no_cfg)  # neg is pos itself: pos + s * (pos - pos) == pos exactly
 
 
 def test_cfg_start_step_one_differs_from_zero(pipe, tokens):
     a = run(pipe, id_embeds=tokens[0], uncond_id_embeds=tokens[1], true_cfg=4.0, cfg_start_step=0).images
     b = run(pipe, id_embeds=tokens[0], uncond_id_embeds=tokens[1], true_cfg=4.0, cfg_start_step=1).images
     assert np.abs(a - b).max() > 1e-4
+
+
+def _true_cfg_by_call_order(pipe, plain, tokens, cfg_start_step, start_step, preset):
+    """True CFG as the pipeline computed it before branches came from the cache context: plain
+    FluxPipeline, identity by call order (call 2k positive, 2k + 1 negative) and a warm-up that
+    copies call 2k's output into call 2k + 1 while k < cfg_start_step."""
+    from spatialid.masks import resolve_preset
+
+    state = {"calls": 0, "positive": None}
+
+    def warmup(module, args, output):
+        step, branch = state["calls"] // 2, state["calls"] % 2
+        state["calls"] += 1
+        if step >= cfg_start_step:
+            return None
+        if branch == 0:
+            state["positive"] = output
+            return None
+        return state["positive"]
+
+    def by_order(call):
+        if call.index // 2 < start_step:
+            return None
+        return tokens[0] if call.index % 2 == 0 else tokens[1]
+
+    handle = pipe.transformer.register_forward_hook(warmup)
+    try:
+        grid = (SIZE // 16, SIZE // 16)
+        with pipe.injector.active(by_order, schedule=resolve_preset(preset), grid=grid, record_masks=True) as session:
+            images = plain_run(plain, pipe, true_cfg_scale=2.0, negative_prompt="").images
+    finally:
+        handle.remove()
+    return images, session.records
+
+
+@pytest.mark.parametrize("preset, start_step", [("paper", 0), ("pulid", 1)])
+def test_true_cfg_branches_from_cache_context_match_call_order(pipe, plain, tokens, preset, start_step):
+    """FluxPipeline's cache context gives each call its branch and step; with its usual order
+    (cond, then uncond) the images and masks are those of the old call counting."""
+    calls = []
+    handle = pipe.transformer.register_forward_hook(lambda m, a, o: calls.append(pipe.injector.session.call))
+    try:
+        out = run(
+            pipe, id_embeds=tokens[0], uncond_id_embeds=tokens[1], true_cfg=2.0, cfg_start_step=1,
+            preset=preset, start_step=start_step, return_masks=True,
+        )
+    finally:
+        handle.remove()
+    assert [(c.step, c.branch, c.from_context) for c in calls] == [
+        (s, b, True) for s in range(STEPS) for b in ("cond", "uncond")
+    ]
+    ref_images, ref_records = _true_cfg_by_call_order(pipe, plain, tokens, 1, start_step, preset)
+    # Both paths run the same float ops in the same order, so they agree bit for bit (checked
+    # when this test was written; also the digest of the pre-change pipeline). The 1e-6 tolerance
+    # on pixels in [0, 1] keeps the test about which tokens and which warm-up copy each call got
+    # (a wrong branch or step moves pixels by > 1e-3), not about kernel-level determinism.
+    np.testing.assert_allclose(out.images, ref_images, rtol=0, atol=1e-6)
+    positive = [r for r in ref_records if r.call_index % 2 == 0]
+    assert [m.step for m in out.masks] == list(range(start_step, STEPS))
+    for m in out.masks:
+        want = torch.stack([r.mask for r in positive if r.call_index // 2 == m.step])
+        np.testing.assert_allclose(m.masks.reshape(want.shape).float().numpy(), want.float().numpy(), rtol=0, atol=1e-6)
+
+
+def test_cfg_warmup_follows_the_cache_context_not_the_call_order():
+    from diffusers.models.cache_utils import CacheMixin
+
+    from spatialid.injection.calls import CONTEXT_PROBE_NAME
+    from spatialid.pipeline.pipeline_spatialid import _CFGWarmup
+
+    class Echo(torch.nn.Module, CacheMixin):
+        def forward(self, x):
+            return x * 1.0
+
+    echo = Echo()
+    warmup = _CFGWarmup(echo, cfg_start_step=2)
+    outs = {}
+    order = [("cond", "uncond"), ("uncond", "cond"), ("uncond", "cond")]
+    try:
+        with pytest.warns(UserWarning, match="step 1 ran before"):
+            for step, branches in enumerate(order):
+                for branch in branches:
+                    with echo.cache_context(branch):
+                        outs[step, branch] = float(echo(torch.tensor([10.0 * step + (branch == "uncond")])))
+    finally:
+        warmup.remove()
+    assert outs[0, "uncond"] == 0.0  # warm-up step: the negative branch returns the positive output
+    assert outs[1, "uncond"] == 11.0 and outs[1, "cond"] == 10.0  # uncond first: nothing to copy yet
+    assert outs[2, "uncond"] == 21.0  # past cfg_start_step: both branches are their own
+    assert echo._diffusers_hook.get_hook(CONTEXT_PROBE_NAME) is None
+    # without a cache context the branches are told apart by order, as before
+    fallback = _CFGWarmup(echo, cfg_start_step=1)
+    try:
+        got = [float(echo(torch.tensor([v]))) for v in (1.0, 2.0, 3.0, 4.0)]
+    finally:
+        fallback.remove()
+    assert got == [1.0, 1.0, 3.0, 4.0]
 
 
 def test_true_cfg_needs_uncond_tokens_for_plain_tensors(pipe, tokens):
@@ -214,7 +312,7 @@ def test_identity_embedding_object_and_file(pipe, tokens, tmp_path):
     assert np.array_equal(a, b)
     path = emb.save(tmp_path / "id.safetensors")
     out = run(pipe, id_embeds=str(path), true_cfg=2.0)
-    assert np.array_equal(out.images, a)
+    assert np.array_equal(out.images, a)  # the file holds bit copies of the tokens
     assert out.settings["identity"]["files"] == ["id.safetensors"]
 
 
@@ -338,10 +436,38 @@ def test_injection_survives_cpu_offload_hooks(tokens, mode):
     got = run(off, id_embeds=tokens[0], return_masks=True)
     assert got.settings["offload"] == mode
     assert len(got.masks) == STEPS
-    assert next(off.ca_modules.parameters()).device.type == "cpu"  # handed back after the call
+    # `pulid` is excluded from offloading: placed on the execution device, never hooked; the
+    # IDFormer (run only by the identity encoder) waits on the CPU.
+    assert "pulid" in off._exclude_from_cpu_offload and not hasattr(off.pulid, "_hf_hook")
+    assert {p.device.type for p in off.ca_modules.parameters()} == {torch.device(device).type}
+    assert {p.device.type for p in off.idformer.parameters()} == {"cpu"}
     np.testing.assert_allclose(got.images, ref.images, atol=1e-5)
     plain_off = run(off).images
     assert np.abs(plain_off - got.images).max() > 1e-3
+
+
+def test_detach_after_model_offload_keeps_the_offload_hook(tokens):
+    """The context probe wraps ``forward`` below accelerate's offload wrapper; removing it must
+    leave accelerate's wrapper in place (diffusers' own removal would put the bare forward back)."""
+    from spatialid.injection.calls import CONTEXT_PROBE_NAME
+    from spatialid.pipeline import SpatialIDPipeline
+
+    p = SpatialIDPipeline.tiny(seed=0, with_identity_encoder=False)
+    p.set_progress_bar_config(disable=True)
+    p.enable_model_cpu_offload(device="cpu")
+    run(p, id_embeds=tokens[0], uncond_id_embeds=tokens[1], true_cfg=2.0)
+    p.detach_pulid()
+    transformer = p.transformer
+    assert transformer._diffusers_hook.get_hook(CONTEXT_PROBE_NAME) is None
+    assert getattr(transformer._old_forward, "__func__", None) is type(transformer).forward
+    hits = []
+    pre_forward = transformer._hf_hook.pre_forward
+    transformer._hf_hook.pre_forward = lambda *a, **k: hits.append(1) or pre_forward(*a, **k)
+    try:
+        run(p, true_cfg=2.0)
+    finally:
+        transformer._hf_hook.pre_forward = pre_forward
+    assert len(hits) == 2 * STEPS  # accelerate's hook still runs on every transformer call
 
 
 def test_detach_pulid_restores_plain_pipeline(tokens, plain):
@@ -352,7 +478,7 @@ def test_detach_pulid_restores_plain_pipeline(tokens, plain):
     p.detach_pulid()
     with pytest.raises(SpatialIDError, match="no PuLID"):
         run(p, id_embeds=tokens[0])
-    assert np.array_equal(run(p).images, plain_run(plain, p).images)
+    assert np.array_equal(run(p).images, plain_run(plain, p).images)  # weights rebuilt from seed 0 by the same ops
 
 
 def test_tiny_is_deterministic_across_builds(pipe):

@@ -215,6 +215,7 @@ def test_tensor_time_equals_float_time(preset, t, ca_raw):
     s = PRESETS[preset]
     expected = s.mask(t, ca_raw, ROWS, COLS)
     for tt in (torch.tensor(t), torch.tensor([t]), torch.tensor([t, t]), torch.tensor([t, t]).bfloat16()):
+        # exact: both paths build the candidates with the same functions; torch.where only selects
         torch.testing.assert_close(s.mask(tt, ca_raw, ROWS, COLS), expected, rtol=0, atol=0)
 
 
@@ -330,6 +331,9 @@ def test_presets_table():
         "pulid",
         "paper",
         "relaxed",
+        "late-floor-0.7",
+        "global-floor-0.3",
+        "global-floor-0.5",
         "prior-only",
         "attention-only",
         "no-relax",

@@ -111,13 +111,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     cmd = [
         sys.executable, "-m", "spatialid", "serve", "--model", "tiny", "--host", "127.0.0.1",
         "--port", str(port), "--output-dir", str(work / "outputs"), "--device", "cpu", "--max-upload-mb", "1",
+        "--max-cost", "2000",  # the queue test asks for every preset at 50 steps and 256 px
     ]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}/"
         _wait_ready(url, proc, log_path, SERVER_START_TIMEOUT)
-        yield {"url": url, "log": log_path, "outputs": work / "outputs", "proc": proc}
+        yield {"url": url, "log": log_path, "outputs": work / "outputs", "proc": proc, "gradio_tmp": work / "gradio"}
     finally:
         _stop(proc)
 
@@ -206,7 +207,7 @@ def test_generate_shows_image_masks_and_no_face_error(page: object, server: dict
     assert face["w"] > 0
     settings = page.locator("#settings textarea").input_value()  # type: ignore[attr-defined]
     assert "portrait photo of a woman wearing a space suit" in settings
-    assert '"preset": "paper"' in settings and "astronaut.png" in settings
+    assert '"preset": "relaxed"' in settings and "astronaut.png" in settings  # the default preset
     assert page.locator('#downloads a[download$=".png"]').count() == 2  # type: ignore[attr-defined]  # image + masks
     written = sorted(p.name for p in server["outputs"].rglob("*.png"))
     assert any(n.endswith("_masks.png") for n in written) and any(not n.endswith("_masks.png") for n in written)
@@ -249,7 +250,7 @@ def test_compare_presets_side_by_side(page: object, photos: dict) -> None:
     _upload_and_generate(page, photos["astronaut"], "portrait photo, oil painting")
     page.locator("#status").get_by_text("Done:").wait_for()  # type: ignore[attr-defined]
     grid = _image_loaded(page, "#comparison")
-    assert grid["w"] >= 3 * 128  # identity photo + pulid + paper tiles
+    assert grid["w"] >= 3 * 128  # identity photo + pulid + relaxed tiles (the default comparison)
     assert "preset comparison" in page.locator("#status").inner_text()  # type: ignore[attr-defined]
     page.locator("#comparison").scroll_into_view_if_needed()  # type: ignore[attr-defined]
     page.screenshot(path=str(ARTIFACTS / "ui-compare.png"))  # type: ignore[attr-defined]
@@ -302,16 +303,34 @@ def test_queue_shows_waiting_visitor_their_place(browser: object, server: dict, 
         steps_box = first.locator("#steps input[type=number]")
         steps_box.fill("50")
         steps_box.press("Enter")
+        for side in ("#width", "#height"):  # 4x the tokens: the job outlasts a slow second upload
+            box = first.locator(f"{side} input[type=number]")
+            box.fill("256")
+            box.press("Enter")
         first.locator("#compare input[type=checkbox]").check()
         for label in first.locator("#compare-presets label").all():
             label.locator("input").check()
         _upload_and_generate(first, photos["astronaut"], "portrait photo")
         first.locator("#images").get_by_text(re.compile(r"processing|\d+/\d+ steps")).first.wait_for()
         _upload_and_generate(second, photos["astronaut"], "portrait photo")
-        second.locator("#images").get_by_text(re.compile(r"queue: 1/\d")).first.wait_for(timeout=15_000)
+        second.locator("#images").get_by_text(re.compile(r"queue: 1/\d")).first.wait_for(timeout=45_000)
         first.locator("#status").get_by_text("Done:").wait_for()
         second.locator("#status").get_by_text("Done:").wait_for()
         assert "preset comparison" in first.locator("#status").inner_text()
     finally:
         for ctx in contexts:
             ctx.close()
+
+
+def test_stopping_the_server_deletes_what_it_served(server: dict) -> None:
+    """Last in this file: SIGTERM (as systemd or docker stop send it) removes uploads and outputs.
+
+    The PNG copies in --output-dir stay (the operator asked for them); Gradio's upload folder
+    (GRADIO_TEMP_DIR) is left without a file of this server.
+    """
+    served = [p for p in server["gradio_tmp"].rglob("*") if p.is_file()]
+    assert served, "the tests above uploaded photos and generated images"
+    _stop(server["proc"])
+    assert server["proc"].returncode is not None
+    assert [p for p in server["gradio_tmp"].rglob("*") if p.is_file()] == []
+    assert list(server["outputs"].rglob("*.png"))

@@ -150,8 +150,9 @@ def test_missing_upload(tmp_path):
 
 def test_build_request_ok_and_normalised(photo_dir):
     req = h.build_request(**_form([str(photo_dir / "astronaut.png")], prompt="  a portrait  ", steps=3.0, width=128.0))
-    assert req.prompt == "a portrait" and req.steps == 3 and isinstance(req.steps, int)
-    assert (req.width, req.height, req.seed, req.num_images) == (128, 128, 7, 1)
+    s = req.settings
+    assert s.prompt == "a portrait" and s.steps == 3 and isinstance(s.steps, int)
+    assert (s.width, s.height, s.seed, s.num_images) == (128, 128, 7, 1)
     assert req.compare == () and req.total_steps == 3
 
 
@@ -161,17 +162,20 @@ def test_build_request_ok_and_normalised(photo_dir):
         ({"prompt": "   "}, "the prompt is empty"),
         ({"prompt": None}, "the prompt is empty"),
         ({"preset": "magic"}, "unknown preset 'magic'; choose one of: pulid, paper"),
-        ({"steps": 0}, "steps must be between 1 and 100"),
+        ({"steps": 0}, "steps must be between 1 and 50"),
+        ({"steps": 51}, "steps 51 is over this server's cap of 50; .*spatialid serve --max-steps N"),
         ({"steps": 2.5}, "steps must be a whole number"),
         ({"steps": None}, "steps is empty"),
         ({"start_step": 3}, "start step must be between 0 and 2"),
         ({"width": 120}, "width must be a multiple of 16"),
-        ({"height": 4096}, "height must be between 64 and 2048"),
+        ({"height": 4096}, "height 4096 is over this server's cap of 2048 px; .*--max-side N"),
+        ({"height": 32}, "height must be between 64 and 2048"),
         ({"id_weight": 3.5}, "id weight must be between 0 and 3"),
         ({"id_weight": "x"}, "id weight must be a number"),
         ({"true_cfg": 0.5}, "true CFG must be between 1 and 10"),
         ({"guidance": float("nan")}, "guidance must be a number"),
-        ({"num_images": 5}, "number of images must be between 1 and 4"),
+        ({"num_images": 5}, "number of images 5 is over this server's cap of 4; .*--max-images N"),
+        ({"num_images": 0}, "number of images must be between 1 and 4"),
         ({"seed": "lucky"}, "seed must be a whole number or 'random'"),
     ],
 )
@@ -237,8 +241,9 @@ def test_settings_text_hides_encoder_internals():
 
 
 def test_run_generation_outputs_and_metadata(tiny_pipe, photo_dir, tmp_path, identities):
-    from spatialid.pipeline.metadata import read_png_metadata
-    from spatialid.pipeline.runner import GenerationJob, run_job
+    from spatialid.app.metadata import read_png_metadata
+    from spatialid.app.job import GenerationJob, run_job
+    from spatialid.pipeline.settings import GenerationSettings
 
     req = h.build_request(**_form([str(photo_dir / "astronaut.png")], seed="11"))
     calls = []
@@ -265,12 +270,14 @@ def test_run_generation_outputs_and_metadata(tiny_pipe, photo_dir, tmp_path, ide
 
     # the CLI's run_job with the same settings writes the same keys (the UI adds "interface")
     identity = identities.get_or_encode(tiny_pipe, [photo_dir / "astronaut.png"])
-    job = GenerationJob(prompt="portrait photo", out=tmp_path / "cli" / "x.png", steps=3, width=128, height=128,
-                        seed=11, identity_files=["astronaut.png"], identity_source="image")
+    settings = GenerationSettings(prompt="portrait photo", preset="paper", steps=3, width=128, height=128, seed=11)
+    job = GenerationJob(settings=settings, out=tmp_path / "cli" / "x.png", identity_files=["astronaut.png"],
+                        identity_source="image")
     cli = run_job(tiny_pipe, job, identity, log=lambda m: None, extra_settings={"device": "cpu", "quantization": None})
     cli_meta = read_png_metadata(cli.images[0])
     assert set(meta) - set(cli_meta) == {"interface"} and set(cli_meta) <= set(meta)
-    assert np.array_equal(np.asarray(Image.open(cli.images[0])), np.asarray(result.images[0]))  # same seed, same image
+    # same pipeline object, identity and seed through the same run_job: the same computation
+    assert np.array_equal(np.asarray(Image.open(cli.images[0])), np.asarray(result.images[0]))
 
 
 def test_run_generation_compare_mode(tiny_pipe, photo_dir, tmp_path, identities):
@@ -360,6 +367,8 @@ def test_build_app_queue_and_offline_settings(tmp_path):
 
     pipe = types.SimpleNamespace(is_tiny=True, model_info={"model": "tiny"})
     demo = build_app(pipe, output_dir=tmp_path / "out", example_dir=tmp_path / "ex")
+    files = demo._spatialid_files
+    assert os.environ["GRADIO_TEMP_DIR"] == str(files.root)  # uploads and Gradio's cache: private
     assert demo.analytics_enabled is False
     assert os.environ.get("GRADIO_ANALYTICS_ENABLED") == "False"
     generating = [f for f in demo.fns.values() if f.name == "on_generate"]
@@ -368,9 +377,13 @@ def test_build_app_queue_and_offline_settings(tmp_path):
     public = [f.api_name for f in demo.fns.values() if f.api_visibility == "public"]
     assert public == ["generate"]
     assert (tmp_path / "ex" / "astronaut.png").exists()
-    assert str(tmp_path / "out") in demo._spatialid_allowed_paths
+    assert demo._queue.max_size == 16 and demo.api_open is False  # no direct POST around the queue
+    assert [f.name for f in demo.fns.values() if any(t[1] == "unload" for t in f.targets)] == ["on_unload"]
     config = json.dumps(demo.get_config_file())
     assert "noise **by design**" in config and "googleapis" not in config
+    assert str(tmp_path / "out") not in config  # --output-dir only receives copies
+    files.close()
+    assert not files.root.exists() and os.environ.get("GRADIO_TEMP_DIR") != str(files.root)
 
 
 def test_theme_fonts_are_served_locally():
@@ -399,13 +412,13 @@ def test_serve_parser_defaults_to_localhost():
                   ("0.0.0.0", False), ("192.168.1.5", False), ("example.org", False), ("::", False)]
 )
 def test_is_loopback(host, loop):
-    from spatialid.cli.cmd_serve import is_loopback
+    from spatialid.ui.network import is_loopback
 
     assert is_loopback(host) is loop
 
 
 def test_port_in_use_is_a_one_line_error():
-    from spatialid.cli.cmd_serve import check_port_free
+    from spatialid.ui.network import check_port_free
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -416,19 +429,25 @@ def test_port_in_use_is_a_one_line_error():
 
 
 def test_serve_warns_on_public_host_and_loads_once(monkeypatch, capsys):
+    from spatialid.app.loading import Models
     from spatialid.cli import cmd_serve
     from spatialid.ui import app
 
+    class _Pipe:
+        def set_progress_bar_config(self, **kw):
+            pass
+
+    pipe = _Pipe()
     loaded, launched = [], []
     monkeypatch.setattr(cmd_serve, "check_port_free", lambda host, port: None)
-    monkeypatch.setattr(app, "load_pipeline", lambda model, **kw: loaded.append((model, kw)) or "PIPE")
+    monkeypatch.setattr(Models, "pipeline", lambda self: loaded.append((self.spec.model, self.spec)) or pipe)
     monkeypatch.setattr(app, "launch", lambda pipe, **kw: launched.append((pipe, kw)))
     from spatialid.cli.main import main
 
     assert main(["serve", "--model", "tiny", "--host", "0.0.0.0", "--port", "7999"]) == 0
     err = capsys.readouterr().err
     assert "warning: listening on 0.0.0.0" in err and "noise by design" in err
-    assert [m for m, _ in loaded] == ["tiny"] and launched[0][0] == "PIPE"
+    assert [m for m, _ in loaded] == ["tiny"] and launched[0][0] is pipe
     assert launched[0][1]["host"] == "0.0.0.0" and launched[0][1]["port"] == 7999
 
     loaded.clear()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spatialid.pipeline.visualize import (
+from spatialid.app.pictures import (
     MaskFrame,
     colorize,
     comparison_grid,

@@ -9,8 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from spatialid._lazy import lazy_exports
-
-__version__ = "0.1.0"
+from spatialid._version import __version__
 
 # public name -> module that defines it
 _LAZY: dict[str, str] = {
@@ -39,6 +38,7 @@ _LAZY: dict[str, str] = {
     "SpatialIDPipeline": "spatialid.pipeline.pipeline_spatialid",
     "SpatialIDPipelineOutput": "spatialid.pipeline.pipeline_spatialid",
     "StepMasks": "spatialid.pipeline.pipeline_spatialid",
+    "GenerationSettings": "spatialid.pipeline.settings",
 }
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _LAZY, ["__version__"])
@@ -68,3 +68,4 @@ if TYPE_CHECKING:  # pragma: no cover
         SpatialIDPipelineOutput,
         StepMasks,
     )
+    from spatialid.pipeline.settings import GenerationSettings

@@ -2,7 +2,8 @@
 
 Submodules: ``datasets`` (input readers), ``grid`` (items, keys, shards), ``results`` (output folder,
 IBench results JSON), ``runner`` (the resumable loop), ``generators`` (pipeline-backed generate and
-encode functions), ``merge`` (joining shard outputs), ``samples`` (offline sample inputs).
+encode functions), ``merge`` (joining shard outputs), ``samples`` (offline sample inputs), ``lock`` (one run per output
+folder), ``integrity`` (damaged images, blank images, non-finite identity tokens).
 """
 
 from spatialid.bench.datasets import (
@@ -11,6 +12,7 @@ from spatialid.bench.datasets import (
     PromptSpec,
     load_identities,
     load_prompts,
+    parse_prompt_ids,
     render_prompt,
 )
 from spatialid.bench.grid import (
@@ -21,6 +23,7 @@ from spatialid.bench.grid import (
     parse_shard,
     select_items,
 )
+from spatialid.bench.lock import FolderInUseError, bench_lock
 from spatialid.bench.merge import MergeSummary, merge_runs
 from spatialid.bench.results import (
     BenchStateError,
@@ -43,17 +46,20 @@ __all__ = [
     "BenchStateError",
     "BenchSummary",
     "EmbeddingCache",
+    "FolderInUseError",
     "Identity",
     "MergeSummary",
     "PresetResults",
     "PromptSpec",
     "ShardSpec",
+    "bench_lock",
     "build_grid",
     "load_identities",
     "load_manifest",
     "load_preset_results",
     "load_prompts",
     "merge_runs",
+    "parse_prompt_ids",
     "parse_shard",
     "render_prompt",
     "run_bench",

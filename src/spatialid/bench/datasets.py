@@ -2,13 +2,18 @@
 
 Two layouts are accepted for each input:
 
-* IBench's JSON files. Identities: ``{"datas": [{"id": "path/to/photo.jpg", "gender": "female", ...}]}``;
-  prompts: ``{"datas": [{"prompt": "a {person} ... [note]", "prompt_attr": [...], "prompt_style": [...]}]}``.
-  ``{person}`` becomes "woman", "man" or "person" by the identity's gender and bracketed ``[...]``
-  notes (annotations for humans, not meant for the model) are removed, as IBench's own generation
-  scripts do.
+* IBench's JSON files. Identities: ``{"datas": [{"num": 0, "id": "/abs/path/photo.jpg", "gender": "male"}],
+  "tags": {"category": "imageid"}}`` (``data/images/chineseid_images.json``); prompts: ``{"datas":
+  [{"num": 0, "prompt": "...", "prompt_attr": [...], "prompt_style": [...]}]}``. Some IBench prompt
+  files write ``{person}`` and ``[...]`` notes (``unsplash50_template.json``: "[portrait,] a {person}
+  wearing a spacesuit"); ``human_longer_template.json`` writes "man" / "woman" into the text and has
+  neither.
 * Plain files: a folder of photos (one identity per photo, gender unknown -> "person") or a single
   photo, and a text file with one prompt per line (blank lines and lines starting with ``#`` skipped).
+
+Prompts are rendered exactly as the SpatialID authors' ``test_ibench_spatial.py`` (``process_prompts``)
+and ``ablation_study.py`` do, so the text generated and written to the results is theirs byte for
+byte: :func:`render_prompt`.
 
 IBench's identity files hold absolute paths from the machine they were made on; ``id_root`` lets a
 relocated checkout be used without editing the JSON (see :func:`resolve_photo_path`).
@@ -36,6 +41,8 @@ __all__ = [
     "identity_key",
     "load_identities",
     "load_prompts",
+    "parse_prompt_ids",
+    "PERSON_WORDS",
     "person_word",
     "render_prompt",
     "resolve_photo_path",
@@ -43,8 +50,11 @@ __all__ = [
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
-_BRACKETS = re.compile(r"\[[^\]]*\]")
-_SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.;:!?])")
+# test_ibench_spatial.py / ablation_study.py: re.sub(r'\[.*?\]', '', prompt) -- shortest bracket
+# pair, no newline inside, replaced by nothing.
+_BRACKETS = re.compile(r"\[.*?\]")
+# their mapping {"female": "woman", "male": "man"}, anything else -> "person" (case-sensitive)
+PERSON_WORDS: Mapping[str, str] = {"female": "woman", "male": "man"}
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -56,31 +66,37 @@ class BenchInputError(SpatialIDError, ValueError):
 
 
 def person_word(gender: str | None) -> str:
-    """The word that replaces ``{person}``: woman / man / person (unknown or other genders)."""
-    g = (gender or "").strip().lower()
-    if g in ("female", "woman", "f", "girl"):
-        return "woman"
-    if g in ("male", "man", "m", "boy"):
-        return "man"
-    return "person"
+    """The word that replaces ``{person}``: the authors' mapping, exactly (``"Female"`` -> "person").
+
+    Exact rather than forgiving so that a prompt the bench generates is the prompt the authors'
+    script generates for the same identities file.
+    """
+    return PERSON_WORDS.get(gender, "person") if isinstance(gender, str) else "person"
 
 
 def render_prompt(template: str, gender: str | None) -> str:
-    """Fill ``{person}`` by gender and drop bracketed ``[...]`` notes (whitespace tidied)."""
-    text = _BRACKETS.sub(" ", template)
+    """The authors' ``process_prompts``: drop ``[...]`` notes, fill ``{person}``, strip the ends.
+
+    Nothing else is tidied (inner double spaces and a space before a comma stay), because IBench's
+    CLIP-T scores the text written in the results file, and that must be the text generated.
+    """
+    text = _BRACKETS.sub("", template)
     text = text.replace("{person}", person_word(gender))
-    text = " ".join(text.split())
-    return _SPACE_BEFORE_PUNCT.sub(r"\1", text)
+    return text.strip()
 
 
 @dataclass(frozen=True)
 class PromptSpec:
-    """One prompt template; ``index`` is its position in the prompts file (part of item keys)."""
+    """One prompt template; ``index`` is its position in the prompts file (part of item keys).
+
+    ``prompt_attr`` / ``prompt_style`` keep the prompts file's values (lists as tuples, so the spec
+    stays hashable); the results file copies them back unchanged.
+    """
 
     index: int
     template: str
-    prompt_attr: tuple[Any, ...] = ()
-    prompt_style: tuple[Any, ...] = ()
+    prompt_attr: Any = ()
+    prompt_style: Any = ()
 
     def render(self, gender: str | None) -> str:
         return render_prompt(self.template, gender)
@@ -89,17 +105,25 @@ class PromptSpec:
         return {
             "index": self.index,
             "prompt": self.template,
-            "prompt_attr": list(self.prompt_attr),
-            "prompt_style": list(self.prompt_style),
+            "prompt_attr": as_json_value(self.prompt_attr),
+            "prompt_style": as_json_value(self.prompt_style),
         }
 
 
-def _as_tuple(value: Any) -> tuple[Any, ...]:
+def _frozen(value: Any) -> Any:
+    """A prompts-file value made hashable: lists (nested too) become tuples, missing becomes ()."""
     if value is None:
         return ()
     if isinstance(value, (list, tuple)):
-        return tuple(value)
-    return (value,)
+        return tuple(_frozen(v) if isinstance(v, (list, tuple)) else v for v in value)
+    return value
+
+
+def as_json_value(value: Any) -> Any:
+    """Inverse of :func:`_frozen` for writing JSON: tuples back to lists."""
+    if isinstance(value, tuple):
+        return [as_json_value(v) for v in value]
+    return value
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -124,10 +148,59 @@ def _datas(doc: Any, path: Path, what: str) -> list[Any]:
     return datas
 
 
-def load_prompts(source: str | os.PathLike[str], limit: int | None = None) -> list[PromptSpec]:
+def parse_index_list(text: str | Sequence[int], *, what: str, example: str, max_span: int = 10000) -> list[int]:
+    """``"0,1,5"`` / ``"0-4"`` / mixed (or a sequence of ints) -> distinct non-negative ints in the order given.
+
+    One parser for ``--seeds`` and ``--prompt-ids``; a range spans at most ``max_span`` values.
+    """
+    items: list[int] = []
+    parts = text.split(",") if isinstance(text, str) else list(text)
+    for part in parts:
+        if isinstance(part, int):
+            values = [part]
+        else:
+            p = part.strip()
+            if not p:
+                continue
+            m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", p)
+            if m and int(m.group(1)) <= int(m.group(2)) <= int(m.group(1)) + max_span:
+                values = list(range(int(m.group(1)), int(m.group(2)) + 1))
+            elif re.fullmatch(r"\d+", p):
+                values = [int(p)]
+            else:
+                raise BenchInputError(f"{what} must look like {example}, got {part!r}")
+        for v in values:
+            if v < 0:
+                raise BenchInputError(f"{what}: values count from 0, got {v}")
+            if v not in items:
+                items.append(int(v))
+    return items
+
+
+def parse_prompt_ids(text: str | Sequence[int] | None) -> list[int] | None:
+    """``"0,1,5,10,20"`` / ``"0-4"`` / mixed -> sorted distinct prompt indices; None or "" -> None (all).
+
+    Sorted because the grid keeps the prompts file's order whatever order they are named in.
+    """
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None
+    out = parse_index_list(text, what="--prompt-ids", example="0,1,5 or 0-4 (indices from 0)")
+    if not out:
+        raise BenchInputError("--prompt-ids names no prompt; e.g. --prompt-ids 0,1,5,10,20")
+    return sorted(out)
+
+
+def load_prompts(
+    source: str | os.PathLike[str],
+    limit: int | None = None,
+    *,
+    ids: Sequence[int] | None = None,
+) -> list[PromptSpec]:
     """Read prompts from an IBench JSON file or a text file (one prompt per line).
 
-    ``limit`` keeps the first N prompts (indices stay those of the file, so keys do not change).
+    ``ids`` keeps the prompts at these indices (position in the file, from 0, e.g. the authors'
+    ablation picks 0, 1, 5, 10, 20); ``limit`` then keeps the first N. Indices stay those of the
+    file either way, so item keys do not change and a partial run can later be completed.
     """
     path = Path(source)
     if not path.exists():
@@ -144,7 +217,7 @@ def load_prompts(source: str | os.PathLike[str], limit: int | None = None) -> li
             if not render_prompt(entry["prompt"], None):
                 raise BenchInputError(f"prompts file {path}: entry {i} is empty once [...] notes are removed")
             prompts.append(
-                PromptSpec(i, entry["prompt"], _as_tuple(entry.get("prompt_attr")), _as_tuple(entry.get("prompt_style")))
+                PromptSpec(i, entry["prompt"], _frozen(entry.get("prompt_attr")), _frozen(entry.get("prompt_style")))
             )
     else:
         try:
@@ -163,6 +236,14 @@ def load_prompts(source: str | os.PathLike[str], limit: int | None = None) -> li
                 index += 1
     if not prompts:
         raise BenchInputError(f"prompts file {path} holds no prompt")
+    if ids is not None:
+        wanted = sorted(set(int(i) for i in ids))
+        beyond = [i for i in wanted if i >= len(prompts)]
+        if beyond:
+            raise BenchInputError(
+                f"--prompt-ids {beyond[0]}: prompts file {path} has {len(prompts)} prompts (indices 0-{len(prompts) - 1})"
+            )
+        prompts = [prompts[i] for i in wanted]
     return prompts[:limit] if limit else prompts
 
 
@@ -185,8 +266,10 @@ def identity_key(id_string: str) -> str:
 class Identity:
     """One identity: the photo to encode and the gender used to fill ``{person}``.
 
-    ``id`` is the string from the identities file, kept verbatim because IBench's results use it to
-    find the reference photo; ``path`` is where the photo was found on this machine.
+    ``id`` is the string from the identities file, kept verbatim: the results' ``id`` is that string,
+    as the authors' script writes it; ``path`` is where the photo was found on this machine.
+    ``index`` is the identity's position in the identities file: the results are ordered by it, so
+    that they follow the file as the authors' loop does.
     """
 
     key: str
@@ -194,27 +277,30 @@ class Identity:
     path: Path
     gender: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    index: int = 0
 
     @property
     def person(self) -> str:
         return person_word(self.gender)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "path": str(self.path), "gender": self.gender}
+        return {"id": self.id, "path": str(self.path), "gender": self.gender, "index": self.index}
 
 
 def resolve_photo_path(id_string: str, base_dir: Path, id_root: str | os.PathLike[str] | None = None) -> Path | None:
     """Find an identity photo: as written, relative to the identities file, then under ``id_root``.
 
-    Under ``id_root`` the path's trailing parts are tried from longest to shortest, so
-    ``/old/machine/IBench/data/images/x.jpg`` is found as ``ROOT/data/images/x.jpg``,
-    ``ROOT/images/x.jpg`` or ``ROOT/x.jpg``.
+    Under ``id_root`` the path's trailing parts are tried from longest to shortest, so IBench's
+    ``/home/gdli7/IBench/data/images/chineseid/R (9).jpg`` is found with ``--id-root IBench`` (the
+    checkout) as ``IBench/data/images/chineseid/R (9).jpg``, and equally with the checkout's parent
+    or the ``chineseid`` folder itself as root. Backslash paths (made on Windows) are split too.
     """
     raw = Path(os.path.expanduser(id_string))
     candidates = [raw] if raw.is_absolute() else [base_dir / raw, raw]
     if id_root is not None:
-        root = Path(id_root)
-        parts = [p for p in raw.parts if p not in (raw.anchor, "")]
+        root = Path(os.path.expanduser(str(id_root)))
+        tail = id_string.replace("\\", "/")
+        parts = [p for p in tail.split("/") if p not in ("", ".") and not (len(p) == 2 and p[1] == ":")]
         candidates += [root.joinpath(*parts[i:]) for i in range(len(parts))]
     for c in candidates:
         if c.is_file():
@@ -246,7 +332,7 @@ def load_identities(
         if not files:
             raise BenchInputError(f"identities folder {path} holds no photo ({', '.join(IMAGE_SUFFIXES)})")
         # keys from the file name only, so shards on machines with other mount points agree
-        identities = [Identity(identity_key(f.name), str(f), f.resolve(), "") for f in files]
+        identities = [Identity(identity_key(f.name), str(f), f.resolve(), "", index=i) for i, f in enumerate(files)]
     elif path.suffix.lower() in IMAGE_SUFFIXES:
         identities = [Identity(identity_key(path.name), str(path), path.resolve(), "")]
     elif path.suffix.lower() == ".json":
@@ -269,7 +355,7 @@ def load_identities(
                 missing.append(id_string)
                 found = Path(id_string)
             extra = {k: v for k, v in entry.items() if k not in ("id", "gender")}
-            identities.append(Identity(identity_key(id_string), id_string, found, gender, extra))
+            identities.append(Identity(identity_key(id_string), id_string, found, gender, extra, index=i))
             if limit and len(identities) >= limit:
                 break
         if missing:

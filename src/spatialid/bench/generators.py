@@ -36,25 +36,14 @@ class PipelineGenerator:
         return self.pipe.encode_identity(str(photo))
 
     def __call__(self, item: BenchItem, embedding: Any) -> Image.Image:
-        s = self.settings
-        kwargs: dict[str, Any] = {}
+        settings = self.settings.for_item(item)
         if self.max_sequence_length is not None:
-            kwargs["max_sequence_length"] = self.max_sequence_length
-        out = self.pipe(
-            item.prompt_text,
-            id_embeds=None if item.is_baseline else embedding,
-            preset=None if item.is_baseline else item.preset,
-            id_weight=0.0 if item.is_baseline else s.id_weight,
-            start_step=s.start_step,
-            true_cfg=s.true_cfg,
-            negative_prompt=s.negative_prompt,
-            guidance_scale=s.guidance,
-            num_inference_steps=s.steps,
-            height=s.height,
-            width=s.width,
-            seed=item.seed,
-            **kwargs,
-        )
+            settings = settings.replace(max_sequence_length=self.max_sequence_length)
+        kwargs = settings.pipeline_kwargs()
+        if item.is_baseline:
+            kwargs["preset"] = None  # no identity: the plain FLUX path
+            kwargs["schedule_overrides"] = None
+        out = self.pipe(id_embeds=None if item.is_baseline else embedding, **kwargs)
         return out.images[0]
 
 

@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from spatialid.bench.datasets import BenchInputError, Identity, PromptSpec
+from spatialid.bench.datasets import BenchInputError, Identity, PromptSpec, parse_index_list
 
 __all__ = [
     "BASELINE_PRESET",
@@ -102,31 +102,10 @@ def parse_presets(text: str | Sequence[str], known: Iterable[str] | None = None)
 
 def parse_seeds(text: str | Sequence[int]) -> list[int]:
     """``"42,43"`` or ``"42-45"`` -> list of distinct non-negative seeds, in order."""
-    items: list[int] = []
-    parts = text.split(",") if isinstance(text, str) else list(text)
-    for part in parts:
-        if isinstance(part, int):
-            values = [part]
-        else:
-            p = part.strip()
-            if not p:
-                continue
-            m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", p)
-            try:
-                if m:
-                    lo, hi = int(m.group(1)), int(m.group(2))
-                    if hi < lo or hi - lo > 10000:
-                        raise ValueError
-                    values = list(range(lo, hi + 1))
-                else:
-                    values = [int(p)]
-            except ValueError:
-                raise BenchInputError(f"seeds must look like 42,43 or 42-45, got {part!r}") from None
-        for v in values:
-            if not 0 <= v < 2**63:
-                raise BenchInputError(f"seed must be between 0 and 2**63 - 1, got {v}")
-            if v not in items:
-                items.append(v)
+    items = parse_index_list(text, what="seeds", example="42,43 or 42-45")
+    for v in items:
+        if v >= 2**63:
+            raise BenchInputError(f"seed must be between 0 and 2**63 - 1, got {v}")
     if not items:
         raise BenchInputError("no seed given; e.g. --seeds 42")
     return items

@@ -1,8 +1,9 @@
 """Join the outputs of several bench runs (shards of one grid, or extensions of it) into one folder.
 
 Item keys do not depend on the shard, so merging is a union by key: images are copied into the
-target's ``<preset>/images/``, results entries are rewritten to point at the copies, and the
-manifests' grids are united. Runs with different generation settings are refused (their images are
+target's ``<preset>/images/``, results entries are rewritten to point at the copies (in the path
+style of the target's manifest, and renumbered 0, 1, 2, ... in file order, with ``imagewithoutid``
+pointing at the merged baseline), and the manifests' grids are united. Runs with different generation settings are refused (their images are
 different experiments). When two sources hold the same item, the first source wins; if their bytes
 differ (e.g. a non-deterministic GPU kernel) this is counted and logged, never silently mixed.
 """
@@ -18,17 +19,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spatialid.bench.grid import BASELINE_PRESET
+from spatialid.bench.lock import bench_lock
 from spatialid.bench.results import (
     MANIFEST_NAME,
+    MANIFEST_VERSION,
     RESULTS_NAME,
     BenchStateError,
-    atomic_write_json,
+    PathStyle,
     find_presets,
+    ibench_entry,
     load_manifest,
     load_preset_results,
+    parse_path_mode,
+    results_doc,
     settings_diff,
-    sort_entries,
 )
+from spatialid.bench.runner import clean_temp_files
+from spatialid.utils.io import atomic_path, atomic_write_json
 
 __all__ = ["MergeSummary", "merge_runs"]
 
@@ -50,9 +58,8 @@ class MergeSummary:
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.part")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def _merge_manifests(docs: list[tuple[Path, dict[str, Any]]]) -> dict[str, Any]:
@@ -77,12 +84,49 @@ def _merge_manifests(docs: list[tuple[Path, dict[str, Any]]]) -> dict[str, Any]:
         merged["presets"] = list(dict.fromkeys([*merged["presets"], *doc.get("presets", [])]))
         merged["seeds"] = list(dict.fromkeys([*merged["seeds"], *doc.get("seeds", [])]))
         merged["baseline"] = bool(merged.get("baseline")) or bool(doc.get("baseline"))
+    grids: list[dict[str, Any]] = []
+    for _, doc in docs:  # the grid each input selection was run with, united over the sources
+        for g in doc.get("grids", []) or []:
+            if not isinstance(g, dict):
+                continue
+            same = next((h for h in grids if h["inputs"] == g.get("inputs")), None)
+            if same is None:
+                grids.append({"inputs": g.get("inputs"), "identities": list(g.get("identities", [])), "prompt_ids": list(g.get("prompt_ids", []))})
+            else:
+                same["identities"] = list(dict.fromkeys([*same["identities"], *g.get("identities", [])]))
+                same["prompt_ids"] = sorted(set(same["prompt_ids"]) | set(g.get("prompt_ids", [])))
+    if grids:
+        merged["grids"] = grids
     merged["prompts"] = dict(sorted(merged["prompts"].items(), key=lambda kv: int(kv[0])))
+    merged["prompt_ids"] = [int(k) for k in merged["prompts"]]
+    merged["format_version"] = MANIFEST_VERSION
+    merged["paths"] = parse_path_mode(base.get("paths"))
     return merged
 
 
 def merge_runs(sources: list[str | os.PathLike[str]], out_dir: str | os.PathLike[str]) -> MergeSummary:
-    """Merge bench folders ``sources`` into ``out_dir`` (which may be one of them, or new)."""
+    """Merge bench folders ``sources`` into ``out_dir`` (which may be one of them, or new).
+
+    Holds ``out_dir`` exclusively (:func:`~spatialid.bench.lock.bench_lock`): a bench still writing
+    into it would lose entries, so merging into a folder in use is refused.
+    """
+    if not sources:
+        raise BenchStateError("nothing to merge: give one or more bench output folders")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise BenchStateError(f"--out {out} exists and is not a folder")
+    for src in sources:
+        if not Path(src).is_dir():
+            raise BenchStateError(f"{src} is not a folder (give the --out folders of the bench runs)")
+        if load_manifest(src) is None:
+            raise BenchStateError(f"{src} has no {MANIFEST_NAME}: not a spatialid bench output folder")
+    with bench_lock(out) as lock:
+        if lock.depth == 1:
+            clean_temp_files(out)
+        return _merge_locked(sources, out)
+
+
+def _merge_locked(sources: list[str | os.PathLike[str]], out_dir: Path) -> MergeSummary:
     if not sources:
         raise BenchStateError("nothing to merge: give one or more bench output folders")
     out = Path(out_dir)
@@ -106,6 +150,10 @@ def merge_runs(sources: list[str | os.PathLike[str]], out_dir: str | os.PathLike
 
     summary = MergeSummary()
     presets = list(dict.fromkeys(p for path, _ in docs for p in find_presets(path)))
+    # the baseline first, so that the other presets' imagewithoutid finds the merged copies
+    presets.sort(key=lambda p: p != BASELINE_PRESET)
+    style = PathStyle(manifest["paths"])
+    out_abs = str(out.resolve())
     tags_by_preset: dict[str, dict] = {}
     for preset in presets:
         target_dir = out / preset
@@ -148,16 +196,12 @@ def merge_runs(sources: list[str | os.PathLike[str]], out_dir: str | os.PathLike
                         summary.copied += 1
                 new_entry = dict(entry)
                 new_entry["image"] = rel
-                new_entry["imagewithid"] = str(dst_img.resolve())
-                merged[key] = new_entry
+                merged[key] = ibench_entry(new_entry, preset, out_abs, style)
         for key in list(failures):
             if key in merged:
                 del failures[key]
-        doc = {
-            "tags": tags_by_preset.get(preset, {"category": "imageid", "preset": preset}),
-            "datas": sort_entries(merged.values()),
-            "failures": sort_entries(failures.values()),
-        }
+        tags = {**tags_by_preset.get(preset, {"preset": preset}), "paths": style.mode}
+        doc = results_doc(tags, merged.values(), failures.values())
         atomic_write_json(target_dir / RESULTS_NAME, doc)
         for part in target_dir.glob("results.part*.json"):
             part.unlink()

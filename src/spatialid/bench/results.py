@@ -2,22 +2,39 @@
 
 Layout of ``OUT/``::
 
-    bench.json                  manifest: generation settings, identities, prompts, presets, seeds
+    bench.json                  manifest: generation settings, identities, prompts, presets, seeds,
+                                and the grid each selection of inputs was run with (``grids``)
+    .spatialid-bench.lock       held by the run using the folder (see :mod:`spatialid.bench.lock`)
     embeddings/                 identity embeddings cached per photo (safetensors)
-    <preset>/results.json       IBench results: {"tags": {...}, "datas": [...], "failures": [...]}
+    <preset>/results.json       IBench results: {"datas": [...], "tags": {...}, "failures": [...]}
     <preset>/images/*.png       one PNG per item, with its settings as PNG text metadata
 
-Each ``datas`` entry has IBench's fields ``num, id, prompt, prompt_attr, prompt_style, imagewithid``
-(``imagewithid`` = absolute image path, as IBench's scripts expect) plus ``key``, ``seed``,
-``preset``, ``identity_key``, ``prompt_index``, ``gender`` and ``image`` (path relative to the preset
-folder, which survives moving the folder). ``num`` is the item's unit number in the full grid, so it
-is the same in every preset and in every shard. Readers of IBench's format ignore the extra keys.
+Each ``results.json`` is what IBench's evaluator reads (``IbenchMain.py --config config/imageid.py
+--data results.json``): ``tags.category`` is ``"imageid"`` and every ``datas`` entry starts with
+IBench's fields, in this order:
+
+``num``            0, 1, 2, ... in file order (entries ordered by identities file, prompt, seed)
+``id``             the identity photo's path exactly as the identities file writes it
+``prompt``         the text that was generated (see :func:`~spatialid.bench.datasets.render_prompt`)
+``prompt_attr``    copied from the prompts file
+``prompt_style``   copied from the prompts file
+``imagewithid``    the generated image
+``imagewithoutid`` the same prompt and seed without identity (preset ``none``'s image); left out
+                   only while that baseline does not exist (``--no-baseline``, or it failed)
+
+Image paths are absolute, or relative to the folder the bench ran in (``--paths relative``), since
+IBench opens them from the folder the evaluator runs in. Our own keys follow: ``key``, ``preset``,
+``seed``, ``identity_key``, ``identity_index``, ``prompt_index``, ``gender``, ``image`` (path relative
+to the preset folder; what spatialid itself reads, so a moved folder still works) and ``id_path``
+(where the identity photo was found). IBench ignores keys it does not know, and ``failures``.
 
 Writes are atomic (temporary file + :func:`os.replace`) after every image, so an interrupted run
 loses at most the image in progress and never leaves a half-written JSON. Several processes of one
 machine (``accelerate launch``) each write their own ``results.part<R>.json``; whoever next runs as
 a single writer (or rank 0 at the end of a multi-process run) folds them into ``results.json``.
-Readers always take the union of all these files.
+Readers always take the union of all these files (a part file's entry wins: it is the newer one).
+Results files of earlier versions (``num`` = grid unit, no ``imagewithoutid``) are read and
+rewritten in this format by the next run.
 """
 
 from __future__ import annotations
@@ -29,20 +46,26 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from spatialid.bench.datasets import Identity, PromptSpec
-from spatialid.bench.grid import BenchItem
+from spatialid.bench.datasets import BenchInputError, Identity, PromptSpec, as_json_value
+from spatialid.bench.grid import BASELINE_PRESET, BenchItem
 from spatialid.errors import SpatialIDError
+from spatialid.utils.io import atomic_write_json
 
 __all__ = [
+    "IBENCH_KEYS",
     "MANIFEST_NAME",
+    "PATH_MODES",
     "RESULTS_NAME",
     "BenchStateError",
+    "PathStyle",
     "PresetResults",
-    "atomic_write_json",
     "find_presets",
+    "ibench_entry",
     "load_manifest",
     "load_preset_results",
+    "parse_path_mode",
     "read_json",
+    "results_doc",
     "settings_diff",
     "sort_entries",
     "update_manifest",
@@ -52,20 +75,16 @@ MANIFEST_NAME = "bench.json"
 RESULTS_NAME = "results.json"
 PART_GLOB = "results.part*.json"
 MANIFEST_FORMAT = "spatialid-bench"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: results in IBench's evaluator format (num in file order, imagewithoutid)
+RESULTS_VERSION = 2
+PATH_MODES = ("absolute", "relative")
+# IBench's entry fields (ibench/metrics/*: id, prompt, imagewithid, imagewithoutid are read;
+# num, prompt_attr, prompt_style complete the format of its data files), first in every entry.
+IBENCH_KEYS = ("num", "id", "prompt", "prompt_attr", "prompt_style", "imagewithid", "imagewithoutid")
 
 
 class BenchStateError(SpatialIDError, ValueError):
     """A benchmark output folder is inconsistent with the requested run, or its files are damaged."""
-
-
-def atomic_write_json(path: str | os.PathLike[str], data: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and :func:`os.replace` (never half-written)."""
-    from spatialid.pipeline.metadata import atomic_write
-
-    payload = json.dumps(data, indent=2, ensure_ascii=False, default=str).encode("utf-8")
-    with atomic_write(path, "wb") as handle:
-        handle.write(payload)
 
 
 def read_json(path: Path) -> Any:
@@ -101,6 +120,14 @@ def settings_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
+def parse_path_mode(mode: str | None) -> str:
+    """``--paths``: ``absolute`` (default) or ``relative`` (to the folder the command runs in)."""
+    value = (mode or "absolute").strip().lower()
+    if value not in PATH_MODES:
+        raise BenchInputError(f"--paths must be absolute or relative, got {mode!r}")
+    return value
+
+
 def update_manifest(
     out_dir: str | os.PathLike[str],
     *,
@@ -110,13 +137,21 @@ def update_manifest(
     presets: Sequence[str],
     seeds: Sequence[int],
     baseline: bool,
+    paths: str | None = None,
+    inputs: Mapping[str, Any] | None = None,
     write: bool = True,
 ) -> dict[str, Any]:
     """Check the requested run against ``OUT/bench.json`` and add its grid to it.
 
     Resuming or extending a run (more identities, prompts, presets, seeds) is allowed; changing a
     generation setting (steps, size, model, ...) or what a prompt index / identity key means is
-    not, since the folder's images would then mix two experiments.
+    not, since the folder's images would then mix two experiments. ``prompt_ids`` records every
+    prompt index of the folder; ``paths`` (the results' path style) and ``inputs`` (the files and
+    selection of the latest run) are recorded too but may change between runs.
+
+    ``grids`` records, per ``inputs`` (the same files and selection), the identity keys and prompt
+    indices the folder was run with: the same command finding fewer of them (a photo deleted
+    from an ``--ids`` folder, a prompt removed) is refused instead of silently shrinking the grid.
     """
     from spatialid import __version__
 
@@ -155,16 +190,139 @@ def update_manifest(
                 "the prompts file changed; use a new --out"
             )
         known_prompts[str(prompt.index)] = prompt.to_dict()
+    if inputs is not None:
+        _check_grid(doc, inputs, identities, prompts)
+    doc["format_version"] = MANIFEST_VERSION
+    doc["prompt_ids"] = sorted(int(k) for k in known_prompts)
     doc["presets"] = list(dict.fromkeys([*doc.get("presets", []), *presets]))
     doc["seeds"] = list(dict.fromkeys([*doc.get("seeds", []), *(int(s) for s in seeds)]))
     doc["baseline"] = bool(doc.get("baseline")) or bool(baseline)
+    doc["paths"] = parse_path_mode(paths or doc.get("paths"))
+    if inputs is not None:
+        doc["inputs"] = dict(inputs)
     if write:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         atomic_write_json(Path(out_dir) / MANIFEST_NAME, doc)
     return doc
 
 
+def _check_grid(doc: dict[str, Any], inputs: Mapping[str, Any], identities: Sequence[Identity], prompts: Sequence[PromptSpec]) -> None:
+    """Refuse a run whose inputs, read the same way as before, now give a smaller grid; record it."""
+    signature = json.loads(json.dumps(dict(inputs), default=str))
+    grids: list[dict[str, Any]] = doc.setdefault("grids", [])
+    keys = [ident.key for ident in identities]
+    indices = [int(p.index) for p in prompts]
+    record = next((g for g in grids if isinstance(g, dict) and g.get("inputs") == signature), None)
+    if record is None:
+        grids.append({"inputs": signature, "identities": keys, "prompt_ids": indices})
+        return
+    have_keys, have_indices = set(keys), set(indices)
+    lost_ids = [k for k in record.get("identities", []) if k not in have_keys]
+    if lost_ids:
+        known = doc.get("identities", {})
+        names = [Path(str(known.get(k, {}).get("id", k)).replace("\\", "/")).name for k in lost_ids]
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        n = len(lost_ids)
+        raise BenchStateError(
+            f"--ids {signature.get('ids')} no longer gives {n} identit{'y' if n == 1 else 'ies'} this folder's grid was "
+            f"started with ({shown}; {len(record['identities'])} then, {len(keys)} now): restore the missing "
+            "photo or entry to resume, or use a new --out for the smaller grid"
+        )
+    lost_prompts = [i for i in record.get("prompt_ids", []) if i not in have_indices]
+    if lost_prompts:
+        known_p = doc.get("prompts", {})
+        first = lost_prompts[0]
+        text = known_p.get(str(first), {}).get("prompt", "")
+        more = f" (and {len(lost_prompts) - 1} more)" if len(lost_prompts) > 1 else ""
+        raise BenchStateError(
+            f"--prompts {signature.get('prompts')} no longer has prompt {first} ({text!r}){more} that this folder's grid "
+            "was started with: restore the prompts file to resume, or use a new --out for the smaller grid"
+        )
+    record["identities"] = list(dict.fromkeys([*record.get("identities", []), *keys]))
+    record["prompt_ids"] = sorted(set(record.get("prompt_ids", [])) | have_indices)
+
+
 # --------------------------------------------------------------------------------------- results
+
+
+class PathStyle:
+    """How image paths are written for IBench: absolute, or relative to ``base`` (default: cwd).
+
+    String operations only (no file system calls), since every entry is formatted on every write.
+    """
+
+    def __init__(self, mode: str = "absolute", base: str | os.PathLike[str] | None = None) -> None:
+        self.mode = parse_path_mode(mode)
+        self.base = os.path.abspath(os.fspath(base) if base is not None else os.getcwd())
+
+    def __call__(self, absolute: str) -> str:
+        if self.mode == "absolute":
+            return absolute
+        return Path(os.path.relpath(absolute, self.base)).as_posix()
+
+
+def _entry_image(entry: Mapping[str, Any]) -> str:
+    """An entry's image path relative to its preset folder (older entries: from ``imagewithid``)."""
+    rel = entry.get("image")
+    if isinstance(rel, str) and rel:
+        return rel
+    return f"images/{Path(str(entry.get('imagewithid', ''))).name}"
+
+
+def ibench_entry(entry: Mapping[str, Any], preset: str, out_abs: str, style: PathStyle) -> dict[str, Any]:
+    """``entry`` with IBench's fields first and its image paths (re)derived for this folder.
+
+    ``imagewithoutid`` is the baseline image of the same item (``none/<image>``; image names do not
+    depend on the preset) when that file exists; a ``none`` entry is its own baseline.
+    """
+    rel = _entry_image(entry)
+    image_abs = os.path.join(out_abs, preset, rel)
+    baseline_abs = image_abs if preset == BASELINE_PRESET else os.path.join(out_abs, BASELINE_PRESET, rel)
+    out: dict[str, Any] = {
+        "num": entry.get("num", 0),
+        "id": entry.get("id", ""),
+        "prompt": entry.get("prompt", ""),
+        "prompt_attr": entry.get("prompt_attr", []),
+        "prompt_style": entry.get("prompt_style", []),
+        "imagewithid": style(image_abs),
+    }
+    if preset == BASELINE_PRESET or os.path.isfile(baseline_abs):
+        out["imagewithoutid"] = style(baseline_abs)
+    for k, v in entry.items():
+        if k not in IBENCH_KEYS:
+            out[k] = v
+    out["image"] = rel
+    return out
+
+
+def _order(entry: Mapping[str, Any]) -> tuple:
+    index = entry.get("identity_index")
+    key = str(entry.get("key", ""))
+    try:
+        if isinstance(index, int):
+            return (0, index, int(entry.get("prompt_index", 0) or 0), int(entry.get("seed", 0) or 0), key)
+        return (1, int(entry.get("num", 0) or 0), 0, 0, key)  # an older entry: num was its grid unit
+    except (TypeError, ValueError):
+        return (2, 0, 0, 0, key)
+
+
+def sort_entries(entries: Iterable[dict]) -> list[dict]:
+    """Results entries in file order: identities file, prompt index, seed (then key)."""
+    return sorted(entries, key=_order)
+
+
+def results_doc(tags: Mapping[str, Any], entries: Iterable[dict], failures: Iterable[dict]) -> dict[str, Any]:
+    """The results document: entries sorted and numbered 0, 1, 2, ... (``num`` = position)."""
+    datas = []
+    for i, entry in enumerate(sort_entries(entries)):
+        entry = dict(entry)
+        entry["num"] = i
+        datas.append(entry)
+    return {
+        "datas": datas,
+        "tags": {**dict(tags), "category": "imageid"},
+        "failures": sort_entries(failures),
+    }
 
 
 def _result_files(preset_dir: Path) -> list[Path]:
@@ -181,20 +339,32 @@ def find_presets(out_dir: str | os.PathLike[str]) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and _result_files(p))
 
 
+def _read_results_file(path: Path) -> dict[str, Any]:
+    """One results file, checked: IBench results that spatialid wrote (every entry has a ``key``)."""
+    doc = read_json(path)
+    if not isinstance(doc, dict) or not isinstance(doc.get("datas", []), list):
+        raise BenchStateError(f'{path} does not hold IBench results ({{"datas": [...]}})')
+    for i, entry in enumerate(doc.get("datas", [])):
+        if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
+            raise BenchStateError(
+                f"{path}: entry {i} has no bench \"key\", so it was not written by spatialid bench; "
+                f"move that file out of {path.parent} (or use a new --out) and run again"
+            )
+    return doc
+
+
 def load_preset_results(preset_dir: str | os.PathLike[str]) -> tuple[dict[str, dict], dict[str, dict]]:
     """``(entries by key, failures by key)``: the union of ``results.json`` and part files.
 
-    A failure is dropped when its key also finished (a later retry succeeded).
+    Part files are newer than ``results.json`` (a single writer folds and removes them), so their
+    entries win. A failure is dropped when its key also finished (a later retry succeeded).
     """
     entries: dict[str, dict] = {}
     failures: dict[str, dict] = {}
     for path in _result_files(Path(preset_dir)):
-        doc = read_json(path)
-        if not isinstance(doc, dict) or not isinstance(doc.get("datas", []), list):
-            raise BenchStateError(f'{path} does not hold IBench results ({{"datas": [...]}})')
+        doc = _read_results_file(path)
         for entry in doc.get("datas", []):
-            if isinstance(entry, dict) and "key" in entry:
-                entries.setdefault(entry["key"], entry)
+            entries[entry["key"]] = entry
         for fail in doc.get("failures", []) or []:
             if isinstance(fail, dict) and "key" in fail:
                 failures[fail["key"]] = fail
@@ -204,69 +374,133 @@ def load_preset_results(preset_dir: str | os.PathLike[str]) -> tuple[dict[str, d
     return entries, failures
 
 
-def sort_entries(entries: Iterable[dict]) -> list[dict]:
-    """Results entries in grid order (``num``, then key)."""
-    return sorted(entries, key=lambda e: (int(e.get("num", 0)), str(e.get("key", ""))))
-
-
 class PresetResults:
     """The results file of one preset, as written by one process.
 
     ``part=None``: the single writer; it adopts every part file left by an earlier multi-process
-    run into ``results.json`` and removes them. ``part=R``: process R of a multi-process run; it
-    writes ``results.part<R>.json`` only (no two processes ever write the same file).
+    run into ``results.json`` and removes them, and rewrites an older-format ``results.json`` in
+    today's format. ``part=R``: process R of a multi-process run; it writes
+    ``results.part<R>.json`` only (no two processes ever write the same file). ``paths`` is the
+    style of the image paths written for IBench (see :class:`PathStyle`).
     """
 
-    def __init__(self, out_dir: str | os.PathLike[str], preset: str, *, tags: Mapping[str, Any], part: int | None = None) -> None:
+    def __init__(
+        self,
+        out_dir: str | os.PathLike[str],
+        preset: str,
+        *,
+        tags: Mapping[str, Any],
+        part: int | None = None,
+        paths: str = "absolute",
+        base: str | os.PathLike[str] | None = None,
+    ) -> None:
         self.preset = preset
-        self.dir = Path(out_dir) / preset
+        self.out = Path(out_dir)
+        self.dir = self.out / preset
         self.images_dir = self.dir / "images"
         self.images_dir.mkdir(parents=True, exist_ok=True)
-        self.tags = dict(tags)
+        self._out_abs = str(self.out.resolve())
+        self.style = PathStyle(paths, base)
         self.part = part
         self.path = self.dir / (RESULTS_NAME if part is None else f"results.part{part}.json")
-        self.done, all_failures = load_preset_results(self.dir)
+        main = self.dir / RESULTS_NAME
+        old_doc = _read_results_file(main) if main.is_file() else None
+        stored_tags = dict(old_doc.get("tags") or {}) if old_doc else {}
+        self.tags = {**stored_tags, **dict(tags), "results_version": RESULTS_VERSION, "paths": self.style.mode}
+        done, all_failures = load_preset_results(self.dir)
+        self.done = {k: self._link(e) for k, e in done.items()}
         if part is None:
             self.entries = dict(self.done)
             self.failures = dict(all_failures)
             parts = sorted(self.dir.glob(PART_GLOB))
-            if parts:
+            if parts or (old_doc is not None and self._doc() != old_doc):
                 self.write()
                 for p in parts:
                     with contextlib.suppress(OSError):
                         p.unlink()
         else:
             own = self.path
-            self.entries, self.failures = ({}, {}) if not own.is_file() else load_preset_results_file(own)
+            entries, self.failures = ({}, {}) if not own.is_file() else load_preset_results_file(own)
+            self.entries = {k: self.done[k] if k in self.done else self._link(e) for k, e in entries.items()}
+
+    def _link(self, entry: Mapping[str, Any]) -> dict[str, Any]:
+        return ibench_entry(entry, self.preset, self._out_abs, self.style)
 
     def image_path(self, item: BenchItem) -> Path:
         return self.images_dir / item.image_name
 
     def is_done(self, item: BenchItem) -> bool:
-        """Finished = recorded in a results file and its image still on disk."""
+        """Finished = recorded with the prompt this run generates, and its image still on disk.
+
+        An entry whose prompt differs (a results file of a version that rendered prompts another
+        way) is not this item: it is generated again.
+        """
+        path = self.recorded_image(item)
+        return path is not None and path.is_file()
+
+    def recorded_image(self, item: BenchItem) -> Path | None:
+        """The image file this folder's entry of ``item`` names (None: no entry for this item's prompt)."""
         entry = self.done.get(item.key)
-        if entry is None:
-            return False
-        rel = entry.get("image")
-        path = self.dir / rel if rel else Path(entry.get("imagewithid", ""))
-        return path.is_file()
+        if entry is None or entry.get("prompt") != item.prompt_text:
+            return None
+        return self.dir / _entry_image(entry)
+
+    def forget(self, item: BenchItem) -> bool:
+        """Drop a finished entry whose image turned out damaged (write after); True when there was one.
+
+        A part writer can only drop it from its own file; readers still see the entry of
+        ``results.json`` until the item is made again (a part file's entry wins).
+        """
+        found = self.done.pop(item.key, None) is not None
+        return self.entries.pop(item.key, None) is not None or found
 
     def entry_for(self, item: BenchItem, image_path: Path) -> dict[str, Any]:
-        return {
-            "num": item.unit,
-            "id": item.identity.id,
-            "prompt": item.prompt_text,
-            "prompt_attr": list(item.prompt.prompt_attr),
-            "prompt_style": list(item.prompt.prompt_style),
-            "imagewithid": str(Path(image_path).resolve()),
-            "key": item.key,
-            "preset": item.preset,
-            "seed": item.seed,
-            "identity_key": item.identity.key,
-            "prompt_index": item.prompt.index,
-            "gender": item.identity.gender,
-            "image": Path(image_path).resolve().relative_to(self.dir.resolve()).as_posix(),
-        }
+        image_path = Path(image_path)
+        try:
+            rel = image_path.relative_to(self.dir).as_posix()
+        except ValueError:
+            rel = image_path.resolve().relative_to(self.dir.resolve()).as_posix()
+        return self._link(
+            {
+                "id": item.identity.id,
+                "prompt": item.prompt_text,
+                "prompt_attr": as_json_value(item.prompt.prompt_attr),
+                "prompt_style": as_json_value(item.prompt.prompt_style),
+                "key": item.key,
+                "preset": item.preset,
+                "seed": item.seed,
+                "identity_key": item.identity.key,
+                "identity_index": item.identity.index,
+                "prompt_index": item.prompt.index,
+                "gender": item.identity.gender,
+                "image": rel,
+                "id_path": self.style(str(item.identity.path)),
+            }
+        )
+
+    def refresh(self, item: BenchItem) -> bool:
+        """Rewrite a finished item's entry in today's format; True when it changed (write after)."""
+        old = self.done.get(item.key)
+        if old is None:
+            return False
+        new = self.entry_for(item, self.dir / _entry_image(old))
+        if {k: v for k, v in new.items() if k != "num"} == {k: v for k, v in old.items() if k != "num"}:
+            return False
+        self.done[item.key] = new
+        self.entries[item.key] = new
+        return True
+
+    def link_baselines(self) -> bool:
+        """Add ``imagewithoutid`` to entries whose baseline appeared since; True when any did."""
+        changed = False
+        for store in (self.done, self.entries):
+            for key, entry in store.items():
+                if "imagewithoutid" not in entry:
+                    linked = self._link(entry)
+                    if "imagewithoutid" in linked:
+                        store[key] = linked
+                        changed = True
+        return changed
 
     def record_success(self, item: BenchItem, image_path: Path) -> dict[str, Any]:
         entry = self.entry_for(item, image_path)
@@ -285,24 +519,24 @@ class PresetResults:
             "prompt": item.prompt_text,
             "seed": item.seed,
             "preset": item.preset,
+            "identity_index": item.identity.index,
+            "prompt_index": item.prompt.index,
             "error": f"{type(error).__name__}: {message}",
         }
         self.failures[item.key] = fail
         self.write()
         return fail
 
+    def _doc(self) -> dict[str, Any]:
+        return results_doc(self.tags, self.entries.values(), (f for k, f in self.failures.items() if k not in self.entries))
+
     def write(self) -> None:
-        doc = {
-            "tags": self.tags,
-            "datas": sort_entries(self.entries.values()),
-            "failures": sort_entries(f for k, f in self.failures.items() if k not in self.entries),
-        }
-        atomic_write_json(self.path, doc)
+        atomic_write_json(self.path, self._doc())
 
     def consolidate(self) -> None:
         """Fold every part file into ``results.json`` (call when no other process is writing)."""
         entries, failures = load_preset_results(self.dir)
-        doc = {"tags": self.tags, "datas": sort_entries(entries.values()), "failures": sort_entries(failures.values())}
+        doc = results_doc(self.tags, (self._link(e) for e in entries.values()), failures.values())
         atomic_write_json(self.dir / RESULTS_NAME, doc)
         for p in sorted(self.dir.glob(PART_GLOB)):
             with contextlib.suppress(OSError):
@@ -311,7 +545,7 @@ class PresetResults:
 
 def load_preset_results_file(path: Path) -> tuple[dict[str, dict], dict[str, dict]]:
     """Entries and failures of one results file (no union)."""
-    doc = read_json(path)
-    entries = {e["key"]: e for e in doc.get("datas", []) if isinstance(e, dict) and "key" in e}
+    doc = _read_results_file(path)
+    entries = {e["key"]: e for e in doc.get("datas", [])}
     failures = {f["key"]: f for f in doc.get("failures", []) or [] if isinstance(f, dict) and "key" in f}
     return entries, failures

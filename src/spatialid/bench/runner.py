@@ -17,23 +17,46 @@ Guarantees:
   keyed by the photo's content hash and the encoder's name.
 * Baselines (preset ``"none"``) with the same rendered prompt and seed are one image: it is
   generated once and re-saved for the other identities (with their own metadata).
+* One run per folder: the folder is locked for the whole run (:mod:`spatialid.bench.lock`); a
+  second run on it stops at once naming the PID that holds it. Holding it exclusively, a run
+  removes the temporary files a killed run left.
+* A recorded image that is no longer a whole PNG is generated again (:mod:`spatialid.bench.integrity`).
+* A generated image that is constant or non-finite (NaN identity tokens, NaN latents) is a failed
+  item; cached identity tokens that are not finite are encoded again.
+* A full disk (ENOSPC) stops the run at the first failed write with an
+  :class:`~spatialid.utils.io.OutputPathError` saying how much space the rest needs; every results
+  file on disk then matches the images that were written.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from spatialid import defaults as D
 from spatialid.bench.datasets import Identity
 from spatialid.bench.grid import BASELINE_PRESET, BenchItem
+from spatialid.bench.integrity import (
+    check_embedding,
+    check_generated_image,
+    damaged_images,
+    png_decode_problem,
+    png_header_problem,
+)
+from spatialid.bench.lock import bench_lock
 from spatialid.bench.results import PresetResults
+from spatialid.pipeline.settings import GenerationSettings
+from spatialid.utils.io import OutputPathError, remove_temp_files
 
 __all__ = [
     "BenchSettings",
@@ -52,27 +75,53 @@ GenerateFn = Callable[[BenchItem, Any], Image.Image]
 EncodeFn = Callable[[Path], Any]
 
 
+_BENCH = D.size_steps("bench", tiny=False)
+
+
 @dataclass(frozen=True)
 class BenchSettings:
-    """Everything besides the grid that decides an image; stored in ``bench.json`` and checked on resume."""
+    """Everything besides the grid that decides an image; stored in ``bench.json`` and checked on resume.
 
-    model: str = "black-forest-labs/FLUX.1-dev"
+    ``generation`` is the one settings record (prompt, seed and preset are filled per item).
+    """
+
+    model: str = D.DEFAULT_FLUX_MODEL
     pulid: str | None = None
-    steps: int = 25
-    width: int = 896
-    height: int = 1152
-    guidance: float = 4.0
-    id_weight: float = 1.0
-    true_cfg: float = 1.0
-    start_step: int = 0
-    negative_prompt: str = ""
+    generation: GenerationSettings = field(
+        default_factory=lambda: GenerationSettings(width=_BENCH.width, height=_BENCH.height, steps=_BENCH.steps)
+    )
     dtype: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["extra"] = dict(self.extra)
-        return d
+        """Flat keys (the layout of ``bench.json`` since 0.1.0, so older runs still resume)."""
+        g = self.generation
+        return {
+            "model": self.model,
+            "pulid": self.pulid,
+            "steps": g.steps,
+            "width": g.width,
+            "height": g.height,
+            "guidance": g.guidance,
+            "id_weight": g.id_weight,
+            "true_cfg": g.true_cfg,
+            "start_step": g.start_step,
+            "negative_prompt": g.negative_prompt,
+            "dtype": self.dtype,
+            "extra": dict(self.extra),
+            # added after 0.1.0: written only when set, so earlier runs keep resuming
+            **({"schedule_overrides": dict(g.schedule_overrides)} if g.schedule_overrides else {}),
+            **({"noise": g.noise} if g.noise != D.DEFAULT_NOISE else {}),
+        }
+
+    def for_item(self, item: BenchItem) -> GenerationSettings:
+        """The settings record of one item (a baseline has no identity: weight 0)."""
+        return self.generation.replace(
+            prompt=item.prompt_text,
+            seed=item.seed,
+            preset=item.preset,
+            id_weight=0.0 if item.is_baseline else self.generation.id_weight,
+        )
 
 
 @dataclass
@@ -84,6 +133,7 @@ class BenchSummary:
     generated: int = 0
     reused: int = 0  # baseline copies and adopted orphan images
     failed: int = 0
+    damaged: int = 0  # recorded images that were no longer whole PNGs (generated again)
     interrupted: bool = False
     generation_seconds: float = 0.0
     wall_seconds: float = 0.0
@@ -97,9 +147,10 @@ class BenchSummary:
         spi = self.seconds_per_image
         timing = f", {spi:.2f} s/image" if spi is not None else ""
         state = "interrupted" if self.interrupted else "done"
+        repaired = f", {self.damaged} damaged images redone" if self.damaged else ""
         return (
             f"bench {state}: {self.generated} generated, {self.reused} reused, {self.already_done} already done, "
-            f"{self.failed} failed of {self.total} items{timing} ({self.wall_seconds:.1f} s)"
+            f"{self.failed} failed of {self.total} items{timing}{repaired} ({self.wall_seconds:.1f} s)"
         )
 
 
@@ -108,14 +159,14 @@ class BenchSummary:
 
 def _save_tensor(obj: Any, path: Path) -> None:
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from spatialid.utils.io import atomic_write_bytes
 
     if hasattr(obj, "save") and not isinstance(obj, torch.Tensor):
         obj.save(path)
         return
-    tmp = path.with_name(f".{path.name}.part")
-    save_file({"embedding": obj.detach().to("cpu").contiguous()}, str(tmp))
-    tmp.replace(path)
+    atomic_write_bytes(path, save({"embedding": obj.detach().to("cpu").contiguous()}))
 
 
 def _load_tensor(path: Path) -> Any:
@@ -173,9 +224,10 @@ class EmbeddingCache:
             if path.is_file():
                 try:
                     value = self.load_fn(path)
+                    check_embedding(value)  # NaN/Inf tokens would give black images recorded as results
                     self.loaded += 1
                 except Exception as exc:  # damaged cache file: encode again
-                    log.warning("embedding cache %s unreadable (%s); encoding again", path.name, exc)
+                    log.warning("embedding cache %s unusable (%s); encoding again", path.name, exc)
                     value = self._encode(identity, path)
             else:
                 value = self._encode(identity, path)
@@ -190,6 +242,10 @@ class EmbeddingCache:
     def _encode(self, identity: Identity, path: Path) -> Any:
         value = self.encode_fn(identity.path)
         self.encoded += 1
+        try:
+            check_embedding(value)
+        except ValueError as exc:  # never cached: a later run encodes again
+            raise ValueError(f"encoding {identity.path.name} gave unusable tokens: {exc}") from None
         self.folder.mkdir(parents=True, exist_ok=True)
         try:
             self.save_fn(value, path)
@@ -209,17 +265,7 @@ def image_metadata(item: BenchItem, settings: BenchSettings) -> dict[str, Any]:
     from spatialid import __version__
 
     meta: dict[str, Any] = {
-        "prompt": item.prompt_text,
-        "seed": item.seed,
-        "preset": item.preset,
-        "steps": settings.steps,
-        "width": settings.width,
-        "height": settings.height,
-        "guidance": settings.guidance,
-        "id_weight": 0.0 if item.is_baseline else settings.id_weight,
-        "true_cfg": settings.true_cfg,
-        "start_step": settings.start_step,
-        "negative_prompt": settings.negative_prompt,
+        **settings.for_item(item).to_dict(),
         "model": settings.model,
         "pulid": settings.pulid,
         "version": __version__,
@@ -227,36 +273,40 @@ def image_metadata(item: BenchItem, settings: BenchSettings) -> dict[str, Any]:
         "identity": None if item.is_baseline else item.identity.id,
         "baseline_for": item.identity.id if item.is_baseline else None,
     }
-    schedule = _schedule_dict(item.preset)
+    schedule = _schedule_dict(item.preset, settings.generation.schedule_overrides)
     if schedule is not None:
         meta["schedule"] = schedule
     return meta
 
 
-def _schedule_dict(preset: str) -> dict[str, Any] | None:
+def _schedule_dict(preset: str, overrides: Mapping[str, float] | None = None) -> dict[str, Any] | None:
+    """The schedule an item's image was made with (its preset plus the run's overrides)."""
     if preset == BASELINE_PRESET:
         return None
-    try:
-        from spatialid.masks import PRESETS
-    except Exception:  # pragma: no cover - masks are part of the package
-        return None
+    from spatialid.masks import PRESETS, apply_overrides
+
     sched = PRESETS.get(preset)
-    return sched.to_dict() if sched is not None and hasattr(sched, "to_dict") else None
+    if sched is None:
+        return None
+    return apply_overrides(sched, overrides).to_dict()
 
 
 def _adoptable(path: Path, item: BenchItem, settings: BenchSettings) -> bool:
-    """An image on disk that a killed run wrote for exactly this item and these settings."""
+    """An image on disk that a killed run wrote for exactly this item and these settings, whole."""
     if not path.is_file():
         return False
     try:
-        from spatialid.pipeline.metadata import read_png_metadata
+        from spatialid.app.metadata import read_png_metadata
 
         meta = read_png_metadata(path)
     except Exception:
         return False
     expected = image_metadata(item, settings)
     keys = ("bench_key", "prompt", "seed", "steps", "width", "height", "model", "pulid", "guidance", "id_weight")
-    return all(meta.get(k) == expected.get(k) for k in keys)
+    if not all(meta.get(k) == expected.get(k) for k in keys):
+        return False
+    # the text chunks come before the pixels: a file cut short can still carry its metadata
+    return png_header_problem(path) is None and png_decode_problem(path) is None
 
 
 def _tags(preset: str, settings: BenchSettings) -> dict[str, Any]:
@@ -282,19 +332,113 @@ def run_bench(
     embeddings: EmbeddingCache | None = None,
     encoder_name: str = "",
     part: int | None = None,
+    paths: str = "absolute",
     progress: bool = True,
     desc: str = "bench",
 ) -> BenchSummary:
     """Generate the missing ``items`` into ``out_dir`` (see the module docstring for guarantees).
 
     ``part``: None for a single process; the process index under ``accelerate launch`` (each
-    process then writes its own results part file). Raises KeyboardInterrupt after saving state
-    when interrupted; the summary of work done is logged.
+    process then writes its own results part file). ``paths``: how the results write image paths
+    for IBench (``absolute`` or ``relative`` to the current folder). Raises KeyboardInterrupt after
+    saving state when interrupted; the summary of work done is logged. Raises
+    :class:`~spatialid.bench.lock.FolderInUseError` when another run holds the folder and
+    :class:`~spatialid.utils.io.OutputPathError` when the disk is full.
     """
-    from spatialid.pipeline.metadata import save_png_with_metadata
+    out = Path(out_dir)
+    with bench_lock(out, part) as lock:
+        if lock.exclusive and lock.depth == 1:  # a caller holding the lock has cleaned already
+            clean_temp_files(out)
+        return _run_locked(
+            items, out, settings=settings, generate_fn=generate_fn, encode_fn=encode_fn, embeddings=embeddings,
+            encoder_name=encoder_name, part=part, paths=paths, progress=progress, desc=desc,
+        )
+
+
+def clean_temp_files(out_dir: str | Path) -> int:
+    """Remove the temporary files a killed run left in the bench folder; returns how many.
+
+    Call only while holding the folder exclusively (another writer's temporary file is in use).
+    Looks only where the bench writes: the folder, ``embeddings/``, and each preset folder and its
+    ``images/``.
+    """
+    out = Path(out_dir)
+    folders = [out]
+    try:
+        subdirs = [d for d in out.iterdir() if d.is_dir() and not d.is_symlink()]
+    except OSError:
+        subdirs = []
+    for d in subdirs:
+        folders += [d, d / "images"]
+    count, size = remove_temp_files(folders)
+    if count:
+        log.info("removed %d temporary files (%s) left by an interrupted run", count, _size_text(size))
+    return count
+
+
+def _size_text(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def _is_disk_full(exc: BaseException | None) -> bool:
+    """ENOSPC / EDQUOT anywhere in the exception's chain (writers wrap OS errors)."""
+    for _ in range(8):
+        if exc is None:
+            return False
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _disk_full_error(
+    exc: BaseException, out: Path, *, left: int, written: list[int], recorded: Sequence[Path], settings: BenchSettings
+) -> OutputPathError:
+    """One line: where the disk filled, how much room the items left need, what to do."""
+    import shutil
+
+    sizes = list(written)
+    if not sizes:  # nothing written this run: the images already in the folder tell the size
+        for p in list(recorded)[-50:]:
+            try:
+                sizes.append(p.stat().st_size)
+            except OSError:
+                pass
+    g = settings.generation
+    per = sum(sizes) / len(sizes) if sizes else g.width * g.height * 3  # uncompressed: an upper bound
+    try:
+        free = f", {_size_text(shutil.disk_usage(out).free)} free"
+    except OSError:
+        free = ""
+    where = getattr(exc, "filename", None) or out
+    return OutputPathError(
+        f"no space left on device writing {where}: stopped with {left} items left, which need about "
+        f"{_size_text(per * left)} ({_size_text(per)} per image{free}); the results written so far are saved; "
+        "free some space (or move --out) and re-run the same command to resume"
+    )
+
+
+def _run_locked(
+    items: Sequence[BenchItem],
+    out: Path,
+    *,
+    settings: BenchSettings,
+    generate_fn: GenerateFn,
+    encode_fn: EncodeFn | None,
+    embeddings: EmbeddingCache | None,
+    encoder_name: str,
+    part: int | None,
+    paths: str,
+    progress: bool,
+    desc: str,
+) -> BenchSummary:
+    from spatialid.app.metadata import save_png_with_metadata
 
     started = time.perf_counter()
-    out = Path(out_dir)
     summary = BenchSummary(total=len(items))
     if embeddings is None and encode_fn is not None:
         embeddings = EmbeddingCache(out / "embeddings", encode_fn, encoder_name=encoder_name)
@@ -303,28 +447,54 @@ def run_bench(
 
     def store_for(preset: str) -> PresetResults:
         if preset not in stores:
-            stores[preset] = PresetResults(out, preset, tags=_tags(preset, settings), part=part)
+            stores[preset] = PresetResults(out, preset, tags=_tags(preset, settings), part=part, paths=paths)
         return stores[preset]
+
+    # Recorded images must still be whole PNGs to count as done.
+    recorded: dict[str, Path] = {}
+    for item in items:
+        store = store_for(item.preset)
+        path = store.recorded_image(item)
+        if path is not None and path.is_file():
+            recorded[item.key] = path
+    damaged = damaged_images(recorded.values())
+    if damaged:
+        first, reason = next(iter(damaged.items()))
+        log.warning(
+            "%d of %d recorded images are damaged (first: %s: %s); generating them again",
+            len(damaged), len(recorded), first.name, reason,
+        )
 
     # Baseline images already on disk, by (rendered prompt, seed).
     baseline_files: dict[tuple[str, int], Path] = {}
     todo: list[BenchItem] = []
+    stale: set[str] = set()  # presets whose results file must be rewritten (today's format, damaged entries)
     for item in items:
         store = store_for(item.preset)
-        if store.is_done(item):
+        path = recorded.get(item.key)
+        if path is not None and path not in damaged:
             summary.already_done += 1
+            if store.refresh(item):
+                stale.add(item.preset)
             if item.is_baseline:
-                baseline_files.setdefault(item.baseline_group, store.image_path(item))
+                baseline_files.setdefault(item.baseline_group, path)
             continue
+        if path is not None:
+            summary.damaged += 1
+            if store.forget(item):
+                stale.add(item.preset)
         todo.append(item)
+    for preset in stale:
+        stores[preset].write()
 
+    written: list[int] = []  # sizes of the images this run wrote (for the space a full disk needs)
     bar = None
     if progress and todo:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc=desc, unit="img", dynamic_ncols=True, smoothing=0.1)
     try:
-        for item in todo:
+        for index, item in enumerate(todo):
             store = store_for(item.preset)
             path = store.image_path(item)
             try:
@@ -348,16 +518,31 @@ def run_bench(
                         image = generate_fn(item, embedding)
                         if not isinstance(image, Image.Image):
                             raise TypeError(f"generate_fn returned {type(image).__name__}, expected a PIL image")
+                        check_generated_image(image)  # a blank (NaN) picture is a failure, not a result
                         summary.generation_seconds += time.perf_counter() - t0
                         summary.generated += 1
                     save_png_with_metadata(image, path, image_metadata(item, settings))
+                    with contextlib.suppress(OSError):
+                        written.append(os.stat(path).st_size)
                     store.record_success(item, path)
                 if item.is_baseline:
                     baseline_files.setdefault(item.baseline_group, path)
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as exc:
-                fail = store.record_failure(item, exc)
+                if _is_disk_full(exc):  # every later item would fail the same way
+                    raise _disk_full_error(
+                        exc, out, left=len(todo) - index, written=written, recorded=list(recorded.values()), settings=settings
+                    ) from None
+                try:
+                    fail = store.record_failure(item, exc)
+                except OSError as write_exc:
+                    if _is_disk_full(write_exc):
+                        raise _disk_full_error(
+                            write_exc, out, left=len(todo) - index, written=written,
+                            recorded=list(recorded.values()), settings=settings,
+                        ) from None
+                    raise
                 summary.failed += 1
                 summary.failures.append(fail)
                 log.warning("item %s failed: %s", item.key, fail["error"])
@@ -373,29 +558,67 @@ def run_bench(
     finally:
         if bar is not None:
             bar.close()
+        for store in stores.values():  # baselines made in this run, after entries that need them
+            if store.link_baselines():
+                try:
+                    store.write()
+                except OSError as exc:  # a full disk: the next run links them (the files are consistent)
+                    if not _is_disk_full(exc):
+                        raise
+                    log.warning("could not update %s: %s", store.path, exc.strerror or exc)
     summary.wall_seconds = time.perf_counter() - started
     return summary
 
 
 def pending_items(out_dir: str | Path, items: Sequence[BenchItem]) -> list[BenchItem]:
-    """Items not finished yet (read-only: no file is written), to decide whether to load a model."""
+    """Items not finished yet (read-only: no file is written), to decide whether to load a model.
+
+    A recorded image that is no longer a whole PNG is pending (see :func:`damaged_images`).
+    """
     from spatialid.bench.results import load_preset_results
 
     out = Path(out_dir)
     done: dict[str, dict[str, dict]] = {}
     pending = []
+    recorded: dict[str, Path] = {}
     for item in items:
         if item.preset not in done:
             folder = out / item.preset
             done[item.preset] = load_preset_results(folder)[0] if folder.is_dir() else {}
         entry = done[item.preset].get(item.key)
-        if entry is None or not (out / item.preset / entry.get("image", "")).is_file():
+        path = out / item.preset / entry.get("image", "") if entry is not None else None
+        if entry is None or entry.get("prompt") != item.prompt_text or not path.is_file():
             pending.append(item)
+        else:
+            recorded[item.key] = path
+    damaged = damaged_images(recorded.values())
+    if damaged:
+        pending = [it for it in items if it.key not in recorded or recorded[it.key] in damaged]
     return pending
 
 
-def consolidate(out_dir: str | Path, presets: Sequence[str], settings: BenchSettings) -> None:
-    """Fold the part files of a finished multi-process run into each preset's ``results.json``."""
+def consolidate(
+    out_dir: str | Path,
+    presets: Sequence[str],
+    settings: BenchSettings,
+    *,
+    paths: str = "absolute",
+    items: Sequence[BenchItem] = (),
+) -> None:
+    """Fold the part files of a finished multi-process run into each preset's ``results.json``.
+
+    Also brings every results file to today's format: the finished ``items`` get their entries
+    rewritten (identities-file order, ``id_path``) and every entry its ``imagewithoutid``.
+    """
+    by_preset: dict[str, list[BenchItem]] = {}
+    for item in items:
+        by_preset.setdefault(item.preset, []).append(item)
     for preset in presets:
         if (Path(out_dir) / preset).is_dir():
-            PresetResults(out_dir, preset, tags=_tags(preset, settings), part=None)
+            store = PresetResults(out_dir, preset, tags=_tags(preset, settings), part=None, paths=paths)
+            changed = False
+            for item in by_preset.get(preset, ()):
+                if store.is_done(item):
+                    changed = store.refresh(item) or changed
+            if store.link_baselines() or changed:
+                store.write()

@@ -11,20 +11,19 @@ import dataclasses
 import logging
 import sys
 
+from spatialid import defaults as D
+from spatialid.cli.options import (
+    add_model_arguments,
+    add_sampling_arguments,
+    model_spec,
+    sampling_settings,
+)
+
 __all__ = ["register", "run"]
 
 log = logging.getLogger("spatialid.bench")
 
-# IBench runs of PuLID-FLUX / SpatialID: 896x1152, 25 steps, guidance 4, seed 42.
-DEFAULT_SIZE = "896x1152"
-DEFAULT_STEPS = 25
-TINY_SIZE = "64x64"
-TINY_STEPS = 2
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from spatialid.cli.cmd_generate import add_model_arguments
-
     p = subparsers.add_parser(
         "bench",
         help="generate a benchmark grid (identities x prompts x presets x seeds), IBench-compatible",
@@ -38,20 +37,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--ids", required=True, help="identities: IBench identities .json, a folder of photos, or one photo")
     p.add_argument("--prompts", required=True, help="prompts: IBench prompts .json or a .txt with one prompt per line")
-    p.add_argument("--presets", default="pulid,paper", help="comma-separated mask presets to compare (default pulid,paper)")
+    p.add_argument(
+        "--presets", default=",".join(D.BENCH_PRESETS),
+        help=f"comma-separated mask presets to compare (default {','.join(D.BENCH_PRESETS)}: the PuLID baseline "
+        "and the authors' IBench configuration)",
+    )
     p.add_argument("--out", required=True, help="output folder (created; re-use it to resume)")
-    p.add_argument("--seeds", default="42", help="seeds, e.g. 42 or 42,43 or 42-45 (default 42, as IBench runs)")
+    p.add_argument(
+        "--seeds", default=str(D.BENCH_SEED),
+        help=f"seeds, e.g. 42 or 42,43 or 42-45 (default {D.BENCH_SEED}, as IBench runs)",
+    )
     p.add_argument("--shard", default=None, metavar="K/N", help="only the K-th of N parts of the grid (1-based), for several machines")
-    p.add_argument("--steps", type=int, default=None, help=f"denoising steps (default {DEFAULT_STEPS}; tiny model {TINY_STEPS})")
-    p.add_argument("--size", default=None, metavar="WxH", help=f"image size (default {DEFAULT_SIZE}; tiny model {TINY_SIZE})")
-    p.add_argument("--guidance", type=float, default=4.0, help="FLUX embedded guidance (default 4.0)")
-    p.add_argument("--id-weight", type=float, default=1.0, help="identity strength (default 1.0)")
-    p.add_argument("--start-step", type=int, default=0, help="first denoising step with identity (default 0)")
-    p.add_argument("--true-cfg", type=float, default=1.0, help="true CFG scale, 1 = off (default 1.0)")
-    p.add_argument("--negative-prompt", default="", help="negative prompt for true CFG")
-    p.add_argument("--limit-ids", type=int, default=None, metavar="N", help="only the first N identities")
-    p.add_argument("--limit-prompts", type=int, default=None, metavar="N", help="only the first N prompts")
-    p.add_argument("--id-root", default=None, help="folder to look for identity photos whose paths in --ids do not exist here")
+    add_sampling_arguments(p, "bench")
+    p.add_argument(
+        "--limit-ids", type=int, default=None, metavar="N",
+        help="only the first N identities of --ids (the authors' ablation: 5)",
+    )
+    p.add_argument("--limit-prompts", type=int, default=None, metavar="N", help="only the first N prompts (after --prompt-ids)")
+    p.add_argument(
+        "--prompt-ids", default=None, metavar="LIST",
+        help="only the prompts at these indices of --prompts (from 0), e.g. 0,1,5,10,20 (the authors' ablation) "
+        "or 0-4; recorded in bench.json",
+    )
+    p.add_argument(
+        "--id-root", default=None,
+        help="folder to look for identity photos whose paths in --ids do not exist here (e.g. your IBench checkout: "
+        "the path's trailing parts are tried under it)",
+    )
+    p.add_argument(
+        "--paths", default="absolute", metavar="absolute|relative",
+        help="image paths in the results files: absolute (default) or relative to the current folder "
+        "(then run IBench's evaluator from this folder)",
+    )
     p.add_argument(
         "--baseline",
         action=argparse.BooleanOptionalAction,
@@ -73,44 +90,35 @@ def _positive(name: str, value: int | None) -> None:
 
 def prepare(args: argparse.Namespace):
     """Validate everything that needs no model: returns (settings, identities, prompts, presets, seeds, shard)."""
-    from spatialid.bench.datasets import check_unique_keys, load_identities, load_prompts
+    from spatialid.bench.datasets import (
+        check_unique_keys,
+        load_identities,
+        load_prompts,
+        parse_prompt_ids,
+    )
     from spatialid.bench.grid import parse_presets, parse_seeds, parse_shard
+    from spatialid.bench.results import parse_path_mode
     from spatialid.bench.runner import BenchSettings
     from spatialid.masks import PRESETS
-    from spatialid.pipeline.settings import check_generation_settings, parse_size
 
-    tiny = args.model == "tiny"
+    tiny = args.model == D.TINY_MODEL
     _positive("--limit-ids", args.limit_ids)
     _positive("--limit-prompts", args.limit_prompts)
+    args.paths = parse_path_mode(args.paths)
     presets = parse_presets(args.presets, known=PRESETS)
     seeds = parse_seeds(args.seeds)
     shard = parse_shard(args.shard)
-    width, height = parse_size(args.size or (TINY_SIZE if tiny else DEFAULT_SIZE))
-    steps = args.steps if args.steps is not None else (TINY_STEPS if tiny else DEFAULT_STEPS)
-    check_generation_settings(
-        num_inference_steps=steps,
-        height=height,
-        width=width,
-        id_weight=args.id_weight,
-        start_step=args.start_step,
-        true_cfg=args.true_cfg,
-        guidance_scale=args.guidance,
-    )
+    generation = sampling_settings(args, "bench", tiny=tiny).check(prompt=False)
+    if generation.true_cfg <= 1:
+        generation = generation.replace(negative_prompt="")  # unused without true CFG: not part of the run
     identities = load_identities(args.ids, id_root=args.id_root, limit=args.limit_ids)
     check_unique_keys(identities)
-    prompts = load_prompts(args.prompts, limit=args.limit_prompts)
+    prompts = load_prompts(args.prompts, limit=args.limit_prompts, ids=parse_prompt_ids(args.prompt_ids))
     quantize = getattr(args, "quantize", "none")
     settings = BenchSettings(
         model=args.model,
         pulid=None if tiny else args.pulid,
-        steps=int(steps),
-        width=width,
-        height=height,
-        guidance=float(args.guidance),
-        id_weight=float(args.id_weight),
-        true_cfg=float(args.true_cfg),
-        start_step=int(args.start_step),
-        negative_prompt=args.negative_prompt if float(args.true_cfg) > 1 else "",
+        generation=generation,
         dtype=None if args.dtype in (None, "auto") else args.dtype,
         extra={} if quantize in (None, "none") else {"quantize": quantize},
     )
@@ -120,78 +128,43 @@ def prepare(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from spatialid.bench.grid import build_grid, process_split, select_items
-    from spatialid.bench.results import update_manifest
-    from spatialid.bench.runner import consolidate, pending_items, run_bench
-    from spatialid.pipeline.metadata import OutputPathError
+    from spatialid.bench.grid import process_split
+    from spatialid.bench.lock import FolderInUseError, bench_lock
+    from spatialid.bench.results import MANIFEST_NAME
+    from spatialid.bench.runner import clean_temp_files, consolidate
+    from spatialid.utils.io import OutputPathError, check_writable
 
     settings, identities, prompts, presets, seeds, shard = prepare(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise OutputPathError(f"--out {out} exists and is not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputPathError(f"cannot create --out {out}: {exc.strerror or exc}") from None
-
     proc = process_split()
     rank, world = proc.index, proc.count
-    if settings.dtype is None:
-        # Record the dtype "auto" resolves to, so that shards run on a CPU and on a GPU (whose
-        # images differ) are never mistaken for one run on resume or merge.
-        settings = dataclasses.replace(settings, dtype=_auto_dtype_name(args.device, proc.device))
-    manifest_args = dict(
-        settings=settings.to_dict(), identities=identities, prompts=prompts, presets=presets, seeds=seeds,
-        baseline=args.baseline,
-    )
-    # Check the folder against the request now; it is written (by process 0 only) once the model
-    # has loaded, so a failed model load leaves no manifest that would block a corrected re-run.
-    update_manifest(out, **manifest_args, write=False)
-    grid = build_grid(identities, prompts, presets, seeds, baseline=args.baseline)
-    items = select_items(grid, shard, rank, world)
-    where = f"shard {shard}" + (f", process {rank + 1}/{world}" if world > 1 else "")
-    log.info(
-        "%d identities x %d prompts x %d seeds x %d presets%s = %d items; this %s: %d",
-        len(identities), len(prompts), len(seeds), len(presets), " + baseline" if args.baseline else "",
-        len(grid), where, len(items),
-    )
-    if settings.model == "tiny":
-        log.warning("--model tiny: random weights, the images are noise by design (for testing the bench only)")
-
-    pending = pending_items(out, items)
-    summary_line = None
-    if pending:
-        generator = _build_generator(args, settings, proc.device)
-        update_manifest(out, **manifest_args, write=rank == 0)
-        from spatialid.bench.generators import embedding_io
-        from spatialid.bench.runner import EmbeddingCache
-
-        save_fn, load_fn = embedding_io()
-        cache = EmbeddingCache(out / "embeddings", generator.encode, encoder_name=generator.encoder_name, save_fn=save_fn, load_fn=load_fn)
-        summary = run_bench(
-            items,
-            out,
-            settings=settings,
-            generate_fn=generator,
-            embeddings=cache,
-            part=None if world == 1 else rank,
-            progress=not args.no_progress and not args.quiet,
-            desc=f"bench {where}",
-        )
-        summary_line = summary.line()
-        failed = summary.failed
-    else:
-        update_manifest(out, **manifest_args, write=rank == 0)
-        failed = 0
-        summary_line = f"bench: nothing to do, all {len(items)} items of {where} are already in {out}"
     all_presets = list(dict.fromkeys(["none", *presets]))
-    if world == 1:
-        consolidate(out, all_presets, settings)  # folds part files an earlier multi-process run left
-    elif proc.synchronized:
-        proc.wait_for_everyone()
+    # One run per folder, held from before the model loads until its files are final; the
+    # processes of one `accelerate launch` share it (each holds its own part).
+    with bench_lock(out, None if world == 1 else rank) as lock:
+        # A read-only folder fails now, in one line, not after minutes of model loading (inside
+        # the lock, so that no other run's clean-up can take the probe file).
+        check_writable(out / MANIFEST_NAME)
+        for preset in all_presets:
+            if (out / preset / "images").is_dir():
+                check_writable(out / preset / "images" / "probe.png", create_parent=False)
+        if lock.exclusive:
+            clean_temp_files(out)
+        failed, summary_line, grid, settings = _run_locked(args, out, proc, settings, identities, prompts, presets, seeds, shard)
+        if world == 1:
+            # folds part files an earlier multi-process run left; rewrites older-format results
+            consolidate(out, all_presets, settings, paths=args.paths, items=grid)
+    if world > 1 and proc.synchronized:
+        proc.wait_for_everyone()  # every process has released its part: rank 0 may take the folder
         if rank == 0:  # fold the processes' part files into each results.json
-            consolidate(out, all_presets, settings)
-    else:
+            try:
+                with bench_lock(out):
+                    consolidate(out, all_presets, settings, paths=args.paths, items=grid)
+            except FolderInUseError as exc:
+                log.warning("part files not folded (%s); readers use their union, the next run folds them", exc)
+    elif world > 1:
         log.info(
             "processes wrote results.part<N>.json files (no barrier to fold them now); readers use their union and "
             "the next single-process run (or `spatialid merge`) folds them into results.json"
@@ -207,32 +180,88 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_locked(args: argparse.Namespace, out, proc, settings, identities, prompts, presets, seeds, shard):
+    """Check the folder against the request, load the model only when work is left, run the loop.
+
+    Returns ``(failed items, summary line, grid, settings with the resolved dtype)``; called with
+    the folder lock held.
+    """
+    from spatialid.bench.grid import build_grid, select_items
+    from spatialid.bench.results import update_manifest
+    from spatialid.bench.runner import pending_items, run_bench
+
+    rank, world = proc.index, proc.count
+    if settings.dtype is None:
+        # Record the dtype "auto" resolves to, so that shards run on a CPU and on a GPU (whose
+        # images differ) are never mistaken for one run on resume or merge.
+        settings = dataclasses.replace(settings, dtype=_auto_dtype_name(args.device, proc.device))
+    inputs = {
+        "ids": str(args.ids), "prompts": str(args.prompts), "id_root": args.id_root, "prompt_ids": args.prompt_ids,
+        "limit_ids": args.limit_ids, "limit_prompts": args.limit_prompts,
+    }
+    manifest_args = dict(
+        settings=settings.to_dict(), identities=identities, prompts=prompts, presets=presets, seeds=seeds,
+        baseline=args.baseline, paths=args.paths, inputs=inputs,
+    )
+    # Check the folder against the request now; it is written (by process 0 only) once the model
+    # has loaded, so a failed model load leaves no manifest that would block a corrected re-run.
+    update_manifest(out, **manifest_args, write=False)
+    grid = build_grid(identities, prompts, presets, seeds, baseline=args.baseline)
+    items = select_items(grid, shard, rank, world)
+    where = f"shard {shard}" + (f", process {rank + 1}/{world}" if world > 1 else "")
+    log.info(
+        "%d identities x %d prompts x %d seeds x %d presets%s = %d items; this %s: %d",
+        len(identities), len(prompts), len(seeds), len(presets), " + baseline" if args.baseline else "",
+        len(grid), where, len(items),
+    )
+    if not args.baseline and "none" not in presets:
+        log.warning(
+            "--no-baseline: entries without a baseline image get no imagewithoutid, which IBench's fid, clipi and "
+            "antifacesim metrics need (its evaluator stops at fid without it)"
+        )
+    if settings.model == "tiny":
+        log.warning("--model tiny: random weights, the images are noise by design (for testing the bench only)")
+
+    pending = pending_items(out, items)
+    if not pending:
+        update_manifest(out, **manifest_args, write=rank == 0)
+        return 0, f"bench: nothing to do, all {len(items)} items of {where} are already in {out}", grid, settings
+    generator = _build_generator(args, settings, proc.device)
+    update_manifest(out, **manifest_args, write=rank == 0)
+    from spatialid.bench.generators import embedding_io
+    from spatialid.bench.runner import EmbeddingCache
+
+    save_fn, load_fn = embedding_io()
+    cache = EmbeddingCache(out / "embeddings", generator.encode, encoder_name=generator.encoder_name, save_fn=save_fn, load_fn=load_fn)
+    summary = run_bench(
+        items,
+        out,
+        settings=settings,
+        generate_fn=generator,
+        embeddings=cache,
+        part=None if world == 1 else rank,
+        paths=args.paths,
+        progress=not args.no_progress and not args.quiet,
+        desc=f"bench {where}",
+    )
+    return summary.failed, summary.line(), grid, settings
+
+
 def _auto_dtype_name(device: str | None, process_device: str | None) -> str:
-    from spatialid.cli.cmd_generate import resolve_device, resolve_dtype
+    from spatialid.app.loading import dtype_name, resolve_device, resolve_dtype
 
     if process_device is not None and device in (None, "auto"):
         device = process_device
-    return str(resolve_dtype("auto", resolve_device(device))).removeprefix("torch.")
+    return dtype_name(resolve_dtype("auto", resolve_device(device)))
 
 
 def _build_generator(args: argparse.Namespace, settings, process_device: str | None = None):
+    from spatialid.app.loading import Models
     from spatialid.bench.generators import PipelineGenerator
-    from spatialid.cli.cmd_generate import load_pipeline, resolve_device, resolve_dtype
 
-    device = args.device
-    if process_device is not None and device in (None, "auto"):
-        device = process_device  # accelerate launch: this process's GPU
-    device = resolve_device(device)
-    dtype = resolve_dtype(args.dtype, device)
-    pipe = load_pipeline(
-        args.model,
-        pulid=args.pulid,
-        offload=args.offload,
-        quantize=getattr(args, "quantize", None),
-        device=device,
-        dtype=dtype,
-        offline=getattr(args, "offline", False),
-        cache_dir=getattr(args, "cache_dir", None),
-    )
+    spec = model_spec(args)
+    if process_device is not None and spec.device in (None, "auto"):
+        spec = spec.replace(device=process_device)  # accelerate launch: this process's GPU
+    pipe = Models(spec.check()).pipeline()
     pipe.set_progress_bar_config(disable=True)  # the bench shows one bar over images
     return PipelineGenerator(pipe, settings)

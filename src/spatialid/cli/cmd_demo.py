@@ -13,7 +13,11 @@ import sys
 import time
 from pathlib import Path
 
+from spatialid import defaults as D
+
 __all__ = ["register", "run", "DEMO_PROMPT", "DEMO_PRESETS"]
+
+_DEMO = D.size_steps("generate", tiny=True)  # the tiny model's own defaults
 
 DEMO_PROMPT = "portrait of an astronaut, studio light"
 DEMO_PRESETS = ("pulid", "paper", "relaxed")
@@ -31,8 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--steps", type=int, default=6, help="denoising steps (default 6)")
-    p.add_argument("--size", default="256x256", metavar="WxH", help="image size (default 256x256)")
+    p.add_argument("--steps", type=int, default=_DEMO.steps, help=f"denoising steps (default {_DEMO.steps})")
+    p.add_argument(
+        "--size", default=f"{_DEMO.width}x{_DEMO.height}", metavar="WxH",
+        help=f"image size (default {_DEMO.width}x{_DEMO.height})",
+    )
     p.add_argument("--id", dest="photo", default=None, metavar="PHOTO", help="use this photo instead of the astronaut")
     p.set_defaults(func=run)
 
@@ -48,12 +55,14 @@ def _astronaut():  # -> PIL.Image.Image
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    from spatialid.pipeline.metadata import check_writable
-    from spatialid.pipeline.runner import GenerationJob, check_outputs, run_job
-    from spatialid.pipeline.settings import check_generation_settings, parse_size
+    from spatialid.app.job import GenerationJob, check_outputs, run_job
+    from spatialid.pipeline.settings import GenerationSettings, parse_size
+    from spatialid.utils.io import check_writable
 
     width, height = parse_size(args.size)
-    check_generation_settings(num_inference_steps=args.steps, height=height, width=width, seed=args.seed)
+    settings = GenerationSettings(
+        prompt=DEMO_PROMPT, steps=args.steps, width=width, height=height, seed=args.seed
+    ).check()
     out_dir = Path(args.out).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         from spatialid.errors import SpatialIDError
@@ -71,30 +80,24 @@ def run(args: argparse.Namespace) -> int:
         photo_name = "skimage astronaut"
 
     job = GenerationJob(
-        prompt=DEMO_PROMPT,
+        settings=settings,
         out=out_dir / "demo.png",
-        preset="paper",
-        steps=args.steps,
-        width=width,
-        height=height,
-        seed=args.seed,
         masks=True,
         compare=list(DEMO_PRESETS),
+        overwrite=True,  # the demo's folder always holds the latest demo.png
         identity_files=[photo_name],
         identity_source="image",
         reference_image=photo,
     )
-    check_outputs(job)
+    check_outputs(job, reserve=False)
     print(
         "spatialid demo: tiny model with random weights -- the pictures are noise by design; "
         "they show every stage of the pipeline working offline.",
         file=sys.stderr,
     )
-    from spatialid.cli.cmd_generate import quiet_third_party_logs
-    from spatialid.pipeline.pipeline_spatialid import SpatialIDPipeline
+    from spatialid.app.loading import Models, ModelSpec
 
-    quiet_third_party_logs()
-    pipe = SpatialIDPipeline.tiny(seed=0)
+    pipe = Models(ModelSpec(model=D.TINY_MODEL, device="cpu")).pipeline()
     pipe.set_progress_bar_config(disable=bool(getattr(args, "quiet", False)), desc="denoising", leave=False)
     identity = pipe.encode_identity(photo)
     result = run_job(pipe, job, identity, extra_settings={"device": "cpu", "demo": True})

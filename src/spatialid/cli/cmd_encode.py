@@ -16,11 +16,13 @@ import argparse
 import logging
 from pathlib import Path
 
+from spatialid import defaults as D
+from spatialid.cli.options import model_spec
+
 __all__ = ["register", "run"]
 
 log = logging.getLogger("spatialid.encode")
 
-DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,12 +39,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--id", dest="id_images", action="append", required=True, metavar="PHOTO",
                    help="photo of the person (repeat for several photos of the same person)")
     p.add_argument("--out", required=True, metavar="EMBEDS", help="output identity file (.safetensors)")
-    p.add_argument("--model", default=DEFAULT_MODEL,
+    p.add_argument("--model", default=D.DEFAULT_FLUX_MODEL,
                    help="'tiny' for the offline toy encoder, else the FLUX.1 id/folder you will generate with "
-                   f"(recorded in the file; default {DEFAULT_MODEL})")
+                   f"(recorded in the file; default {D.DEFAULT_FLUX_MODEL})")
     p.add_argument("--pulid", default=None,
                    help="PuLID-FLUX weights (its IDFormer encodes the face): .safetensors file, folder or hub id "
-                   "(default guozinan/PuLID pulid_flux_v0.9.1.safetensors)")
+                   f"(default {D.PULID_REPO_ID} {D.PULID_FILENAME})")
     p.add_argument("--eva", default=None,
                    help="EVA02-CLIP-L-14-336 weights: file, folder or hub id "
                    "(default timm/eva02_large_patch14_clip_336.merged2b_s6b_b61k)")
@@ -63,35 +65,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _device(name: str) -> str:
-    import torch
-
-    from spatialid.errors import SpatialIDError
-
-    text = (name or "auto").strip().lower()
-    if text == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if text == "cpu":
-        return text
-    if text == "cuda" or text.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise SpatialIDError(f"--device {name} requested but CUDA is not available; use --device cpu")
-        if ":" in text:
-            idx = text.split(":", 1)[1]
-            if not idx.isdigit() or int(idx) >= torch.cuda.device_count():
-                raise SpatialIDError(f"--device {name}: no such CUDA device ({torch.cuda.device_count()} visible)")
-        return text
-    raise SpatialIDError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
-
-
-def _dtype(name: str, device: str, tiny: bool):
-    import torch
-
-    if name == "auto":
-        return torch.float32 if tiny or not device.startswith("cuda") else torch.bfloat16
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
-
-
 def _check_paths(args: argparse.Namespace) -> Path:
     from spatialid.errors import SpatialIDError
     from spatialid.utils.images import load_image
@@ -109,35 +82,23 @@ def _check_paths(args: argparse.Namespace) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from spatialid.app.loading import Models
+
     out = _check_paths(args)
-    tiny = args.model == "tiny"
-    device = _device(args.device)
-    dtype = _dtype(args.dtype, device, tiny)
-
-    from spatialid.encoder.embedding import atomic_write_bytes
-    from spatialid.encoder.identity_encoder import IdentityEncoder
-
-    if tiny:
-        encoder = IdentityEncoder.tiny(seed=args.seed, device=device, dtype=dtype)
-    else:
-        encoder = IdentityEncoder.from_pretrained(
-            pulid=args.pulid,
-            eva=args.eva,
-            models_dir=args.models_dir,
-            cache_dir=args.cache_dir,
-            local_files_only=True if args.offline else None,
-            face_backend=args.face_backend,
-            device=device,
-            dtype=dtype,
-        )
-    emb = encoder.encode(list(args.id_images))
+    spec = model_spec(args, tiny_seed=args.seed)
+    if spec.is_tiny and spec.dtype == "auto":
+        spec = spec.replace(dtype="float32")  # the tiny encoder runs in float32 on any device
+    models = Models(spec.check())
+    emb = models.encoder().encode(list(args.id_images))
     emb.metadata["model"] = args.model
-    if not tiny:
-        emb.metadata["pulid"] = args.pulid or "guozinan/PuLID"
+    if not spec.is_tiny:
+        emb.metadata["pulid"] = args.pulid or D.PULID_REPO_ID
     emb.save(out)
 
     if args.debug_dir is not None:
         import io
+
+        from spatialid.utils.io import atomic_write_bytes
 
         folder = Path(args.debug_dir).expanduser()
         for name, image in emb.debug_images.items():

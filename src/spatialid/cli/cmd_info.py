@@ -41,6 +41,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x00, 0x20), *range(0x7F, 0xA0)] if chr(c) not in "\t"}
+
+
+def _safe(text: str) -> str:
+    """Control characters (ANSI escapes, carriage returns, ...) printed visibly, never executed by the terminal."""
+    return str(text).translate(_CONTROL)
+
+
 def _flatten(prefix: str, value: Any, out: list[tuple[str, str]]) -> None:
     if isinstance(value, dict):
         if not value:
@@ -62,11 +70,11 @@ def format_settings(settings: dict[str, Any]) -> str:
     for key in keys:
         _flatten(key, settings[key], rows)
     width = max((len(k) for k, _ in rows), default=0)
-    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+    return "\n".join(f"{_safe(k).ljust(width)}  {_safe(v)}" for k, v in rows)
 
 
 def run(args: argparse.Namespace) -> int:
-    from spatialid.pipeline.metadata import read_png_metadata
+    from spatialid.app.metadata import read_png_metadata
 
     results = [(path, read_png_metadata(path)) for path in args.images]
     if args.json:
@@ -75,6 +83,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     for i, (path, settings) in enumerate(results):
         if len(results) > 1:
-            print(("\n" if i else "") + f"== {path}")
+            print(("\n" if i else "") + f"== {_safe(path)}")
         print(format_settings(settings))
     return 0

@@ -3,19 +3,22 @@
 The model is loaded once, before the server starts listening, so the first visitor does not wait
 for it and a broken model setup fails at the command line with a one-line error instead of in the
 browser. The server listens on 127.0.0.1 unless ``--host`` names another address: anyone who can
-reach that address can then use the GPU, so it is an explicit choice and the command warns.
+reach that address can then use the GPU, so it is an explicit choice and the command warns (and
+says whether ``--auth`` / ``--auth-file`` requires a login). What one request may cost is capped
+(``--max-steps``, ``--max-images``, ``--max-side``, ``--max-cost``, ``--queue-size``); what the
+server writes is deleted after ``--keep-outputs`` hours and at exit. See docs/security.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import sys
 
-from spatialid.cli.cmd_generate import add_model_arguments
+from spatialid.cli.options import add_model_arguments, model_spec
+from spatialid.ui.network import check_port_free, host_warning, parse_auth
 
-__all__ = ["register", "run", "is_loopback", "check_port_free"]
+__all__ = ["register", "run"]
 
 log = logging.getLogger("spatialid.serve")
 
@@ -37,40 +40,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default 127.0.0.1: this machine only; anything else is reachable by others and prints a warning)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on (default 7860)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted photo upload in MB (default 20)")
-    p.add_argument("--output-dir", default=None, help="folder for the PNGs offered as downloads (default: a temporary folder)")
+    p.add_argument(
+        "--output-dir", default=None,
+        help="also keep a copy of every PNG here (never served, never deleted; default: keep none)",
+    )
+    access = p.add_argument_group("access and limits (docs/security.md)")
+    access.add_argument(
+        "--auth", action="append", metavar="USER:PASS", default=None,
+        help="require a login (repeatable); visible in 'ps': prefer --auth-file",
+    )
+    access.add_argument(
+        "--auth-file", metavar="FILE", default=None,
+        help="require a login: FILE holds one USER:PASS per line (# comments); must not be world-readable",
+    )
+    access.add_argument("--max-steps", type=int, default=None, help="most denoising steps per request (default 50)")
+    access.add_argument("--max-images", type=int, default=None, help="most images per request (default 4)")
+    access.add_argument("--max-side", type=int, default=None, help="largest width or height in px (default 2048; tiny model 512)")
+    access.add_argument(
+        "--max-cost", type=float, default=None,
+        help="most a request may cost, in default requests: steps x (images + compared presets) x pixels x 2 with true CFG, relative to the form's defaults (default 10)",
+    )
+    access.add_argument("--queue-size", type=int, default=None, help="most requests waiting for the GPU (default 16)")
+    access.add_argument(
+        "--keep-outputs", type=float, default=None, metavar="HOURS",
+        help="delete served outputs and uploads after this many hours (default 1; also when a visitor's tab closes, and at exit)",
+    )
     add_model_arguments(p)
     p.set_defaults(func=run)
-
-
-def is_loopback(host: str) -> bool:
-    """True for addresses only this machine can reach (127.0.0.0/8, ::1, 'localhost')."""
-    name = host.strip().strip("[]")
-    if name.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
-
-
-def check_port_free(host: str, port: int) -> None:
-    """Fail now, with a one-line hint, if ``host:port`` cannot be bound (in use, or not our address)."""
-    import socket
-
-    from spatialid.errors import SpatialIDError
-
-    try:
-        infos = socket.getaddrinfo(host.strip().strip("[]"), port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise SpatialIDError(f"--host {host}: unknown address ({exc.strerror}); use 127.0.0.1 or an address of this machine") from None
-    family, _, _, _, address = infos[0]
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(address)
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise SpatialIDError(f"cannot listen on {host}:{port} ({reason}); choose another --port (or --host)") from None
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -82,6 +78,19 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SpatialIDError("--host is empty; use 127.0.0.1 (this machine) or an address of this machine")
     if not args.max_upload_mb > 0:
         raise SpatialIDError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
+    for flag, low in (("max_steps", 1), ("max_images", 1), ("max_side", 64), ("queue_size", 1)):
+        value = getattr(args, flag, None)
+        if value is not None and value < low:
+            raise SpatialIDError(f"--{flag.replace('_', '-')} must be >= {low}, got {value}")
+    max_side = getattr(args, "max_side", None)
+    if max_side is not None and max_side % 16:
+        raise SpatialIDError(f"--max-side must be a multiple of 16 (FLUX draws 16x16-pixel patches), got {max_side}")
+    max_cost = getattr(args, "max_cost", None)
+    if max_cost is not None and not max_cost > 0:
+        raise SpatialIDError(f"--max-cost must be > 0, got {max_cost:g}")
+    keep = getattr(args, "keep_outputs", None)
+    if keep is not None and not keep * 60 >= 1:  # shorter: files could go before the visitor downloads them
+        raise SpatialIDError(f"--keep-outputs must be at least 1/60 hour (one minute), got {keep:g}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,18 +99,18 @@ def run(args: argparse.Namespace) -> int:
     from spatialid.errors import SpatialIDError
 
     _check_args(args)
+    logins = parse_auth(args.auth, args.auth_file)  # a bad auth file fails before the model loads
     if importlib.util.find_spec("gradio") is None:
         raise SpatialIDError("the web UI needs Gradio, which is not installed; run: pip install 'spatialid[ui]'")
     check_port_free(args.host, args.port)  # before a model load that may take minutes
 
-    from spatialid.ui.app import launch, load_pipeline
+    from spatialid.app.loading import Models
+    from spatialid.ui.app import DEFAULT_QUEUE_SIZE, launch
+    from spatialid.ui.storage import DEFAULT_KEEP_HOURS
 
-    if not is_loopback(args.host):
-        print(
-            f"spatialid: warning: listening on {args.host}: anyone who can reach this address can use "
-            "the UI and this machine's GPU (there is no login). Use --host 127.0.0.1 to keep it local.",
-            file=sys.stderr,
-        )
+    warning = host_warning(args.host, len(logins))
+    if warning:
+        print(f"spatialid: {warning}", file=sys.stderr)
     log.info("loading model %s ...", args.model)
     if args.model == "tiny":
         print(
@@ -109,16 +118,8 @@ def run(args: argparse.Namespace) -> int:
             "(it shows the whole path working)",
             file=sys.stderr,
         )
-    pipe = load_pipeline(
-        args.model,
-        pulid=args.pulid,
-        offload=args.offload,
-        quantize=args.quantize,
-        device=args.device,
-        dtype=args.dtype,
-        offline=args.offline,
-        cache_dir=args.cache_dir,
-    )
+    pipe = Models(model_spec(args).check()).pipeline()
+    pipe.set_progress_bar_config(disable=True)  # the page shows progress; keep the server log clean
     launch(
         pipe,
         model_name=args.model,
@@ -126,5 +127,12 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         max_upload_mb=args.max_upload_mb,
         output_dir=args.output_dir,
+        auth=logins or None,
+        max_steps=args.max_steps,
+        max_images=args.max_images,
+        max_side=args.max_side,
+        max_cost=args.max_cost,
+        queue_size=args.queue_size if args.queue_size is not None else DEFAULT_QUEUE_SIZE,
+        keep_outputs_hours=args.keep_outputs if args.keep_outputs is not None else DEFAULT_KEEP_HOURS,
     )
     return 0

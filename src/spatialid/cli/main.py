@@ -13,6 +13,7 @@ one line ``spatialid: error: ...`` and exit with status 2; ``--debug`` shows the
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -82,6 +83,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"spatialid: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:
+        if args.debug or exc.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"spatialid: error: {exc.strerror or exc}{where}: {_ENVIRONMENT_ERRNOS[exc.errno]}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+_ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "free some space (or choose another output folder) and run the same command again",
+    errno.EDQUOT: "free some space within your quota and run the same command again",
+    errno.EROFS: "the folder is on a read-only file system; choose another output folder",
+}
 
 
 def _one_line(exc: BaseException) -> str:

@@ -20,7 +20,6 @@ Debug images are not stored in the file (``spatialid encode --debug-dir`` writes
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,35 +29,12 @@ import torch
 from PIL import Image
 
 from spatialid.errors import CheckpointError
+from spatialid.utils.io import atomic_write_bytes
 
-__all__ = ["IdentityEmbedding", "EMBEDDING_FORMAT", "EMBEDDING_FORMAT_VERSION", "atomic_write_bytes"]
+__all__ = ["IdentityEmbedding", "EMBEDDING_FORMAT", "EMBEDDING_FORMAT_VERSION"]
 
 EMBEDDING_FORMAT = "spatialid.identity_embedding"
 EMBEDDING_FORMAT_VERSION = "1"
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename).
-
-    A crash or a full disk never leaves a half-written file under ``path``; the parent folder is
-    created when missing.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
 
 
 @dataclass
@@ -93,6 +69,10 @@ class IdentityEmbedding:
             raise ValueError(
                 f"tokens {tuple(self.tokens.shape)} and uncond_tokens {tuple(self.uncond_tokens.shape)} differ in shape"
             )
+        for name in ("tokens", "uncond_tokens"):
+            t = getattr(self, name)
+            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                raise ValueError(f"IdentityEmbedding.{name} holds NaN/Inf or non-float values (a damaged file)")
         if self.face_box is not None:
             self.face_box = tuple(float(v) for v in self.face_box)  # type: ignore[assignment]
         self.metadata = {str(k): str(v) for k, v in self.metadata.items()}
@@ -210,6 +190,12 @@ class IdentityEmbedding:
                 raise CheckpointError(f"{source} has no '{key}' tensor; re-encode the photo with `spatialid encode`")
         box = tensors.get("face_box")
         face = tensors.get("aligned_face")
+        if face is not None and (face.ndim != 3 or face.shape[-1] != 3 or face.dtype != torch.uint8):
+            raise CheckpointError(
+                f"{source} is not a valid identity embedding: its aligned face is {tuple(face.shape)} "
+                f"{str(face.dtype).replace('torch.', '')}, expected [H, W, 3] uint8; re-encode the photo with `spatialid encode`"
+            )
+        _check_token_count(tensors["tokens"], meta, source)
         try:
             emb = cls(
                 tokens=tensors["tokens"].to(device=device, dtype=dtype),
@@ -227,6 +213,21 @@ class IdentityEmbedding:
             f"IdentityEmbedding(tokens={tuple(self.tokens.shape)} {str(self.tokens.dtype).replace('torch.', '')}, "
             f"num_images={self.num_images}, face_box={self.face_box}, "
             f"encoder={self.metadata.get('encoder', '?')!r})"
+        )
+
+
+def _check_token_count(tokens: torch.Tensor, meta: Mapping[str, str], source: str) -> None:
+    """Tokens must number what the recorded IDFormer produces (``num_queries``), when it is recorded."""
+    import json
+
+    try:
+        expected = int(json.loads(meta.get("idformer_config") or "{}").get("num_queries", 0))
+    except (ValueError, TypeError, AttributeError):
+        expected = 0
+    if expected and tokens.ndim == 3 and tokens.shape[1] != expected:
+        raise CheckpointError(
+            f"{source} holds {tokens.shape[1]} identity tokens but its IDFormer makes {expected}; the file is "
+            "damaged or edited: re-encode the photo with `spatialid encode`"
         )
 
 

@@ -9,10 +9,10 @@ crop_ratio=(1, 1), det_model='retinaface_resnet50')``:
   constant border BGR (135, 133, 132));
 * BiSeNet (19 classes) on the RGB aligned crop scaled to [0, 1] and ImageNet-normalised; argmax.
 
-Which face: PuLID keeps facexlib's *centre-most* face while insightface keeps the *largest*; on a
-photo with several people those can be different persons. We keep the face that overlaps the
-identity face (the largest) best, and the largest face when no identity face is given, so that the
-ArcFace embedding and the EVA-CLIP features describe the same person.
+Which face: as PuLID (``get_face_landmarks_5(only_center_face=True)``), the face whose box centre
+is nearest the photo centre, while ArcFace takes insightface's *largest* face; on a photo with
+several people those can be different persons (the encoder warns then). The choice is made by
+:func:`spatialid.encoder.face_dlib.center_face` in the encoder, for facexlib and dlib alike.
 
 The networks are facexlib's classes; their weights are loaded by us with
 ``torch.load(weights_only=True)`` (facexlib's own loader unpickles without that restriction and
@@ -104,12 +104,6 @@ class FacexlibFace:
             faces.append(FaceDetection(box=(x0, y0, x1, y1), score=score, landmarks5=kps))
         faces.sort(key=lambda f: f.area, reverse=True)
         return faces
-
-    @staticmethod
-    def choose(faces: list[FaceDetection], identity_box: tuple[float, ...] | None) -> FaceDetection:
-        if identity_box is None:
-            return faces[0]
-        return max(faces, key=lambda f: (box_iou(f.box, identity_box), f.area))
 
     def align(self, rgb: np.ndarray, face: FaceDetection, size: int = 512) -> tuple[np.ndarray, np.ndarray]:
         """facexlib's ``align_warp_face`` (OpenCV LMEDS similarity + warpAffine), RGB in and out."""

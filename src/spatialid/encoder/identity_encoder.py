@@ -4,8 +4,8 @@
 
 1. identity vector: the raw 512-d ArcFace embedding of the largest face (insightface
    ``antelopev2``); when insightface finds no face, ArcFace of the aligned crop of step 2;
-2. the face aligned onto the FFHQ 512 template (facexlib RetinaFace + 5 points), parsed with BiSeNet;
-   background classes painted white, the rest in grayscale;
+2. the face nearest the photo centre aligned onto the FFHQ 512 template (facexlib RetinaFace + 5
+   points), parsed with BiSeNet; background classes painted white, the rest in grayscale;
 3. EVA02-CLIP-L-14-336 on that image (bicubic 336, CLIP mean/std): L2-normalised class embedding
    (768) and the inputs of blocks 4, 8, 12, 16, 20 (five ``[1, 577, 1024]``);
 4. ``tokens = IDFormer(cat(arcface, eva), hidden)`` -> ``[1, 32, 2048]``;
@@ -24,9 +24,21 @@ Two configurations:
 
 Photos larger than :data:`MAX_PHOTO_SIDE` (1024 px on the long side) are first shrunk to it, as
 PuLID-FLUX's app does before encoding; face boxes are reported in the original photo's pixels.
-Faces whose box (in the shrunk photo) is smaller than ``min_face_size`` (:data:`MIN_FACE_SIZE` = 64 px on the shorter
-side) are refused: ArcFace works on 112 px crops and EVA on a 512 px crop upsampled from the photo,
-so identity from a smaller face is mostly guesswork.
+
+Which face, when a photo has several: PuLID-FLUX's own rule (``pulid/pipeline_flux.py``
+``get_id_embedding``). The identity vector comes from the *largest* face box (insightface
+``app.get``, sorted by box area, last kept); alignment, parsing and EVA-CLIP from the face whose box
+centre is *nearest the photo centre* (facexlib ``get_face_landmarks_5(only_center_face=True)``).
+The two can be different people; PuLID does not check, we keep its choice (its checkpoint and the
+paper's numbers come from it) and log a warning saying so. The dlib path applies the same two rules
+to dlib's faces: descriptor from the largest, alignment from the centre-most. The reported face box
+is the identity face's.
+
+Small faces are used, not refused (PuLID refuses none): a face whose box (in the shrunk photo) is
+under ``min_face_size`` (:data:`MIN_FACE_SIZE` = 64 px on the shorter side) gets one warning naming
+the photo and the size, since ArcFace works on 112 px crops and EVA on a 512 px crop upsampled from
+the photo, so its identity is unreliable. Only a photo where no detector finds a face raises
+:class:`~spatialid.errors.FaceNotFoundError`.
 """
 
 from __future__ import annotations
@@ -35,7 +47,7 @@ import functools
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +65,13 @@ from spatialid.encoder.eva_clip import (
     EvaVisionTower,
     load_eva_vision_tower,
 )
-from spatialid.encoder.face_dlib import DlibFaceAnalyzer, FaceDetection, shared_dlib_analyzer
+from spatialid.encoder.face_dlib import (
+    DlibFaceAnalyzer,
+    FaceDetection,
+    center_face,
+    largest_face,
+    shared_dlib_analyzer,
+)
 from spatialid.encoder.parsing import eva_preprocess, face_features_image, landmark_parsing_map
 from spatialid.errors import FaceNotFoundError, SpatialIDError
 from spatialid.utils.images import ImageInput, describe_source, load_image
@@ -72,7 +90,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MIN_FACE_SIZE = 64  # px, shorter side of the detected face box
+MIN_FACE_SIZE = 64  # px, shorter side of the face box; smaller faces are used with a warning
 MAX_PHOTO_SIDE = 1024  # photos are shrunk to this long side first, as PuLID-FLUX's app does
 ALIGNED_SIZE = 512  # facexlib's face_size in PuLID
 DLIB_ID_DIM = 128  # dlib face descriptor size (tiny preset's identity vector)
@@ -134,11 +152,12 @@ class _DlibStack:
 
     def analyze(self, rgb: np.ndarray, name: str) -> FaceAnalysis:
         faces = self.analyzer.detect(rgb)
-        face = _pick_face(faces, name, self.min_face_size, "dlib")
+        id_face, face, notes = _pick_faces(name, rgb.shape, faces, "dlib", faces, "dlib", self.min_face_size)
+        assert id_face is not None  # same list: no alignment face without an identity face
         aligned, matrix = self.analyzer.align(rgb, face, ALIGNED_SIZE)
         labels = _landmark_labels(self.analyzer, face, matrix)
-        vec = self.analyzer.descriptor(rgb, face)
-        return FaceAnalysis(vec, face.box, face.score, len(faces), aligned, labels, face.landmarks5)
+        vec = self.analyzer.descriptor(rgb, id_face)
+        return FaceAnalysis(vec, id_face.box, id_face.score, len(faces), aligned, labels, face.landmarks5, notes)
 
 
 class _PuLIDStack:
@@ -156,34 +175,21 @@ class _PuLIDStack:
         self.id_name = "arcface-antelopev2-glintr100-512"
 
     def analyze(self, rgb: np.ndarray, name: str) -> FaceAnalysis:
-        notes: list[str] = []
         id_faces = self.arcface.detect(rgb)
-        id_face = _pick_face(id_faces, name, self.min_face_size, "insightface") if id_faces else None
         aligner = self.facexlib if self.facexlib is not None else self.dlib
         faces = aligner.detect(rgb)
-        if not faces:
-            if id_face is None:
-                raise FaceNotFoundError(_no_face_message(name, self.min_face_size))
-            raise FaceNotFoundError(
-                f"no face found in {name} by the alignment detector ({aligner.name}); "
-                "use a frontal, well-lit photo where the face is clearly visible"
-            )
+        id_face, face, notes = _pick_faces(name, rgb.shape, id_faces, getattr(self.arcface, "name", "insightface"),
+                                           faces, aligner.name, self.min_face_size)
         if self.facexlib is not None:
-            face = self.facexlib.choose(faces, id_face.box if id_face is not None else None)
             aligned, _ = self.facexlib.align(rgb, face, ALIGNED_SIZE)
             labels = self.facexlib.parse(torch.from_numpy(aligned).permute(2, 0, 1)[None].float() / 255.0).cpu()
         else:
-            from spatialid.encoder.face_facexlib import box_iou
-
-            face = faces[0] if id_face is None else max(faces, key=lambda f: (box_iou(f.box, id_face.box), f.area))
             aligned, matrix = self.dlib.align(rgb, face, ALIGNED_SIZE)
             labels = _landmark_labels(self.dlib, face, matrix)
         if id_face is not None:
             vec = self.arcface.embed(rgb, id_face)
             box, score, count = id_face.box, id_face.score, len(id_faces)
         else:
-            if min(face.width, face.height) < self.min_face_size:
-                _pick_face([face], name, self.min_face_size, "alignment")
             logger.info("insightface found no face in %s: ArcFace runs on the aligned crop (as PuLID does)", name)
             notes.append("arcface_on_aligned_crop")
             vec = self.arcface.embed_aligned(aligned)
@@ -198,22 +204,63 @@ def _no_face_message(name: str, min_face_size: int = MIN_FACE_SIZE) -> str:
     )
 
 
-def _pick_face(faces: list[FaceDetection], name: str, min_face_size: int, detector: str) -> FaceDetection:
-    """Largest face (faces come sorted largest first), with the size check and a log line."""
+def _same_face(a: FaceDetection, b: FaceDetection) -> bool:
+    """Two detectors' boxes of one face overlap well; two people's hardly at all."""
+    from spatialid.encoder.face_facexlib import box_iou
+
+    return a is b or box_iou(a.box, b.box) >= 0.3
+
+
+def _describe(face: FaceDetection) -> str:
+    return f"{face.width:.0f}x{face.height:.0f} px at x={face.box[0]:.0f}, y={face.box[1]:.0f}"
+
+
+def _pick_faces(
+    name: str,
+    shape: tuple[int, ...],
+    id_faces: Sequence[FaceDetection],
+    id_detector: str,
+    faces: Sequence[FaceDetection],
+    detector: str,
+    min_face_size: int,
+) -> tuple[FaceDetection | None, FaceDetection, list[str]]:
+    """PuLID-FLUX's choice: ``(identity face, alignment face, notes)`` (see the module docstring).
+
+    identity face: the largest of ``id_faces`` (None when there are none, then ArcFace runs on the
+    aligned crop); alignment face: the one of ``faces`` nearest the photo centre. Small faces are
+    kept with a warning. Raises FaceNotFoundError only when ``faces`` is empty.
+    """
+    id_face = largest_face(id_faces) if id_faces else None
     if not faces:
-        raise FaceNotFoundError(_no_face_message(name, min_face_size))
-    face = faces[0]
-    if face.side < min_face_size:
+        if id_face is None:
+            raise FaceNotFoundError(_no_face_message(name, min_face_size))
         raise FaceNotFoundError(
-            f"the face in {name} is only {face.width:.0f}x{face.height:.0f} px, below the minimum of "
-            f"{min_face_size} px; use a closer or higher-resolution photo"
+            f"no face found in {name} by the alignment detector ({detector}); "
+            "use a frontal, well-lit photo where the face is clearly visible"
         )
-    if len(faces) > 1:
-        logger.warning(
-            "%d faces found in %s by %s; using the largest (%.0fx%.0f px at x=%.0f, y=%.0f)",
-            len(faces), name, detector, face.width, face.height, face.box[0], face.box[1],
-        )
-    return face
+    face = center_face(faces, shape[1], shape[0])
+    notes: list[str] = []
+    same = id_face is not None and _same_face(id_face, face)
+    if id_face is not None and not same:
+        notes.append("identity_and_aligned_faces_differ")
+    if len(id_faces) > 1 or len(faces) > 1 or "identity_and_aligned_faces_differ" in notes:
+        what = []
+        if id_face is not None:
+            what.append(f"identity vector from the largest of {len(id_faces)} ({id_detector}): {_describe(id_face)}")
+        where = "the same face" if same else _describe(face)
+        what.append(f"alignment and EVA-CLIP from the one of {len(faces)} ({detector}) nearest the centre: {where}")
+        tail = "" if same or id_face is None else "; these are different faces, as PuLID-FLUX would use them"
+        logger.warning("several faces in %s: %s%s", name, "; ".join(what), tail)
+    used = [id_face] if same else [f for f in (id_face, face) if f is not None]
+    for f in used:
+        if f.side < min_face_size:
+            notes.append("small_face")
+            logger.warning(
+                "the face in %s is only %.0fx%.0f px, under %d px: encoded anyway (as PuLID-FLUX does), but "
+                "its identity is unreliable; a closer or higher-resolution photo gives a better likeness",
+                name, f.width, f.height, min_face_size,
+            )
+    return id_face, face, notes
 
 
 def _landmark_labels(analyzer: DlibFaceAnalyzer, face: FaceDetection, matrix: np.ndarray) -> torch.Tensor:
@@ -246,7 +293,8 @@ class IdentityEncoder:
         max_side: int | None = MAX_PHOTO_SIDE,
         metadata: dict[str, str] | None = None,
     ) -> None:
-        cfg = getattr(idformer, "config", None)
+        # The typed sizes (IDFormer.config is diffusers' FrozenDict); other modules are not checked.
+        cfg = getattr(idformer, "pulid_config", None)
         if cfg is not None:
             want = face_stack.id_dim + eva.config.output_dim
             if cfg.id_cond_dim != want or cfg.vit_dim != eva.config.width:
@@ -306,7 +354,7 @@ class IdentityEncoder:
     @classmethod
     def from_pretrained(
         cls,
-        idformer: nn.Module | None = None,
+        idformer: nn.Module | Callable[[], nn.Module] | None = None,
         *,
         pulid: str | os.PathLike | None = None,
         pulid_filename: str | None = None,
@@ -327,8 +375,10 @@ class IdentityEncoder:
 
         Args:
             idformer: the IDFormer of the loaded PuLID-FLUX checkpoint (the pipeline passes its
-                own); when None it is loaded from ``pulid`` / ``pulid_filename`` (default
-                ``guozinan/PuLID`` ``pulid_flux_v0.9.1.safetensors``).
+                own), or a callable that loads it (called once the other files are located, so a
+                missing checkpoint is listed with every other missing file); when None it is
+                loaded from ``pulid`` / ``pulid_filename`` (default ``guozinan/PuLID``
+                ``pulid_flux_v0.9.1.safetensors``).
             eva: EVA02-CLIP-L-14-336 weights: a file, a folder, or a hub repo id (default
                 ``timm/eva02_large_patch14_clip_336.merged2b_s6b_b61k``); ``eva_filename`` picks the
                 file in a folder/repo.
@@ -343,7 +393,7 @@ class IdentityEncoder:
                 with a warning), ``"facexlib"`` (required) or ``"dlib"``.
             device, dtype: where EVA and the IDFormer run (PuLID uses the pipeline's dtype, bf16);
                 default: the given IDFormer's device and dtype (else CPU, the checkpoint's float32).
-            min_face_size: smallest accepted face box side in pixels.
+            min_face_size: face box side (px) under which a warning says the identity is unreliable.
             eva_config: EVA tower shape (only reduced test models change it).
 
         Raises:
@@ -357,6 +407,9 @@ class IdentityEncoder:
             raise ValueError(f"face_backend must be 'auto', 'facexlib' or 'dlib', got {face_backend!r}")
         mdir = Path(models_dir).expanduser() if models_dir is not None else mf.default_models_dir()
         offline = mf.offline_mode(local_files_only)
+        idformer_loader = idformer if callable(idformer) and not isinstance(idformer, nn.Module) else None
+        if idformer_loader is not None:
+            idformer = None
         if device is not None:
             dev = torch.device(device)
         elif idformer is not None:
@@ -394,9 +447,16 @@ class IdentityEncoder:
             locate(mf.FACEXLIB_PARSER, facexlib, required=face_backend == "facexlib")
         eva_path = _resolve_eva(eva, eva_filename, mdir, cache_dir, offline, missing)
         pulid_path = None
-        if idformer is None:
+        if idformer_loader is not None:
             from spatialid.errors import ModelFilesMissingError
-            from spatialid.models.checkpoint import DEFAULT_FILENAME, DEFAULT_REPO_ID, resolve_pulid_checkpoint
+
+            try:
+                idformer = idformer_loader()
+            except ModelFilesMissingError:
+                missing.append(_pulid_file_spec(pulid, pulid_filename))
+        elif idformer is None:
+            from spatialid.errors import ModelFilesMissingError
+            from spatialid.models.checkpoint import DEFAULT_FILENAME, resolve_pulid_checkpoint
 
             local_pulid = mdir / "pulid" / (pulid_filename or DEFAULT_FILENAME)
             if pulid is None and local_pulid.is_file():
@@ -406,10 +466,7 @@ class IdentityEncoder:
                     pulid, pulid_filename, cache_dir=cache_dir, local_files_only=offline
                 )
             except ModelFilesMissingError:
-                missing.append(mf.ModelFile(
-                    "pulid", pulid_filename or DEFAULT_FILENAME, "pulid", "1.1 GB",
-                    repo_id=os.fspath(pulid) if pulid is not None else DEFAULT_REPO_ID,
-                ))
+                missing.append(_pulid_file_spec(pulid, pulid_filename))
         if missing:
             raise mf.missing_files_error(missing, mdir, offline)
 
@@ -476,7 +533,7 @@ class IdentityEncoder:
 
         Raises:
             InputImageError: an input cannot be read as a still image.
-            FaceNotFoundError: no face, or the face is smaller than ``min_face_size``.
+            FaceNotFoundError: no face found (a face under ``min_face_size`` is used, with a warning).
         """
         items = list(images) if isinstance(images, (list, tuple)) else [images]
         if not items:
@@ -517,7 +574,7 @@ class IdentityEncoder:
                 "photos": json.dumps(names),
                 "face_boxes": json.dumps(boxes),
                 "faces_found": json.dumps(counts),
-                "idformer_config": json.dumps(getattr(getattr(self.idformer, "config", None), "to_dict", dict)()),
+                "idformer_config": json.dumps(getattr(getattr(self.idformer, "pulid_config", None), "to_dict", dict)()),
                 "dtype": str(self.dtype).replace("torch.", ""),
             }
         )
@@ -564,6 +621,15 @@ def _tiny_eva(seed: int) -> EvaVisionTower:
     import copy
 
     return copy.deepcopy(_tiny_eva_cached(seed))
+
+
+def _pulid_file_spec(pulid: Any, filename: str | None) -> Any:
+    """The PuLID-FLUX checkpoint as an entry of the missing-files list."""
+    from spatialid.encoder import model_files as mf
+    from spatialid.models.checkpoint import DEFAULT_FILENAME, DEFAULT_REPO_ID
+
+    repo = os.fspath(pulid) if pulid is not None else DEFAULT_REPO_ID
+    return mf.ModelFile("pulid", filename or DEFAULT_FILENAME, "pulid", "1.1 GB", repo_id=repo)
 
 
 def _has_module(name: str) -> bool:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spatialid.errors import ModelFilesMissingError
+from spatialid.utils.offline import is_offline
 
 __all__ = [
     "ModelFile",
@@ -98,13 +99,8 @@ def default_models_dir() -> Path:
 
 
 def offline_mode(local_files_only: bool | None) -> bool:
-    """Explicit flag, else ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` / ``SPATIALID_OFFLINE``."""
-    if local_files_only is not None:
-        return bool(local_files_only)
-    return any(
-        os.environ.get(v, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "SPATIALID_OFFLINE")
-    )
+    """The one offline rule (:func:`spatialid.utils.offline.is_offline`)."""
+    return is_offline(local_files_only)
 
 
 def find_local(spec: ModelFile, models_dir: Path, override: str | os.PathLike | None = None,

@@ -1,7 +1,10 @@
-"""Evaluation of benchmark outputs: CLIP-T/CLIP-I, FaceSim, image quality, background contamination.
+"""Evaluation of benchmark outputs with IBench's metrics, plus background contamination.
 
-Submodules: ``clip_metrics``, ``face_metrics``, ``quality``, ``contamination`` (metric models),
-``stats`` (mean/std/CI), ``report`` (JSON/Markdown/CSV/plots) and ``evaluate`` (the driver).
+Submodules: ``clip_metrics`` (CLIP-T, CLIP-I, CLIP-ref), ``face_metrics`` (FaceSim, AntiFaceSim),
+``quality`` (IQ, IQ-01), ``aesthetic``, ``fid``, ``contamination`` (metric models), ``paper`` (the
+paper's quoted numbers), ``stats`` (mean/std/CI), ``report`` (JSON/Markdown/CSV/plots), ``inputs``
+(sources and files checked before any model loads; damaged images read without crashing) and
+``evaluate`` (the driver).
 Model-heavy modules import torch/open_clip on use; importing this package stays light.
 """
 
@@ -14,6 +17,9 @@ _LAZY = {
     "DlibFaceEmbedder": "spatialid.evaluation.face_metrics",
     "ArcFaceEmbedder": "spatialid.evaluation.face_metrics",
     "QualityScorer": "spatialid.evaluation.quality",
+    "AestheticScorer": "spatialid.evaluation.aesthetic",
+    "FidExtractor": "spatialid.evaluation.fid",
+    "fid_from_features": "spatialid.evaluation.fid",
     "load_quality": "spatialid.evaluation.quality",
     "LpipsDistance": "spatialid.evaluation.contamination",
     "background_change": "spatialid.evaluation.contamination",
@@ -23,6 +29,8 @@ _LAZY = {
     "write_report": "spatialid.evaluation.report",
     "MetricModels": "spatialid.evaluation.evaluate",
     "evaluate": "spatialid.evaluation.evaluate",
+    "check_source": "spatialid.evaluation.inputs",
+    "load_rgb": "spatialid.evaluation.inputs",
 }
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _LAZY)

@@ -4,8 +4,9 @@ SpatialID's claim is that uniform identity injection (PuLID) leaks the reference
 whole image, and that masking confines it to the face. This is measured directly. For every item
 the bench also generates the same prompt and seed *without* identity (preset ``"none"``). Both
 images start from the same noise, so where they differ the identity is responsible. The face is
-segmented (the largest face found in the identity image, plus the baseline's own face when one
-is found: the union, so that only background remains), and outside that region we report:
+segmented (the face FaceSim uses, IBench's ``faces[0]``, in the identity image, plus the baseline's
+own face when one is found: the union, so that only background remains), and outside that region
+we report:
 
 * ``bg_lpips`` (lower is better): LPIPS distance map (``lpips`` package, AlexNet) averaged over the
   background pixels;

@@ -1,44 +1,75 @@
-"""FaceSim and face detection: cosine similarity of face embeddings of the largest faces.
+"""FaceSim, AntiFaceSim and face detection, as IBench computes them.
+
+IBench (typemovie/IBench, ``ibench/metrics/imageid/facesim.py``):
+
+* ``FaceModelLoader.load_model``: insightface ``FaceAnalysis(name="antelopev2")`` prepared with
+  ``det_size=(640, 640)`` (detection threshold 0.5, insightface's default);
+* ``get_face_embedding``: ``cv2.imread(path)`` (BGR, EXIF orientation applied by OpenCV), then
+  ``faces = model.get(img)`` and ``faces[0].embedding`` (the raw 512-d ArcFace vector), ``None``
+  without a face. insightface returns faces in the detector's order, highest detection score
+  first (SCRFD sorts by score before NMS; ``max_num=0`` means no re-ordering by size), so this is
+  the most confident face, not the largest;
+* ``cosine_similarity``: ``dot(a / |a|, b / |b|)``;
+* ``FaceSim.evaluate``: the mean over items of cos(photo ``id``, ``imagewithid``); an item whose
+  photo or image has no face raises inside the ``try`` and is skipped, so it is left out of the
+  mean (not counted as 0). ``AntiFaceSim.evaluate``: the same with ``imagewithoutid``.
+
+We compute the same per image (NaN where a face is missing, left out of the mean) and report the
+share of images with a detected face as its own column. The antelopev2 pack's detector and
+recognizer (``scrfd_10g_bnkps.onnx``, ``glintr100.onnx``) are the only two of its five models that
+``.embedding`` depends on; we run those two through insightface's model zoo and ``norm_crop``,
+which is what ``FaceAnalysis.get`` does with them.
 
 Two backends:
 
-* ``arcface`` (default, the number papers report): insightface's antelopev2 models, SCRFD-10G
-  detection and the glintr100 ArcFace recognizer (512-d), as PuLID itself uses them. Needs the
-  optional ``[face]`` extra and the two ONNX files (see :mod:`spatialid.encoder.model_files`).
+* ``arcface`` (default, the number papers report): the above. Needs the optional ``[face]``
+  extra (insightface, onnxruntime, OpenCV) and the two ONNX files
+  (see :mod:`spatialid.encoder.model_files`).
 * ``dlib`` (offline alternative, always installed): dlib's HOG detector and its 128-d ResNet face
-  descriptor from ``face-recognition-models``. Its cosine similarities are on another scale than
-  ArcFace's (dlib descriptors of different people are still far from orthogonal), so reports name
-  the backend next to the column and the two are never to be compared with each other.
+  descriptor from ``face-recognition-models``, with the same face choice (highest score). Its
+  cosine similarities are on another scale than ArcFace's, so reports name the backend next to
+  the column and the two are never to be compared with each other.
 
-An image in which no face is detected gets no FaceSim (NaN, left out of the mean) and counts as a
-miss in the detection rate. With ``fallback="center"`` (used by the offline tiny evaluation, whose
-generated images are noise) a centred box stands in for the face so that every column gets a value;
-such values are flagged per image (``face_source = "center-fallback"``).
+With ``fallback="center"`` (used by the offline tiny evaluation, whose generated images are noise)
+a centred box stands in for a missing face so that every column gets a value; such values are
+flagged per image (``face_source = "center-fallback"``). IBench has no such fallback.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from spatialid.errors import SpatialIDError
 
-__all__ = ["ArcFaceEmbedder", "DlibFaceEmbedder", "FaceResult", "center_box", "cosine", "load_face_embedder"]
+__all__ = [
+    "ArcFaceEmbedder",
+    "DlibFaceEmbedder",
+    "FaceResult",
+    "center_box",
+    "cosine",
+    "first_face_index",
+    "load_face_embedder",
+]
 
 FALLBACKS = ("none", "center")
+T = TypeVar("T")
 
 
 @dataclass
 class FaceResult:
-    """The largest face of an image: box ``(x0, y0, x1, y1)`` in pixels and its embedding."""
+    """The face IBench would use: box ``(x0, y0, x1, y1)`` in pixels, its embedding and score."""
 
     box: tuple[float, float, float, float]
     embedding: np.ndarray
     detected: bool  # False: the centre fallback box, not a detection
+    score: float = math.nan
 
     @property
     def source(self) -> str:
@@ -46,7 +77,7 @@ class FaceResult:
 
 
 def cosine(a: np.ndarray | None, b: np.ndarray | None) -> float:
-    """Cosine similarity of two vectors (NaN when either is missing)."""
+    """IBench's ``cosine_similarity`` (dot of the L2-normalised vectors); NaN when either is missing."""
     if a is None or b is None:
         return float("nan")
     a = np.asarray(a, dtype=np.float64).ravel()
@@ -54,7 +85,14 @@ def cosine(a: np.ndarray | None, b: np.ndarray | None) -> float:
     na, nb = np.linalg.norm(a), np.linalg.norm(b)
     if na == 0 or nb == 0:
         return float("nan")
-    return float(a @ b / (na * nb))
+    return float((a / na) @ (b / nb))
+
+
+def first_face_index(scores: Sequence[float]) -> int | None:
+    """Index of IBench's ``faces[0]``: the highest detection score (the first one on ties)."""
+    if len(scores) == 0:
+        return None
+    return int(np.argmax(np.asarray(scores, dtype=np.float64)))
 
 
 def center_box(width: int, height: int) -> tuple[float, float, float, float]:
@@ -62,6 +100,11 @@ def center_box(width: int, height: int) -> tuple[float, float, float, float]:
     side = 0.5 * min(width, height)
     cx, cy = width / 2, height * 0.45
     return (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
+
+
+def _check_fallback(fallback: str) -> None:
+    if fallback not in FALLBACKS:
+        raise SpatialIDError(f"face fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}")
 
 
 class DlibFaceEmbedder:
@@ -73,23 +116,33 @@ class DlibFaceEmbedder:
     def __init__(self, *, fallback: str = "none", min_score: float = 0.5) -> None:
         from spatialid.encoder.face_dlib import DlibFaceAnalyzer
 
-        if fallback not in FALLBACKS:
-            raise SpatialIDError(f"face fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}")
+        _check_fallback(fallback)
         self.analyzer = DlibFaceAnalyzer(min_score=min_score, with_descriptor=True)
         self.fallback = fallback
 
     @property
     def label(self) -> str:
-        return "dlib HOG detector + 128-d face descriptor (offline alternative to ArcFace; FaceSim not comparable to papers')"
+        return (
+            "dlib HOG detector + 128-d face descriptor, highest-score face (offline alternative to ArcFace; "
+            "FaceSim not comparable to papers')"
+        )
+
+    def analyze_path(self, path: str | os.PathLike[str]) -> FaceResult | None:
+        """The face of an image file (read with PIL: dlib wants RGB)."""
+        from PIL import Image
+
+        with Image.open(path) as img:
+            return self.analyze(np.asarray(img.convert("RGB")))
 
     def analyze(self, rgb: np.ndarray) -> FaceResult | None:
         import dlib
 
         img = np.ascontiguousarray(rgb, dtype=np.uint8)
         faces = self.analyzer.detect(img)
-        if faces:
-            face = faces[0]
-            return FaceResult(face.box, self.analyzer.descriptor(img, face), True)
+        i = first_face_index([f.score for f in faces])
+        if i is not None:
+            face = faces[i]
+            return FaceResult(face.box, self.analyzer.descriptor(img, face), True, float(face.score))
         if self.fallback != "center":
             return None
         h, w = img.shape[:2]
@@ -101,7 +154,13 @@ class DlibFaceEmbedder:
 
 
 class ArcFaceEmbedder:
-    """insightface antelopev2 (SCRFD + glintr100 ArcFace), the FaceSim of PuLID-style papers."""
+    """IBench's FaceSim model: insightface antelopev2 (SCRFD-10G + glintr100 ArcFace), ``faces[0]``.
+
+    Build it with the real files (``ArcFaceEmbedder(models_dir=...)``) or, for tests, from parts
+    (:meth:`from_parts`): a detector with insightface's ``detect(bgr, max_num=0, metric="default")
+    -> (bboxes [N, 5], kpss [N, 5, 2])``, a recognizer with ``input_size`` and ``get_feat(crop)``,
+    an ``align(bgr, landmark=, image_size=)`` (insightface's ``norm_crop``) and an image reader.
+    """
 
     name = "arcface-antelopev2-glintr100"
     random_weights = False
@@ -114,7 +173,12 @@ class ArcFaceEmbedder:
         offline: bool | None = None,
         fallback: str = "none",
     ) -> None:
-        from spatialid.encoder.face_insightface import InsightFaceArcFace, require_face_extra
+        import importlib.util
+
+        from spatialid.encoder.face_insightface import (
+            FACE_EXTRA_HINT,
+            InsightFaceArcFace,
+        )
         from spatialid.encoder.model_files import (
             ANTELOPE_DETECTOR,
             ANTELOPE_RECOGNIZER,
@@ -125,13 +189,13 @@ class ArcFaceEmbedder:
             offline_mode,
         )
 
-        if fallback not in FALLBACKS:
-            raise SpatialIDError(f"face fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}")
-        try:
-            require_face_extra("insightface")
-            require_face_extra("onnxruntime")
-        except SpatialIDError as exc:
-            raise SpatialIDError(f"{exc} (FaceSim with ArcFace), or use --face-model dlib (offline, labelled alternative)") from None
+        _check_fallback(fallback)
+        for module, package in (("insightface", "insightface"), ("onnxruntime", "onnxruntime"), ("cv2", "opencv-python-headless")):
+            if importlib.util.find_spec(module) is None:
+                raise SpatialIDError(
+                    f"FaceSim with ArcFace (IBench's) needs the Python package '{package}'; {FACE_EXTRA_HINT}, "
+                    "or use --face-model dlib (offline, labelled alternative)"
+                )
         folder = Path(models_dir).expanduser() if models_dir else default_models_dir()
         off = offline_mode(offline)
         paths, missing = [], []
@@ -141,19 +205,53 @@ class ArcFaceEmbedder:
         if missing:
             err = missing_files_error(missing, folder, off)
             raise type(err)(f"FaceSim (ArcFace): {err}; or use --face-model dlib") from None
-        self.model = InsightFaceArcFace(paths[0], paths[1], device=device)
+        import cv2
+        from insightface.utils import face_align
+
+        model = InsightFaceArcFace(paths[0], paths[1], device=device, det_size=(640, 640), det_thresh=0.5)
+        self._setup(model.detector, model.recognizer, face_align.norm_crop, cv2.imread, fallback)
+
+    @classmethod
+    def from_parts(
+        cls,
+        detector: Any,
+        recognizer: Any,
+        *,
+        align: Callable[..., np.ndarray],
+        imread: Callable[[str], np.ndarray | None] | None = None,
+        fallback: str = "none",
+    ) -> ArcFaceEmbedder:
+        """An embedder around given models (tests use fakes; see the class docstring)."""
+        _check_fallback(fallback)
+        obj = cls.__new__(cls)
+        obj._setup(detector, recognizer, align, imread, fallback)
+        return obj
+
+    def _setup(self, detector: Any, recognizer: Any, align: Callable[..., np.ndarray], imread: Any, fallback: str) -> None:
+        self.detector = detector
+        self.recognizer = recognizer
+        self.align = align
+        self.imread = imread
         self.fallback = fallback
 
     @property
     def label(self) -> str:
-        return "ArcFace (insightface antelopev2: SCRFD-10G + glintr100)"
+        return "ArcFace (insightface antelopev2: SCRFD-10G at 640x640 + glintr100), faces[0] = highest score, OpenCV BGR input"
 
-    def analyze(self, rgb: np.ndarray) -> FaceResult | None:
-        img = np.ascontiguousarray(rgb, dtype=np.uint8)
-        faces = self.model.detect(img)
-        if faces:
-            face = faces[0]
-            return FaceResult(face.box, self.model.embed(img, face), True)
+    def _embed(self, bgr: np.ndarray) -> np.ndarray:
+        return np.asarray(self.recognizer.get_feat(bgr), dtype=np.float32).reshape(-1)
+
+    def analyze_bgr(self, bgr: np.ndarray) -> FaceResult | None:
+        """``faces[0]`` of ``FaceAnalysis.get``: the top-score detection, aligned and embedded."""
+        img = np.ascontiguousarray(bgr, dtype=np.uint8)
+        bboxes, kpss = self.detector.detect(img, max_num=0, metric="default")
+        bboxes = np.asarray(bboxes).reshape(-1, 5)
+        i = first_face_index(bboxes[:, 4].tolist())
+        if i is not None:
+            size = int(self.recognizer.input_size[0])
+            crop = self.align(img, landmark=np.asarray(kpss[i]), image_size=size)
+            box = tuple(float(v) for v in bboxes[i, :4])
+            return FaceResult(box, self._embed(crop), True, float(bboxes[i, 4]))  # type: ignore[arg-type]
         if self.fallback != "center":
             return None
         from PIL import Image
@@ -161,7 +259,27 @@ class ArcFaceEmbedder:
         h, w = img.shape[:2]
         box = center_box(w, h)
         crop = Image.fromarray(img).crop(tuple(int(v) for v in box)).resize((112, 112))
-        return FaceResult(box, self.model.embed_aligned(np.asarray(crop)), False)
+        return FaceResult(box, self._embed(np.asarray(crop)), False)
+
+    def analyze_path(self, path: str | os.PathLike[str]) -> FaceResult | None:
+        """The face of an image file read as IBench reads it: ``cv2.imread`` (BGR)."""
+        if self.imread is None:
+            from PIL import Image
+
+            with Image.open(path) as img:
+                return self.analyze(np.asarray(img.convert("RGB")))
+        bgr = self.imread(os.fspath(path))
+        if bgr is None:
+            from spatialid.evaluation.inputs import UnreadableImageError
+
+            err = UnreadableImageError(f"OpenCV cannot read {path} (not an image, or a format OpenCV lacks)")
+            err.path, err.reason = Path(path), "OpenCV cannot read it (not an image, or a format OpenCV lacks)"
+            raise err
+        return self.analyze_bgr(bgr)
+
+    def analyze(self, rgb: np.ndarray) -> FaceResult | None:
+        """Same as :meth:`analyze_bgr` for an RGB array."""
+        return self.analyze_bgr(np.ascontiguousarray(np.asarray(rgb)[:, :, ::-1]))
 
 
 def load_face_embedder(
@@ -172,7 +290,7 @@ def load_face_embedder(
     models_dir: str | os.PathLike[str] | None = None,
     offline: bool | None = None,
 ) -> Any:
-    """``"arcface"`` (insightface) or ``"dlib"`` (offline alternative)."""
+    """``"arcface"`` (insightface, IBench's) or ``"dlib"`` (offline alternative)."""
     if kind == "arcface":
         return ArcFaceEmbedder(device=device, models_dir=models_dir, offline=offline, fallback=fallback)
     if kind == "dlib":

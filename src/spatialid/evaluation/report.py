@@ -3,8 +3,15 @@
 Tables have one row per preset and one column per metric; cells are ``mean ± half-width of the 95%
 CI``; arrows in the header say whether higher or lower is better and the best identity preset of
 each column is in bold (the ``none`` row, generated without identity, is a reference, not a
-contender: it trivially wins the text and background columns). When any metric model has random
-weights, every file says so in its first lines.
+contender: it trivially wins the text and background columns). FID is one number per preset (a
+distance between two image sets), so it has no interval. When any metric model has random weights,
+every file says so in its first lines and each such column is marked ``[random]``. Presets the
+SpatialID paper reports get a block with the paper's numbers beside the run's, marked as quoted.
+
+Beside each preset's ``n`` stands the ``expected`` number of items of its bench grid, so a killed
+run cannot pass for a finished one; missing items and skipped (unreadable) images are listed.
+Presets scored on different items are not ranked (no bold, no paired differences), or, with
+``--allow-incomplete``, ranked in a second table on the items every preset has.
 """
 
 from __future__ import annotations
@@ -18,32 +25,65 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spatialid.evaluation.paper import PAPER_SOURCE, PaperRow
 from spatialid.evaluation.stats import CI_METHOD, Summary
 
-__all__ = ["METRICS", "Metric", "ReportData", "best_presets", "write_report"]
+__all__ = [
+    "METRICS",
+    "RANKED_ALL",
+    "RANKED_COMMON",
+    "Metric",
+    "ReportData",
+    "best_presets",
+    "common_table",
+    "markdown_table",
+    "paper_table",
+    "write_report",
+]
 
 REFERENCE_PRESET = "none"
+RANKED_ALL = "all items"  # ReportData.ranked_on: every preset has the same items
+RANKED_COMMON = "common items"  # --allow-incomplete: ranked on the items every preset has
+SHOW = 5  # missing keys / skipped files named in Markdown (report.json lists all)
 
 
 @dataclass(frozen=True)
 class Metric:
+    """One report column: per-image values summarised per preset, or one value per preset (FID)."""
+
     key: str
     title: str
     higher_is_better: bool
     group: str  # which model computes it (key into ReportData.models)
     fmt: str = "{:.3f}"
+    per_image: bool = True  # False: a set-level number (FID), no interval, no paired differences
+    ranked: bool = True  # False: a reference level (AntiFaceSim), never bold, no arrow
+    desc: str = ""
 
     @property
     def header(self) -> str:
+        if not self.ranked:
+            return f"{self.title} (ref.)"
         return f"{self.title} {'↑' if self.higher_is_better else '↓'}"
 
 
 METRICS: tuple[Metric, ...] = (
-    Metric("clip_t", "CLIP-T", True, "clip"),
-    Metric("clip_i", "CLIP-I", True, "clip"),
-    Metric("face_sim", "FaceSim", True, "face"),
-    Metric("face_det", "Face det.", True, "face"),
-    Metric("iq", "IQ", True, "quality"),
+    Metric("clip_t", "CLIP-T", True, "clip", desc="IBench ClipT: cosine of the image's and the prompt's CLIP embeddings"),
+    Metric("clip_i", "CLIP-I", True, "clip",
+           desc="IBench ClipI: cosine of the CLIP embeddings of the image with identity and the image without identity "
+                "(same prompt and seed)"),
+    Metric("clip_ref", "CLIP-ref", True, "clip", desc="cosine of the CLIP embeddings of the image and the reference photo (not IBench's)"),
+    Metric("face_sim", "FaceSim", True, "face",
+           desc="IBench FaceSim: cosine of the faces[0] embeddings of the photo and the image; images without a face left out"),
+    Metric("face_det", "Face det.", True, "face", desc="share of images with a detected face"),
+    Metric("anti_face_sim", "AntiFaceSim", False, "face", ranked=False,
+           desc="IBench AntiFaceSim: FaceSim of the image without identity (a reference level for FaceSim; not ranked)"),
+    Metric("iq", "IQ", True, "quality", desc="IBench ImagingQuality: the IQ network fed 0-255 pixel values, / 100"),
+    Metric("iq_01", "IQ-01", True, "quality", desc="the same network fed [0, 1] pixel values (its intended input), / 100"),
+    Metric("aesthetic", "Aesthetic", True, "aesthetic",
+           desc="IBench AestheticScore: LAION linear head on normalised CLIP ViT-L/14 image embeddings, / 10"),
+    Metric("fid", "FID", False, "fid", "{:.2f}", per_image=False,
+           desc="IBench FIDScore: FID between the preset's images with identity and the images without identity"),
     Metric("bg_lpips", "BG LPIPS", False, "lpips"),
     Metric("bg_clip_dist", "BG CLIP dist.", False, "clip", "{:.4f}"),
     Metric("bg_mae", "BG MAE", False, "pixels"),
@@ -66,6 +106,66 @@ class ReportData:
     paired_reference: str | None = None
     notes: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    random_groups: list[str] = field(default_factory=list)  # model groups with random weights
+    paper: dict[str, PaperRow] = field(default_factory=dict)  # preset -> the paper's row
+    expected: dict[str, int] = field(default_factory=dict)  # bench preset -> items of its grid
+    missing: dict[str, dict[str, Any]] = field(default_factory=dict)  # bench preset -> {"count", "failed", "keys"}
+    ranked_on: str | None = RANKED_ALL  # RANKED_ALL, RANKED_COMMON or None (presets not ranked)
+    common_items: int | None = None  # RANKED_COMMON: how many items every preset has
+    common_summaries: dict[str, dict[str, Summary]] = field(default_factory=dict)  # RANKED_COMMON: on those items
+    skipped: list[dict[str, str]] = field(default_factory=list)  # unreadable image files: {"file", "reason"}
+
+    def is_random(self, metric: Metric) -> bool:
+        return metric.group in self.random_groups
+
+    @property
+    def complete(self) -> bool:
+        """Every bench preset has every item of its grid (IBench .json methods have no grid)."""
+        return not any(m.get("count") for m in self.missing.values())
+
+    def incomplete_message(self) -> str:
+        """One line for an incomplete run: what is missing and how to go on."""
+        short = {p: m for p, m in self.missing.items() if m.get("count")}
+        parts = [f"{p} has {self.expected[p] - m['count']} of {self.expected[p]}" for p, m in short.items()]
+        shown = ", ".join(parts[:6]) + (f" and {len(parts) - 6} more presets" if len(parts) > 6 else "")
+        first = next(iter(short.values()))["keys"][0] if short else ""
+        ranked = "not ranked (the presets have different items)" if self.ranked_on is None else "ranked on the items they have"
+        return (
+            f"the bench results are incomplete: {shown} expected items (missing e.g. {first}); the report has the "
+            f"per-preset numbers, {ranked}: re-run the same `spatialid bench` command to finish the run (or "
+            "`spatialid merge` all its shard folders), or pass --allow-incomplete to rank the presets on the items "
+            "every one of them has"
+        )
+
+    def completeness_json(self) -> dict[str, Any]:
+        return {
+            "complete": self.complete,
+            "expected": {p: self.expected.get(p) for p in self.presets},
+            "missing": self.missing,
+            "ranked_on": self.ranked_on,
+            "common_items": self.common_items,
+            "common": (
+                {p: {k: s.to_dict() for k, s in d.items()} for p, d in self.common_summaries.items()}
+                if self.ranked_on == RANKED_COMMON else None
+            ),
+        }
+
+    def paper_json(self) -> dict[str, Any] | None:
+        if not self.paper:
+            return None
+        rows = {}
+        for p, row in self.paper.items():
+            run = {}
+            for k in row.values:
+                s = self.summaries.get(p, {}).get(k)
+                run[k] = s.mean if s is not None and math.isfinite(s.mean) else None
+            rows[p] = {"paper_row": row.name, "paper": dict(row.values), "run": run, "note": row.note or None}
+        return {
+            "source": PAPER_SOURCE,
+            "quoted": "numbers under 'paper' are the paper's, copied from its table; 'run' are this evaluation's means",
+            "run_random_weights": self.random_weights,
+            "rows": rows,
+        }
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -76,17 +176,25 @@ class ReportData:
             "models": self.models,
             "settings": self.settings,
             "metrics": [
-                {"key": m.key, "title": m.title, "higher_is_better": m.higher_is_better, "model": self.models.get(m.group)}
+                {
+                    "key": m.key, "title": m.title, "higher_is_better": m.higher_is_better, "ranked": m.ranked,
+                    "per_image": m.per_image, "description": m.desc or None, "model": self.models.get(m.group),
+                    "random_weights": self.is_random(m),
+                }
                 for m in self.metrics
             ],
             "presets": {
                 p: {m.key: self.summaries[p][m.key].to_dict() for m in self.metrics} for p in self.presets
             },
             "best": best_presets(self),
+            "completeness": self.completeness_json(),
+            "skipped_count": len(self.skipped),
+            "skipped_images": self.skipped,
             "paired_reference": self.paired_reference,
             "paired_differences": {
                 p: {k: s.to_dict() for k, s in d.items()} for p, d in self.paired.items()
             },
+            "paper": self.paper_json(),
             "notes": self.notes,
         }
 
@@ -98,13 +206,24 @@ RANDOM_WARNING = (
 
 
 def best_presets(data: ReportData) -> dict[str, str | None]:
-    """Best identity preset per metric (``none`` excluded; ties -> first in row order)."""
+    """Best identity preset per metric (``none`` excluded; ties -> first in row order).
+
+    Nobody is best when the presets were scored on different items (``ranked_on`` None); with
+    ``--allow-incomplete`` the means over the items every preset has decide.
+    """
     best: dict[str, str | None] = {}
+    summaries, presets = data.summaries, data.presets
+    if data.ranked_on == RANKED_COMMON:
+        summaries = data.common_summaries
+        presets = [p for p in data.presets if p in summaries]
     for m in data.metrics:
+        if not m.ranked or data.ranked_on is None:
+            best[m.key] = None
+            continue
         candidates = [
-            (p, data.summaries[p][m.key].mean)
-            for p in data.presets
-            if p != REFERENCE_PRESET and math.isfinite(data.summaries[p][m.key].mean)
+            (p, summaries[p][m.key].mean)
+            for p in presets
+            if p != REFERENCE_PRESET and math.isfinite(summaries[p][m.key].mean)
         ]
         if not candidates:
             best[m.key] = None
@@ -130,26 +249,112 @@ def _preset_label(p: str) -> str:
     return f"{p} (no identity, reference)" if p == REFERENCE_PRESET else p
 
 
+def _header(data: ReportData, m: Metric) -> str:
+    return f"{m.header} [random]" if data.is_random(m) else m.header
+
+
 def markdown_table(data: ReportData) -> str:
-    best = best_presets(data)
-    header = ["Preset", "n"] + [m.header for m in data.metrics]
+    """One row per preset: n, the expected n of its bench grid (— for IBench .json methods), the metrics."""
+    best = best_presets(data) if data.ranked_on == RANKED_ALL else {}
+    return _table(data, data.presets, data.summaries, best, expected=True)
+
+
+def common_table(data: ReportData) -> str:
+    """``--allow-incomplete``: the bench presets on the items every one of them has, best in bold."""
+    presets = [p for p in data.presets if p in data.common_summaries]
+    return _table(data, presets, data.common_summaries, best_presets(data), expected=False)
+
+
+def _table(data: ReportData, presets: Sequence[str], summaries: Mapping[str, Mapping[str, Summary]],
+           best: Mapping[str, str | None], *, expected: bool) -> str:
+    header = ["Preset", "n"] + (["expected"] if expected else []) + [_header(data, m) for m in data.metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for p in data.presets:
-        n = max((data.summaries[p][m.key].count for m in data.metrics), default=0)
-        cells = [_preset_label(p), str(n)]
+    for p in presets:
+        cells = [_preset_label(p), str(_n(summaries[p], data.metrics))]
+        if expected:
+            cells.append(str(data.expected[p]) if p in data.expected else "—")
         for m in data.metrics:
-            c = _cell(m, data.summaries[p][m.key])
+            c = _cell(m, summaries[p][m.key])
             cells.append(f"**{c}**" if best.get(m.key) == p and c != "n/a" else c)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def _n(summaries: Mapping[str, Summary], metrics: Sequence[Metric]) -> int:
+    return max((summaries[m.key].count for m in metrics), default=0)
+
+
+def _completeness_markdown(data: ReportData) -> list[str]:
+    """Skipped images, missing items and the ranking status (nothing at all for a complete, readable run)."""
+    out: list[str] = []
+    if data.skipped:
+        named = "; ".join(f"`{s['file']}` ({s['reason']})" for s in data.skipped[:SHOW])
+        more = f"; and {len(data.skipped) - SHOW} more" if len(data.skipped) > SHOW else ""
+        out += [
+            (
+                f"**{len(data.skipped)} unreadable image file(s) skipped** (truncated, empty or not an image; left out "
+                f"of every column that needs them): {named}{more}. All are listed under `skipped_images` in report.json."
+            ),
+            "",
+        ]
+    if not data.complete:
+        out += [
+            "## Incomplete results",
+            "",
+            (
+                "`expected` is the grid `bench.json` records for each preset (identities x selected prompts x seeds); "
+                "these presets lack items:"
+            ),
+            "",
+        ]
+        for p, m in data.missing.items():
+            if not m.get("count"):
+                continue
+            failed = f", {m['failed']} of them failed (see `failures` in {p}/results.json)" if m.get("failed") else ""
+            keys = ", ".join(f"`{k}`" for k in m["keys"][:SHOW]) + (", ..." if m["count"] > SHOW else "")
+            out.append(f"- {p}: {m['count']} missing of {data.expected[p]}{failed}: {keys}")
+        out += [
+            "",
+            (
+                "Every missing key is under `completeness.missing` in report.json. Re-run the same `spatialid bench` "
+                "command to finish the run (or `spatialid merge` all its shard folders)."
+            ),
+            "",
+        ]
+    if data.ranked_on is None:
+        counts = ", ".join(f"{p} {_n(data.summaries[p], data.metrics)}" for p in data.presets
+                           if p in data.expected and p != REFERENCE_PRESET)
+        out += [
+            (
+                f"**Not ranked**: the presets with identity were scored on different items ({counts}), so no preset "
+                "is bold and no paired differences are shown; `--allow-incomplete` ranks them on the items every one "
+                "of them has."
+            ),
+            "",
+        ]
+    elif data.ranked_on == RANKED_COMMON:
+        out += [
+            f"## Ranked on the {data.common_items} item(s) every preset has",
+            "",
+            (
+                "`--allow-incomplete`: the table above has each preset's numbers over all its items (not ranked); "
+                "this one uses only the items (identity, prompt, seed) that every preset with identity has, and "
+                "decides the bold and the paired differences."
+            ),
+            "",
+            common_table(data),
+            "",
+        ]
+    return out
+
+
 def _paired_table(data: ReportData) -> str:
-    header = ["Preset"] + [f"Δ {m.header}" for m in data.metrics]
+    metrics = [m for m in data.metrics if m.per_image and m.ranked]
+    header = ["Preset"] + [f"Δ {_header(data, m)}" for m in metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for p, diffs in data.paired.items():
         cells = [p]
-        for m in data.metrics:
+        for m in metrics:
             s = diffs.get(m.key)
             if s is None or s.count == 0 or not math.isfinite(s.mean):
                 cells.append("n/a")
@@ -161,6 +366,24 @@ def _paired_table(data: ReportData) -> str:
                     text += " *"
             cells.append(text)
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paper_table(data: ReportData) -> str:
+    """The paper's numbers and this run's, two rows per preset the paper reports."""
+    by_key = {m.key: m for m in METRICS}
+    keys = [k for k in ("iq", "clip_i", "clip_t", "face_sim") if any(k in row.values for row in data.paper.values())]
+    header = ["Preset", "Numbers"] + [by_key[k].header for k in keys]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    run_label = "this run (RANDOM-WEIGHT models)" if data.random_weights else "this run"
+    for p, row in data.paper.items():
+        quoted = [f"{row.values[k]:.3f}" if k in row.values else "—" for k in keys]
+        lines.append("| " + " | ".join([p, f"**paper** ({row.name}), quoted", *quoted]) + " |")
+        ours = []
+        for k in keys:
+            s = data.summaries.get(p, {}).get(k)
+            ours.append(_cell(by_key[k], s) if s is not None else "n/a")
+        lines.append("| " + " | ".join([p, run_label, *ours]) + " |")
     return "\n".join(lines)
 
 
@@ -177,12 +400,31 @@ def markdown_report(data: ReportData, plots: Sequence[str] = ()) -> str:
     out += [
         "Cells: mean ± half-width of the 95% confidence interval (Student t over images); ↑ higher is better, "
         "↓ lower is better; **bold** = best preset with identity. `BG` columns compare each image with the "
-        "same prompt and seed generated without identity, outside the face region (see docs/benchmark.md).",
+        "same prompt and seed generated without identity, outside the face region (see docs/benchmark.md). "
+        "FID is one number per preset (no interval)."
+        + (" `[random]` = column computed with a RANDOM-WEIGHT stand-in model." if data.random_groups else ""),
         "",
     ]
+    out += _completeness_markdown(data)
+    if data.paper:
+        notes = [f"{p}: {row.note}" for p, row in data.paper.items() if row.note]
+        out += [
+            "## The paper's numbers (quoted, not computed here)",
+            "",
+            (
+                f"Source: {PAPER_SOURCE}. The paper's rows are copied from its table; the rows below them are this "
+                "run's means of the same IBench metrics."
+            ),
+            "",
+            paper_table(data),
+            "",
+        ]
+        if notes:
+            out += [f"Note: {'; '.join(notes)}.", ""]
     if data.paired:
         out += [
-            f"## Paired differences vs `{data.paired_reference}` (same identity, prompt and seed)",
+            f"## Paired differences vs `{data.paired_reference}` (same identity, prompt and seed"
+            + (f"; the {data.common_items} item(s) every preset has" if data.ranked_on == RANKED_COMMON else "") + ")",
             "",
             _paired_table(data),
             "",
@@ -191,7 +433,8 @@ def markdown_report(data: ReportData, plots: Sequence[str] = ()) -> str:
         ]
     out += ["## Metric models", ""]
     for m in data.metrics:
-        out.append(f"- **{m.title}**: {data.models.get(m.group, 'n/a')}")
+        what = f"{m.desc}. " if m.desc else ""
+        out.append(f"- **{m.title}**: {what}Model: {data.models.get(m.group, 'n/a')}")
     out.append("")
     if data.notes:
         out += ["## Notes", ""] + [f"- {n}" for n in data.notes] + [""]
@@ -203,12 +446,12 @@ def markdown_report(data: ReportData, plots: Sequence[str] = ()) -> str:
 def csv_table(data: ReportData) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    header = ["preset", "random_weights"]
+    header = ["preset", "random_weights", "expected"]
     for m in data.metrics:
         header += [f"{m.key}_mean", f"{m.key}_std", f"{m.key}_n", f"{m.key}_ci_low", f"{m.key}_ci_high"]
     w.writerow(header)
     for p in data.presets:
-        row: list[Any] = [p, int(data.random_weights)]
+        row: list[Any] = [p, int(data.random_weights), data.expected.get(p, "")]
         for m in data.metrics:
             s = data.summaries[p][m.key]
             row += [_num(s.mean), _num(s.std), s.count, _num(s.ci_low), _num(s.ci_high)]
@@ -293,7 +536,7 @@ def _plots(data: ReportData, folder: Path) -> list[str]:
 
 
 def _save_fig(fig: Any, path: Path) -> None:
-    from spatialid.pipeline.metadata import atomic_write
+    from spatialid.utils.io import atomic_write
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -302,7 +545,7 @@ def _save_fig(fig: Any, path: Path) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    from spatialid.pipeline.metadata import atomic_write
+    from spatialid.utils.io import atomic_write
 
     with atomic_write(path) as handle:
         handle.write(text.encode("utf-8"))
@@ -310,7 +553,7 @@ def _write_text(path: Path, text: str) -> None:
 
 def write_report(data: ReportData, out_dir: str | os.PathLike[str], *, plots: bool = True) -> dict[str, Path]:
     """Write ``report.json``, ``report.md``, ``report.csv``, ``per_image.json`` and plots."""
-    from spatialid.bench.results import atomic_write_json
+    from spatialid.utils.io import atomic_write_json
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,13 @@ and a forward pre-hook on the transformer that reads the call's ``timestep`` (Fl
 flow-matching sigma in [0, 1]). Outside :meth:`IdentityInjector.active` every hook returns ``None``,
 so the transformer computes exactly what the plain model computes.
 
+Each call is described by a :class:`~spatialid.injection.calls.TransformerCall` (index, denoising
+step, CFG branch). The branch comes from diffusers' ``transformer.cache_context("cond" | "uncond")``,
+observed by a stateful diffusers hook that passes the forward through unchanged; only when no
+context is set does the injector fall back to counting calls (see :mod:`spatialid.injection.calls`). The two
+hooks are thin wrappers around the public per-call API, :meth:`IdentityInjector.begin_call` and
+:meth:`IdentityInjector.inject`, which tools (the step-cost benchmark) drive directly.
+
 Cost and ``torch.compile``
 --------------------------
 Per injection point the spatial path adds only the mask (about 25 small kernels on ``[B, N]``
@@ -24,9 +31,9 @@ residual update is one fused ``addcmul`` for both paths. Nothing in a step reads
 on the host (no ``.item()``, no Python branch on tensor data), except the optional mask
 recording, which copies masks to the CPU by design. The hooks trace under
 ``torch.compile(transformer)`` (also with ``fullgraph=True``): dynamo guards on the session's
-static settings (schedule fields, grid, whether identity tokens are given), so each distinct
-schedule compiles once, while ``id_weight`` is passed as a 0-d tensor and the timestep as a
-tensor and changing them does not recompile.
+static settings (schedule fields, grid, whether identity tokens are given, the call's branch), so
+each distinct schedule compiles once (and once per CFG branch), while ``id_weight`` is passed as a
+0-d tensor and the timestep as a tensor and changing them does not recompile.
 """
 
 from __future__ import annotations
@@ -40,12 +47,21 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 from torch import nn
 
+from spatialid.injection.calls import (
+    CallCounter,
+    TransformerCall,
+    attach_context_probe,
+    detach_context_probe,
+)
+
 if TYPE_CHECKING:  # pragma: no cover
     from spatialid.masks.schedule import SpatialSchedule
 
-EmbedsSource = Union[torch.Tensor, Callable[[int], Union[torch.Tensor, None]]]
+EmbedsSource = Union[torch.Tensor, Callable[[TransformerCall], Union[torch.Tensor, None]]]
 
-__all__ = ["IdentityInjector", "InjectionRecord", "InjectionSession", "injection_points"]
+__all__ = [
+    "EmbedsSource", "IdentityInjector", "InjectionRecord", "InjectionSession", "injection_points", "snap_to_schedule",
+]
 
 
 def injection_points(num_double: int, num_single: int, double_interval: int, single_interval: int) -> list[tuple[str, int]]:
@@ -59,11 +75,30 @@ def injection_points(num_double: int, num_single: int, double_interval: int, sin
     return points
 
 
+def snap_to_schedule(t: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """Replace each time in ``t`` by the nearest of the sampler's exact times ``sigmas``.
+
+    FluxPipeline hands the transformer ``timestep`` cast to the latents' dtype; in bfloat16 that
+    moves a time by up to ~0.002 (8 mantissa bits at t*1000 ~ 700), enough to cross a phase
+    boundary, while neighbouring times of a schedule are >= ~0.005 apart up to ~100 steps. Tensor
+    ops only (no host sync, no data-dependent branch), so it traces under ``torch.compile``.
+    """
+    table = sigmas.to(device=t.device, dtype=torch.float32).reshape(-1)
+    index = (table[None, :] - t.float()[:, None]).abs().argmin(dim=1)
+    return table[index]
+
+
 @dataclass
 class InjectionRecord:
-    """One recorded mask: which transformer call, at what time t, at which injection point."""
+    """One recorded mask: which transformer call (index, step, branch), at what t, at which point.
+
+    Step and branch are the call's :class:`TransformerCall` fields, so consumers group masks by
+    step and keep the positive branch without re-deriving them from the call order.
+    """
 
     call_index: int
+    step: int
+    branch: str
     t: float
     point: int
     phase: str
@@ -80,22 +115,24 @@ class InjectionSession:
     grid: tuple[int, int] | None
     record_masks: bool
     records: list[InjectionRecord] = field(default_factory=list)
-    calls: int = 0
+    # the sampler's exact (float) times, or a callable returning them; see snap_to_schedule
+    sigmas: torch.Tensor | Callable[[], torch.Tensor | None] | None = None
+    # the current call (set by begin_call) and the counter that numbers calls into steps/branches
+    call: TransformerCall | None = None
+    _counter: CallCounter = field(default_factory=CallCounter)
     # id_weight != 0, and id_weight as a 0-d float32 tensor on the CA modules' device: the hooks
     # read these instead of the float so that torch.compile does not specialise on its value.
     _enabled: bool = True
     _weight: torch.Tensor | None = None
-    # per-call state, set by the transformer pre-hook
+    # per-call state, set by begin_call
     _embeds: torch.Tensor | None = None
     _t: torch.Tensor | None = None
     _t_float: float | None = None
 
-    def masks_by_call(self) -> dict[int, list[InjectionRecord]]:
-        """Records grouped by transformer call (one denoising step, or one CFG branch of it)."""
-        grouped: dict[int, list[InjectionRecord]] = {}
-        for rec in self.records:
-            grouped.setdefault(rec.call_index, []).append(rec)
-        return grouped
+    @property
+    def calls(self) -> int:
+        """Transformer calls begun in this session so far."""
+        return self._counter.calls
 
 
 class IdentityInjector:
@@ -139,6 +176,8 @@ class IdentityInjector:
         self.points = points
         self._session: InjectionSession | None = None
         self._handles: list[Any] = []
+        # Observes diffusers' cache context ("cond"/"uncond"); None without diffusers' hook system.
+        self._probe: Any = attach_context_probe(transformer)
         self._handles.append(transformer.register_forward_pre_hook(self._on_transformer_call, with_kwargs=True))
         for index, (stream, block_index) in enumerate(points):
             block = double_blocks[block_index] if stream == "double" else single_blocks[block_index]
@@ -162,19 +201,31 @@ class IdentityInjector:
         schedule: SpatialSchedule | None = None,
         grid: tuple[int, int] | None = None,
         record_masks: bool = False,
+        calls_per_step: int = 1,
+        sigmas: torch.Tensor | Callable[[], torch.Tensor | None] | None = None,
     ) -> Iterator[InjectionSession]:
         """Inject identity into every transformer call made inside the ``with`` block.
 
         Args:
             id_embeds: identity tokens ``[B or 1, n, kv_dim]`` (a batch of 1 is shared by all samples),
-                or a callable ``fn(call_index) -> tokens | None`` asked once per transformer call
-                (``call_index`` counts calls from 0); ``None`` leaves that call un-injected. The
-                pipeline uses this for ``start_step`` and for true CFG's zero-identity branch.
+                or a callable ``fn(call: TransformerCall) -> tokens | None`` asked once per
+                transformer call with that call's ``index``, ``step`` and ``branch`` (``"cond"`` /
+                ``"uncond"``); ``None`` leaves that call un-injected. The pipeline uses this for
+                ``start_step`` and for true CFG's zero-identity branch.
             id_weight: scale of the identity residual; 0 disables injection (bit-identical output).
             schedule: a :class:`~spatialid.masks.SpatialSchedule`, or None for uniform PuLID injection.
             grid: ``(rows, cols)`` of the image-token grid, row-major (FLUX: ``(H // 16, W // 16)``).
                 Needed with a schedule; inferred for square grids when omitted.
             record_masks: keep every mask (float16, CPU) in ``session.records`` for visualisation.
+            calls_per_step: transformer calls per denoising step (2 with true CFG: cond, then
+                uncond). Used only when a call carries no diffusers cache context, to number calls
+                into steps and branches by order.
+            sigmas: the sampler's float times (e.g. ``scheduler.sigmas``), or a callable returning
+                them when asked (the pipeline's scheduler sets them only once the call has begun).
+                The schedule's phase is then decided from the exact time: the transformer's
+                ``timestep`` argument is rounded to the latents' dtype (bfloat16 moves 0.7009 to
+                0.6992, into another phase), so it is snapped to the nearest of these times
+                (:func:`snap_to_schedule`).
         """
         if not self.attached:
             raise RuntimeError("this IdentityInjector was detached; create a new one")
@@ -197,23 +248,117 @@ class IdentityInjector:
             schedule=schedule,
             grid=grid,
             record_masks=record_masks,
+            sigmas=sigmas,
+            _counter=CallCounter(calls_per_step),
         )
         session._enabled = session.id_weight != 0.0
         device = next(self.ca_modules.parameters()).device
         # torch.full launches a fill kernel; torch.tensor would copy from the host (a sync on CUDA).
         session._weight = torch.full((), session.id_weight, dtype=torch.float32, device=device)
         self._session = session
+        if self._probe is not None:
+            self._probe.subscribe(session._counter)
         try:
             yield session
         finally:
+            if self._probe is not None:
+                self._probe.unsubscribe(session._counter)
             session._embeds = session._t = session._weight = None
             self._session = None
 
+    def begin_call(self, hidden_states: torch.Tensor | None, timestep: Any = None) -> TransformerCall:
+        """Start one transformer call of the active session and return its record.
+
+        Numbers the call (step and branch from diffusers' cache context when one is set, else by
+        order), asks ``id_embeds`` for its tokens and prepares what :meth:`inject` reads: the
+        tokens expanded to the batch of ``hidden_states`` and the per-sample time ``timestep``
+        (the sigma FluxPipeline passes). The transformer pre-hook calls this with the call's own
+        arguments; call it directly to drive injection points without running the transformer.
+
+        Raises:
+            RuntimeError: outside :meth:`active`, when this call is injected and
+                ``hidden_states`` is None (or ``timestep`` is None with a schedule), or when the CA
+                modules are not on the device of ``hidden_states``.
+        """
+        session = self._session
+        if session is None:
+            raise RuntimeError("IdentityInjector.begin_call() needs an active() block")
+        counter = session._counter
+        probe = self._probe
+        if counter.pending or probe is None:  # the context just entered (already numbered), or by order
+            call = counter.next()
+        else:
+            call = counter.next(probe.name, probe.step_index)
+        session.call = call
+        embeds = session.id_embeds(call) if callable(session.id_embeds) else session.id_embeds
+        if embeds is None or not session._enabled:
+            session._embeds = None
+            return call
+        if hidden_states is None:
+            raise RuntimeError("IdentityInjector could not find hidden_states in the transformer call")
+        if embeds.ndim != 3:
+            raise ValueError(f"identity tokens must be [B, n_tokens, dim], got {tuple(embeds.shape)}")
+        batch = hidden_states.shape[0]
+        if embeds.shape[0] not in (1, batch):
+            raise ValueError(
+                f"identity tokens have batch {embeds.shape[0]} but the transformer batch is {batch}; "
+                "give one embedding per sample or a single one for all"
+            )
+        param = next(self.ca_modules.parameters())
+        if param.device != hidden_states.device:
+            # No moving here: the CA modules are placed by whoever owns them (SpatialIDPipeline
+            # registers them as its `pulid` component, which .to() and offloading place).
+            raise RuntimeError(
+                f"the CA modules are on {param.device} but the transformer runs on {hidden_states.device}; "
+                f"put them there: pipe.to({str(hidden_states.device)!r}) (enable_*_cpu_offload() places them "
+                f"itself), or injector.ca_modules.to({str(hidden_states.device)!r}) when driving IdentityInjector directly"
+            )
+        session._embeds = embeds.to(device=param.device, dtype=param.dtype).expand(batch, -1, -1)
+        if session._weight.device != param.device:
+            session._weight = session._weight.to(param.device)
+
+        session._t = None
+        session._t_float = None
+        if timestep is None:
+            if session.schedule is not None:
+                raise RuntimeError("a spatial schedule needs the transformer's `timestep` argument")
+            return call
+        t = torch.as_tensor(timestep, device=hidden_states.device).float().reshape(-1)
+        if session.schedule is not None and session.sigmas is not None:
+            table = session.sigmas() if callable(session.sigmas) else session.sigmas
+            if table is not None:
+                t = snap_to_schedule(t, table)
+        session._t = t.expand(batch) if t.numel() == 1 else t
+        if session.record_masks:
+            session._t_float = float(session._t[0])  # host sync only when recording
+        return call
+
+    def inject(self, point: int, image_tokens: torch.Tensor) -> torch.Tensor:
+        """Add the identity residual of injection point ``point`` to the current call's image tokens.
+
+        ``point`` indexes :attr:`points` / :attr:`ca_modules`; ``image_tokens`` is ``[B, N, dim]``,
+        the image stream after that point's block. Returns ``h + w * M_t * CA(Z_id, h)`` (``M_t = 1``
+        without a schedule), or ``image_tokens`` itself when the current call is not injected. The
+        block hooks call this; with :meth:`begin_call` it times or checks one point in isolation.
+
+        Raises:
+            RuntimeError: outside :meth:`active`.
+        """
+        session = self._session
+        if session is None:
+            raise RuntimeError("IdentityInjector.inject() needs an active() block and begin_call()")
+        if session._embeds is None:
+            return image_tokens
+        return self._inject(point, image_tokens, session)
+
     def detach(self) -> None:
-        """Remove every hook; the transformer is the plain model again."""
+        """Remove every hook (the context probe too); the transformer is the plain model again."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self._probe is not None:
+            detach_context_probe(self.transformer, self._probe)
+            self._probe = None
         self._session = None
 
     def __repr__(self) -> str:
@@ -224,46 +369,11 @@ class IdentityInjector:
 
     # ------------------------------------------------------------------ hooks
     def _on_transformer_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        session = self._session
-        if session is None:
-            return None
-        call_index = session.calls
-        session.calls += 1
-        embeds = session.id_embeds(call_index) if callable(session.id_embeds) else session.id_embeds
-        if embeds is None or not session._enabled:
-            session._embeds = None
+        if self._session is None:
             return None
         hidden = kwargs.get("hidden_states", args[0] if args else None)
-        if hidden is None:
-            raise RuntimeError("IdentityInjector could not find hidden_states in the transformer call")
-        if embeds.ndim != 3:
-            raise ValueError(f"identity tokens must be [B, n_tokens, dim], got {tuple(embeds.shape)}")
-        batch = hidden.shape[0]
-        if embeds.shape[0] not in (1, batch):
-            raise ValueError(
-                f"identity tokens have batch {embeds.shape[0]} but the transformer batch is {batch}; "
-                "give one embedding per sample or a single one for all"
-            )
-        param = next(self.ca_modules.parameters())
-        if param.device != hidden.device:
-            # Offloading moved the transformer; the CA modules follow it once.
-            self.ca_modules.to(hidden.device)
-            param = next(self.ca_modules.parameters())
-        session._embeds = embeds.to(device=param.device, dtype=param.dtype).expand(batch, -1, -1)
-        if session._weight.device != param.device:
-            session._weight = session._weight.to(param.device)
-
         timestep = kwargs.get("timestep", args[3] if len(args) > 3 else None)
-        session._t = None
-        session._t_float = None
-        if timestep is None:
-            if session.schedule is not None:
-                raise RuntimeError("a spatial schedule needs the transformer's `timestep` argument")
-            return None
-        t = torch.as_tensor(timestep, device=hidden.device).float().reshape(-1)
-        session._t = t.expand(batch) if t.numel() == 1 else t
-        if session.record_masks:
-            session._t_float = float(session._t[0])  # host sync only when recording
+        self.begin_call(hidden, timestep)
         return None
 
     def _make_block_hook(self, point: int) -> Callable:
@@ -277,7 +387,7 @@ class IdentityInjector:
                     "version is not supported (need diffusers >= 0.35)"
                 )
             text, image = output
-            return text, self._inject(point, image, session)
+            return text, self.inject(point, image)
 
         return hook
 
@@ -292,7 +402,8 @@ class IdentityInjector:
             if session.record_masks:
                 t = session._t_float if session._t_float is not None else float("nan")
                 ones = torch.ones(image.shape[0], image.shape[1], dtype=torch.float16)
-                session.records.append(InjectionRecord(session.calls - 1, t, point, "uniform", ones))
+                call = session.call
+                session.records.append(InjectionRecord(call.index, call.step, call.branch, t, point, "uniform", ones))
             # image + w * delta in one pass (the 0-d weight does not change the result dtype).
             return torch.addcmul(image, weight, delta.to(image.dtype))
 
@@ -308,11 +419,9 @@ class IdentityInjector:
         if session.record_masks:
             t = session._t_float if session._t_float is not None else float("nan")
             phase = schedule.phase(t) if math.isfinite(t) else "unknown"
-            session.records.append(
-                InjectionRecord(
-                    session.calls - 1, t, point, phase, mask.detach()[..., 0].to("cpu", torch.float16)
-                )
-            )
+            call = session.call
+            mask_cpu = mask.detach()[..., 0].to("cpu", torch.float16)
+            session.records.append(InjectionRecord(call.index, call.step, call.branch, t, point, phase, mask_cpu))
         # image + (w * M) * delta: the weight scales the small [B, N, 1] mask, then one fused pass.
         return torch.addcmul(image, mask.to(image.dtype) * weight, delta.to(image.dtype))
 
@@ -330,20 +439,3 @@ class IdentityInjector:
         if side * side != num_tokens:
             raise ValueError(f"{num_tokens} image tokens do not form a square grid; pass grid=(rows, cols)")
         return side, side
-
-
-def _attention_probs(ca: nn.Module, id_tokens: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-    """Softmax attention of each image token over the identity tokens, ``[B, heads, N, n_id]``.
-
-    A float32 reference that recomputes the query/key projections of ``ca``. The injector itself
-    takes the probabilities from the CA forward (``return_probs=True``), which costs no second
-    projection; this helper remains for checks and analysis.
-    """
-    heads = ca.heads
-    dim_head = ca.dim_head
-    q = ca.to_q(ca.norm2(latents))
-    k = ca.to_kv(ca.norm1(id_tokens))[..., : heads * dim_head]
-    b, n, _ = q.shape
-    q = q.view(b, n, heads, dim_head).transpose(1, 2).float()
-    k = k.view(b, k.shape[1], heads, dim_head).transpose(1, 2).float()
-    return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dim_head), dim=-1)

@@ -13,9 +13,11 @@ from spatialid.masks.schedule import (
     PHASES,
     PRESET_DESCRIPTIONS,
     PRESETS,
+    SCHEDULE_FIELDS,
     SOURCES,
     ScheduleError,
     SpatialSchedule,
+    apply_overrides,
     resolve_preset,
 )
 
@@ -24,7 +26,9 @@ __all__ = [
     "PHASES",
     "PRESETS",
     "PRESET_DESCRIPTIONS",
+    "SCHEDULE_FIELDS",
     "SOURCES",
+    "apply_overrides",
     "ScheduleError",
     "SpatialSchedule",
     "center_prior",

@@ -15,34 +15,39 @@ import json
 import os
 import re
 import struct
-import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from spatialid.defaults import PULID_FILENAME, PULID_REPO_ID
 from spatialid.errors import CheckpointError, ModelFilesMissingError
+from spatialid.utils.io import atomic_path
+from spatialid.utils.offline import is_offline
 from spatialid.models.configs import PULID_FLUX, TINY_PULID, PuLIDFluxConfig
 from spatialid.models.idformer import IDFormer
 from spatialid.models.perceiver_ca import PerceiverAttentionCA
+from spatialid.models.pulid_flux import PuLIDFluxModel
 
 __all__ = [
     "DEFAULT_REPO_ID",
     "DEFAULT_FILENAME",
     "ENCODER_PREFIX",
     "CA_PREFIX",
+    "build_pulid_model",
     "build_pulid_modules",
     "expected_pulid_layout",
     "read_safetensors_layout",
     "validate_pulid_layout",
     "resolve_pulid_checkpoint",
+    "load_pulid_model",
     "load_pulid_checkpoint",
     "save_pulid_checkpoint",
 ]
 
-DEFAULT_REPO_ID = "guozinan/PuLID"
-DEFAULT_FILENAME = "pulid_flux_v0.9.1.safetensors"
+DEFAULT_REPO_ID = PULID_REPO_ID
+DEFAULT_FILENAME = PULID_FILENAME
 ENCODER_PREFIX = "pulid_encoder."
 CA_PREFIX = "pulid_ca."
 _CONFIG_METADATA_KEY = "spatialid.config"
@@ -71,29 +76,39 @@ def _download_cmd(repo_id: str = DEFAULT_REPO_ID, filename: str = DEFAULT_FILENA
 # ----------------------------------------------------------------------------- expected layout
 
 
+def build_pulid_model(
+    config: PuLIDFluxConfig = PULID_FLUX,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> PuLIDFluxModel:
+    """Build a randomly initialised :class:`PuLIDFluxModel` (``device="meta"`` allocates nothing).
+
+    The IDFormer is created first, then the CA modules in order, so a given random state always
+    gives the same weights (the tiny preset's images depend on it).
+    """
+    _check_config(config)
+    with torch.device(device if device is not None else "cpu"):
+        model = PuLIDFluxModel.from_pulid_config(config)
+    if dtype is not None:
+        model.to(dtype=dtype)
+    return model
+
+
 def build_pulid_modules(
     config: PuLIDFluxConfig = PULID_FLUX,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> tuple[IDFormer, nn.ModuleList]:
-    """Build randomly initialised modules of ``config`` (``device="meta"`` allocates nothing)."""
-    _check_config(config)
-    with torch.device(device if device is not None else "cpu"):
-        idformer = IDFormer.from_config(config.idformer)
-        cas = nn.ModuleList(PerceiverAttentionCA.from_config(config.ca) for _ in range(config.num_ca))
-    if dtype is not None:
-        idformer.to(dtype=dtype)
-        cas.to(dtype=dtype)
-    return idformer, cas
+    """Build randomly initialised ``(idformer, ca_modules)`` of ``config`` (``device="meta"`` allocates nothing)."""
+    model = build_pulid_model(config, device=device, dtype=dtype)
+    return model.pulid_encoder, model.pulid_ca
 
 
 @functools.lru_cache(maxsize=8)
 def _expected_layout_cached(config: PuLIDFluxConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    idformer, cas = build_pulid_modules(config, device="meta")
-    items = [(ENCODER_PREFIX + k, tuple(v.shape)) for k, v in idformer.state_dict().items()]
-    for i, ca in enumerate(cas):
-        items += [(f"{CA_PREFIX}{i}.{k}", tuple(v.shape)) for k, v in ca.state_dict().items()]
-    return tuple(items)
+    # The container's own names are the checkpoint's names (pulid_encoder.*, pulid_ca.<i>.*).
+    model = build_pulid_model(config, device="meta")
+    return tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
 
 
 def expected_pulid_layout(config: PuLIDFluxConfig = PULID_FLUX) -> Layout:
@@ -182,6 +197,24 @@ def _names(items: list[str]) -> str:
     return shown + (f", ... (+{len(items) - _SHOW} more)" if len(items) > _SHOW else "")
 
 
+def config_from_metadata(metadata: Mapping[str, str]) -> PuLIDFluxConfig | None:
+    """The configuration a file written by :func:`save_pulid_checkpoint` records, or None."""
+    from spatialid.models.configs import IDFormerConfig, PerceiverCAConfig
+
+    raw = metadata.get(_CONFIG_METADATA_KEY)
+    if not raw:
+        return None
+    try:
+        saved = json.loads(raw)
+        idf = dict(saved["idformer"])
+        idf.setdefault("mapping_dim", idf["dim"])  # files from before mapping_dim: dim was the width
+        return PuLIDFluxConfig(
+            idformer=IDFormerConfig(**idf), ca=PerceiverCAConfig(**saved["ca"]), num_ca=int(saved["num_ca"])
+        )
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def _config_hint(metadata: Mapping[str, str], config: PuLIDFluxConfig) -> str:
     """If the file says which configuration wrote it, tell the user which one to pass."""
     raw = metadata.get(_CONFIG_METADATA_KEY)
@@ -191,6 +224,10 @@ def _config_hint(metadata: Mapping[str, str], config: PuLIDFluxConfig) -> str:
         saved = json.loads(raw)
     except ValueError:
         return ""
+    idf = saved.get("idformer") if isinstance(saved, dict) else None
+    if isinstance(idf, dict) and "mapping_dim" not in idf and "dim" in idf:
+        # Files written before mapping_dim existed used dim as the MLPs' hidden width.
+        saved = {**saved, "idformer": {**idf, "mapping_dim": idf["dim"]}}
     if saved == _saved_config_dict(TINY_PULID) and config != TINY_PULID:
         return "; the file was written for the tiny configuration: pass config=spatialid.models.TINY_PULID"
     if saved == _saved_config_dict(PULID_FLUX) and config != PULID_FLUX:
@@ -271,13 +308,6 @@ def validate_pulid_layout(
 # ----------------------------------------------------------------------------- locating the file
 
 
-def _env_offline() -> bool:
-    return any(
-        os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
-
-
 def _looks_like_repo_id(text: str) -> bool:
     return bool(_REPO_ID_RE.match(text)) and not text.lower().endswith(_WEIGHT_SUFFIXES)
 
@@ -339,7 +369,7 @@ def _hub_download(
         RevisionNotFoundError,
     )
 
-    offline = _env_offline() if local_files_only is None else bool(local_files_only)
+    offline = is_offline(local_files_only)
     where = f"cache {cache_dir}" if cache_dir is not None else "Hugging Face cache"
     get = _download_cmd(repo_id, filename, cache_dir)
     try:
@@ -370,18 +400,18 @@ def _hub_download(
 # ----------------------------------------------------------------------------- load / save
 
 
-def load_pulid_checkpoint(
+def load_pulid_model(
     path_or_repo_id: str | os.PathLike | None = None,
     filename: str | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
-    config: PuLIDFluxConfig = PULID_FLUX,
+    config: PuLIDFluxConfig | None = PULID_FLUX,
     *,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool | None = None,
     revision: str | None = None,
-) -> tuple[IDFormer, nn.ModuleList]:
-    """Load PuLID-FLUX weights: returns ``(idformer, ca_modules)`` in eval mode, frozen.
+) -> PuLIDFluxModel:
+    """Load the official single-file PuLID-FLUX weights as a :class:`PuLIDFluxModel` (eval, frozen).
 
     Args:
         path_or_repo_id: a local ``.safetensors`` file, a folder holding ``filename``, or a hub repo
@@ -390,47 +420,71 @@ def load_pulid_checkpoint(
             v0.9.0 has the same layout).
         device, dtype: where and in which dtype the modules live (default CPU, float32 — the
             published file is bf16; pass ``dtype=torch.bfloat16`` to keep that).
-        config: module sizes; ``TINY_PULID`` for reduced files written by :func:`save_pulid_checkpoint`.
+        config: module sizes; ``TINY_PULID`` for reduced files written by :func:`save_pulid_checkpoint`;
+            None reads them from the file's metadata when it records them (files written by
+            :func:`save_pulid_checkpoint`), else the published size.
         cache_dir, local_files_only, revision: forwarded to ``huggingface_hub.hf_hub_download``;
-            ``local_files_only=None`` follows ``HF_HUB_OFFLINE``.
+            ``local_files_only=None`` follows the one offline rule (``spatialid.utils.offline``).
 
-    The header is validated first (no parameters allocated); modules are then built on the meta
-    device and receive the file's tensors one by one (``load_state_dict(strict=True, assign=True)``),
-    so peak memory is about one copy of the weights.
+    The header is validated first (no parameters allocated); the model is then built on the meta
+    device and receives the file's tensors one by one (``load_state_dict(strict=True, assign=True)``),
+    so peak memory is about one copy of the weights. Only safetensors is ever read.
     """
     from safetensors import safe_open
 
-    _check_config(config)
+    if config is not None:
+        _check_config(config)
     path = resolve_pulid_checkpoint(
         path_or_repo_id, filename, cache_dir=cache_dir, local_files_only=local_files_only, revision=revision
     )
     shapes, dtypes, metadata = read_safetensors_layout(path)
+    if config is None:
+        config = config_from_metadata(metadata) or PULID_FLUX
     validate_pulid_layout(shapes, config, dtypes=dtypes, metadata=metadata, source=str(path))
 
     device = torch.device(device) if device is not None else torch.device("cpu")
     dtype = dtype if dtype is not None else torch.get_default_dtype()
-    enc_sd: dict[str, torch.Tensor] = {}
-    ca_sds: list[dict[str, torch.Tensor]] = [{} for _ in range(config.num_ca)]
+    state: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for key in f.keys():
-                tensor = f.get_tensor(key).to(device=device, dtype=dtype)
-                if key.startswith(ENCODER_PREFIX):
-                    enc_sd[key[len(ENCODER_PREFIX) :]] = tensor
-                else:
-                    index, _, name = key[len(CA_PREFIX) :].partition(".")
-                    ca_sds[int(index)][name] = tensor
+                state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
     except Exception as exc:
         raise CheckpointError(f"{path} could not be read ({exc}); it may be corrupt: re-download it") from exc
 
-    idformer, cas = build_pulid_modules(config, device="meta")
-    idformer.load_state_dict(enc_sd, strict=True, assign=True)
-    for ca, sd in zip(cas, ca_sds):
-        ca.load_state_dict(sd, strict=True, assign=True)
-    for module in (idformer, cas):
-        module.eval()
-        module.requires_grad_(False)
-    return idformer, cas
+    model = build_pulid_model(config, device="meta")
+    model.load_state_dict(state, strict=True, assign=True)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_pulid_checkpoint(
+    path_or_repo_id: str | os.PathLike | None = None,
+    filename: str | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    config: PuLIDFluxConfig | None = PULID_FLUX,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool | None = None,
+    revision: str | None = None,
+) -> tuple[IDFormer, nn.ModuleList]:
+    """Load PuLID-FLUX weights: returns ``(idformer, ca_modules)`` in eval mode, frozen.
+
+    The modules of :func:`load_pulid_model` (same arguments), for callers that use them separately.
+    """
+    model = load_pulid_model(
+        path_or_repo_id,
+        filename,
+        device=device,
+        dtype=dtype,
+        config=config,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        revision=revision,
+    )
+    return model.pulid_encoder, model.pulid_ca
 
 
 def _saved_config_dict(config: PuLIDFluxConfig) -> dict:
@@ -460,7 +514,7 @@ def save_pulid_checkpoint(
     for i, ca in enumerate(cas):
         if not isinstance(ca, PerceiverAttentionCA):
             raise TypeError(f"ca_modules[{i}] must be a PerceiverAttentionCA, got {type(ca).__name__}")
-        if ca.config != cas[0].config:
+        if ca.pulid_config != cas[0].pulid_config:
             raise ValueError(f"all CA modules must share one configuration; ca_modules[{i}] differs")
 
     tensors: dict[str, torch.Tensor] = {}
@@ -474,17 +528,10 @@ def save_pulid_checkpoint(
     add(ENCODER_PREFIX, idformer)
     for i, ca in enumerate(cas):
         add(f"{CA_PREFIX}{i}.", ca)
-    config = PuLIDFluxConfig(idformer=idformer.config, ca=cas[0].config, num_ca=len(cas))
+    config = PuLIDFluxConfig(idformer=idformer.pulid_config, ca=cas[0].pulid_config, num_ca=len(cas))
     metadata = {"format": "pt", _CONFIG_METADATA_KEY: json.dumps(_saved_config_dict(config), sort_keys=True)}
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique sibling name (not mkstemp: that would leave the final file mode 0600).
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path

@@ -24,6 +24,9 @@ class IDFormerConfig:
     ff_mult: int = 4
     id_cond_dim: int = 1280  # ArcFace (512) + EVA-CLIP class embedding (768)
     vit_dim: int = 1024  # width of the EVA-CLIP hidden states fed to the five mapping MLPs
+    # Hidden width of the five mapping MLPs and of id_embedding_mapping. The reference constructor
+    # fixes it at 1024 whatever ``dim`` is; it is last so positional construction keeps working.
+    mapping_dim: int = 1024
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,6 +98,7 @@ TINY_PULID = PuLIDFluxConfig(
         ff_mult=2,
         id_cond_dim=160,  # tiny identity encoder: dlib 128-d descriptor + 32-d tiny EVA02 embedding
         vit_dim=32,  # tiny identity encoder: width of the tiny EVA02 tower's hidden states
+        mapping_dim=32,  # explicit: the tiny weights (and their random init) predate this field
     ),
     ca=PerceiverCAConfig(dim=TINY_FLUX.inner_dim, dim_head=8, heads=2, kv_dim=32),
     num_ca=4,  # 4 double blocks / 2 + 8 single blocks / 4

@@ -8,13 +8,17 @@ modules. Module and parameter names follow the published PuLID-FLUX checkpoint e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 
 from spatialid.models.configs import IDFormerConfig
+from spatialid.models.modeling import SafetensorsModelMixin
 
 __all__ = ["IDFormer", "IDFormerAttention", "NUM_VIT_LEVELS"]
 
@@ -83,7 +87,7 @@ class IDFormerAttention(nn.Module):
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
 
-class IDFormer(nn.Module):
+class IDFormer(SafetensorsModelMixin, ConfigMixin):
     """PuLID-FLUX identity encoder: ``(id_cond, vit_hidden) -> [B, num_queries, output_dim]``.
 
     ``id_cond`` (ArcFace + EVA-CLIP class embedding) is mapped to ``num_id_token`` tokens that are
@@ -92,10 +96,16 @@ class IDFormer(nn.Module):
     perceiver layers. Only the learned queries are projected to the output.
 
     With the default arguments the parameter names and shapes equal the ``pulid_encoder.`` part of
-    the published checkpoint. ``dim`` is also the hidden width of the input MLPs (1024 in the
-    published model, where ``dim`` is 1024), so a reduced ``dim`` gives a reduced model.
+    the published checkpoint. ``mapping_dim`` is the hidden width of the six input MLPs; the
+    reference constructor fixes it at 1024 whatever ``dim`` is, so any of its configurations gives
+    the same state_dict here (only offline toy models such as ``TINY_PULID`` reduce it).
+
+    A diffusers model: ``save_pretrained`` / ``from_pretrained`` write and read ``config.json`` +
+    safetensors. ``self.config`` is diffusers' FrozenDict; :attr:`pulid_config` is the typed
+    :class:`IDFormerConfig`.
     """
 
+    @register_to_config
     def __init__(
         self,
         dim: int = 1024,
@@ -108,6 +118,7 @@ class IDFormer(nn.Module):
         ff_mult: int = 4,
         id_cond_dim: int = 1280,
         vit_dim: int = 1024,
+        mapping_dim: int = 1024,
     ) -> None:
         super().__init__()
         if depth <= 0 or depth % NUM_VIT_LEVELS != 0:
@@ -118,15 +129,10 @@ class IDFormer(nn.Module):
         for name, value in (
             ("dim", dim), ("dim_head", dim_head), ("heads", heads), ("num_id_token", num_id_token),
             ("num_queries", num_queries), ("output_dim", output_dim), ("ff_mult", ff_mult),
-            ("id_cond_dim", id_cond_dim), ("vit_dim", vit_dim),
+            ("id_cond_dim", id_cond_dim), ("vit_dim", vit_dim), ("mapping_dim", mapping_dim),
         ):
             if value <= 0:
                 raise ValueError(f"IDFormer {name} must be positive, got {value}")
-        self.config = IDFormerConfig(
-            dim=dim, depth=depth, dim_head=dim_head, heads=heads, num_id_token=num_id_token,
-            num_queries=num_queries, output_dim=output_dim, ff_mult=ff_mult,
-            id_cond_dim=id_cond_dim, vit_dim=vit_dim,
-        )
         self.dim = dim
         self.num_id_token = num_id_token
         self.num_queries = num_queries
@@ -140,16 +146,34 @@ class IDFormer(nn.Module):
             for _ in range(depth)
         )
         for i in range(NUM_VIT_LEVELS):
-            setattr(self, f"mapping_{i}", _mlp(vit_dim, dim, dim))
-        self.id_embedding_mapping = _mlp(id_cond_dim, dim, dim * num_id_token)
+            setattr(self, f"mapping_{i}", _mlp(vit_dim, mapping_dim, dim))
+        self.id_embedding_mapping = _mlp(id_cond_dim, mapping_dim, dim * num_id_token)
 
     @classmethod
-    def from_config(cls, config: IDFormerConfig) -> IDFormer:
-        """Build an (untrained) IDFormer with the shape described by ``config``."""
-        return cls(**config.to_dict())
+    def from_config(
+        cls,
+        config: IDFormerConfig | Mapping[str, Any] | None = None,
+        return_unused_kwargs: bool = False,
+        **kwargs: Any,
+    ) -> IDFormer | tuple[IDFormer, dict[str, Any]]:
+        """Build an (untrained) IDFormer from an :class:`IDFormerConfig` or a diffusers config dict."""
+        if isinstance(config, IDFormerConfig):
+            if kwargs or return_unused_kwargs:
+                raise TypeError(
+                    "IDFormer.from_config(IDFormerConfig) takes no extra arguments; use dataclasses.replace"
+                )
+            return cls(**config.to_dict())
+        if isinstance(config, Mapping) and not isinstance(config, dict):
+            config = dict(config)
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @property
+    def pulid_config(self) -> IDFormerConfig:
+        """The module's sizes as the typed dataclass (``self.config`` is diffusers' FrozenDict)."""
+        return IDFormerConfig(**{f.name: self.config[f.name] for f in fields(IDFormerConfig)})
 
     def _check_inputs(self, id_cond: torch.Tensor, vit_hidden: Sequence[torch.Tensor]) -> None:
-        cfg = self.config
+        cfg = self.pulid_config
         if not isinstance(id_cond, torch.Tensor) or id_cond.ndim not in (2, 3) or id_cond.shape[-1] != cfg.id_cond_dim:
             shape = tuple(id_cond.shape) if isinstance(id_cond, torch.Tensor) else type(id_cond).__name__
             raise ValueError(

@@ -12,28 +12,38 @@ is also the raw output).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import fields
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 
 from spatialid.models.configs import PerceiverCAConfig
+from spatialid.models.modeling import SafetensorsModelMixin
 
 __all__ = ["PerceiverAttentionCA"]
 
 
-class PerceiverAttentionCA(nn.Module):
+class PerceiverAttentionCA(SafetensorsModelMixin, ConfigMixin):
     """Cross-attention from image tokens (``dim``) to identity tokens (``kv_dim``).
 
     Parameter names and shapes equal each ``pulid_ca.<i>.`` part of the published PuLID-FLUX
     checkpoint. ``norm1`` normalises the identity tokens, ``norm2`` the image tokens.
+
+    A diffusers model (``save_pretrained`` / ``from_pretrained``, safetensors only);
+    ``self.config`` is diffusers' FrozenDict, :attr:`pulid_config` the typed
+    :class:`PerceiverCAConfig`.
     """
 
+    @register_to_config
     def __init__(self, dim: int = 3072, dim_head: int = 128, heads: int = 16, kv_dim: int = 2048) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("dim_head", dim_head), ("heads", heads), ("kv_dim", kv_dim)):
             if value <= 0:
                 raise ValueError(f"PerceiverAttentionCA {name} must be positive, got {value}")
-        self.config = PerceiverCAConfig(dim=dim, dim_head=dim_head, heads=heads, kv_dim=kv_dim)
         self.dim = dim
         self.kv_dim = kv_dim
         self.dim_head = dim_head
@@ -47,9 +57,28 @@ class PerceiverAttentionCA(nn.Module):
         self.to_out = nn.Linear(inner, dim, bias=False)
 
     @classmethod
-    def from_config(cls, config: PerceiverCAConfig) -> PerceiverAttentionCA:
-        """Build an (untrained) module with the shape described by ``config``."""
-        return cls(**config.to_dict())
+    def from_config(
+        cls,
+        config: PerceiverCAConfig | Mapping[str, Any] | None = None,
+        return_unused_kwargs: bool = False,
+        **kwargs: Any,
+    ) -> PerceiverAttentionCA | tuple[PerceiverAttentionCA, dict[str, Any]]:
+        """Build an (untrained) module from a :class:`PerceiverCAConfig` or a diffusers config dict."""
+        if isinstance(config, PerceiverCAConfig):
+            if kwargs or return_unused_kwargs:
+                raise TypeError(
+                    "PerceiverAttentionCA.from_config(PerceiverCAConfig) takes no extra arguments; "
+                    "use dataclasses.replace"
+                )
+            return cls(**config.to_dict())
+        if isinstance(config, Mapping) and not isinstance(config, dict):
+            config = dict(config)
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @property
+    def pulid_config(self) -> PerceiverCAConfig:
+        """The module's sizes as the typed dataclass (``self.config`` is diffusers' FrozenDict)."""
+        return PerceiverCAConfig(**{f.name: self.config[f.name] for f in fields(PerceiverCAConfig)})
 
     def _check_inputs(self, id_tokens: torch.Tensor, latents: torch.Tensor) -> None:
         if not isinstance(latents, torch.Tensor) or latents.ndim != 3 or latents.shape[-1] != self.dim:

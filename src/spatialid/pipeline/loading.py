@@ -22,7 +22,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from spatialid.defaults import DEFAULT_FLUX_MODEL
 from spatialid.errors import ModelFilesMissingError, SpatialIDError
+from spatialid.utils.offline import is_offline
 
 __all__ = [
     "DEFAULT_FLUX",
@@ -36,7 +38,7 @@ __all__ = [
     "resolve_local_files_only",
 ]
 
-DEFAULT_FLUX = "black-forest-labs/FLUX.1-dev"
+DEFAULT_FLUX = DEFAULT_FLUX_MODEL  # re-exported for callers of this module
 SINGLE_FILE_SUFFIXES = (".safetensors", ".sft", ".gguf")
 
 # mode -> (package to import, what it is, approx. transformer weight size for FLUX.1-dev)
@@ -54,11 +56,8 @@ class MissingDependencyError(SpatialIDError, ImportError):
 
 
 def resolve_local_files_only(local_files_only: bool | None) -> bool:
-    """``None`` follows ``HF_HUB_OFFLINE`` (as huggingface_hub does)."""
-    if local_files_only is not None:
-        return bool(local_files_only)
-    value = os.environ.get("HF_HUB_OFFLINE", "")
-    return value.strip().lower() in {"1", "true", "yes", "on"}
+    """``None`` follows the one offline rule of :func:`spatialid.utils.offline.is_offline`."""
+    return is_offline(local_files_only)
 
 
 def pipeline_dtype_kwargs(dtype: Any) -> dict[str, Any]:

@@ -2,10 +2,11 @@
 
 The sampler is diffusers' own: this class subclasses :class:`diffusers.FluxPipeline` and only
 wraps its ``__call__`` inside :meth:`IdentityInjector.active`, which adds the identity residual
-``h + w * M_t * CA(Z_id, h)`` through module hooks on the transformer blocks. The PuLID parts
-(IDFormer, the 20 CA modules, the identity encoder) are extra attributes, not registered diffusers
-components, so ``FluxPipeline`` machinery (offloading, LoRA loading, progress bars, callbacks)
-keeps working unchanged.
+``h + w * M_t * CA(Z_id, h)`` through module hooks on the transformer blocks. The PuLID weights
+(IDFormer + the 20 CA modules) are one optional diffusers component, ``pulid``
+(:class:`~spatialid.models.pulid_flux.PuLIDFluxModel`, whose ``state_dict`` is the published
+checkpoint's layout), so diffusers' own ``to()``, dtype changes and offloading reach them; the
+identity encoder (face models + EVA-CLIP, not an ``nn.Module``) stays a plain attribute.
 
 PuLID-FLUX semantics reproduced here:
 
@@ -21,7 +22,8 @@ PuLID-FLUX semantics reproduced here:
 
 Memory modes (``docs/memory.md``; peaks measured for FLUX.1-dev bf16 at 1024x1024 on an H200 with
 full-size random weights): everything on the GPU ~35 GiB; ``enable_model_cpu_offload()`` ~23 GiB;
-``enable_sequential_cpu_offload()`` ~3 GiB (slowest). Both offload modes are diffusers' own; the
+``enable_sequential_cpu_offload()`` ~3 GiB (slowest). Both offload modes are diffusers' own, with
+``pulid`` excluded from them (placed on the execution device; see the class comment); the
 injector's hooks sit on the blocks and keep working under accelerate's offload hooks (checked on CUDA:
 identical images). A quantized transformer loads via ``from_pretrained(..., quantization="nf4" |
 "int8" | "torchao-int8" | "torchao-fp8" | "gguf:FILE")`` (transformer ~6.7-12.7 GB instead of 23.8 GB).
@@ -29,24 +31,40 @@ identical images). A quantized transformer loads via ``from_pretrained(..., quan
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import FluxPipeline
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+)
 from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 from torch import nn
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextModel,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 from spatialid import __version__
+from spatialid import defaults as D
 from spatialid.errors import SpatialIDError
+from spatialid.models.pulid_flux import PuLIDFluxModel
 from spatialid.pipeline.loading import (
-    DEFAULT_FLUX,
     flux_files_hint,
     hub_errors,
     is_single_file,
@@ -55,9 +73,17 @@ from spatialid.pipeline.loading import (
     pipeline_dtype_kwargs,
     resolve_local_files_only,
 )
-from spatialid.pipeline.settings import DEFAULT_GUIDANCE, check_generation_settings, check_prompt
+from spatialid.pipeline.settings import (
+    DEFAULT_GUIDANCE,
+    GenerationSettings,
+    check_generation_settings,
+    check_prompt,
+)
 
 __all__ = ["SpatialIDPipeline", "SpatialIDPipelineOutput", "StepMasks", "TINY_NOTE"]
+
+_GENERATE = D.size_steps("generate", tiny=False)
+_log = logging.getLogger("spatialid.pipeline")
 
 TINY_NOTE = (
     "tiny model: random weights at toy size, the images are noise by design; it exercises the full "
@@ -92,27 +118,57 @@ class _CFGWarmup:
 
     FluxPipeline always mixes ``neg + s * (pos - neg)`` once true CFG is on; with ``neg == pos`` the
     mix is exactly ``pos``, which is PuLID-FLUX's behaviour for steps before ``timestep_to_start_cfg``.
+    Each call's step and branch come from diffusers' cache context (the probe the injector shares),
+    falling back to call order (cond, then uncond) without one, so the output copied is always the
+    positive output of the same step.
     """
 
     def __init__(self, transformer: nn.Module, cfg_start_step: int) -> None:
+        from spatialid.injection.calls import CallCounter, attach_context_probe
+
         self.cfg_start_step = cfg_start_step
-        self.calls = 0
-        self.positive: Any = None
+        self.transformer = transformer
+        self.counter = CallCounter(calls_per_step=2)
+        self.probe: Any = attach_context_probe(transformer)
+        if self.probe is not None:
+            self.probe.subscribe(self.counter)
+        self.positive: tuple[int, Any] | None = None  # (step, positive output of that step)
+        self.warned = False
         self.handle = transformer.register_forward_hook(self._hook)
 
     def _hook(self, module: nn.Module, args: Any, output: Any) -> Any:
-        step, branch = divmod(self.calls, 2)
-        self.calls += 1
-        if step >= self.cfg_start_step:
+        counter, probe = self.counter, self.probe
+        if counter.pending or probe is None:  # the context just entered (already numbered), or by order
+            call = counter.next()
+        else:
+            call = counter.next(probe.name, probe.step_index)
+        if call.step >= self.cfg_start_step:
             self.positive = None
             return None
-        if branch == 0:
-            self.positive = output
+        if call.branch != "uncond":
+            self.positive = (call.step, output)
             return None
-        return self.positive
+        if self.positive is not None and self.positive[0] == call.step:
+            return self.positive[1]
+        if not self.warned:  # uncond ran before cond in this step: nothing to copy yet
+            import warnings
+
+            warnings.warn(
+                f"true CFG warm-up: the negative branch of step {call.step} ran before the positive one, "
+                "so that step mixes both branches (cfg_start_step has no effect on it)",
+                stacklevel=2,
+            )
+            self.warned = True
+        return None
 
     def remove(self) -> None:
+        from spatialid.injection.calls import detach_context_probe
+
         self.handle.remove()
+        if self.probe is not None:
+            self.probe.unsubscribe(self.counter)
+            detach_context_probe(self.transformer, self.probe)
+        self.probe = None
         self.positive = None
 
 
@@ -145,9 +201,38 @@ class SpatialIDPipeline(FluxPipeline):
     plus ``id_image``/``id_embeds``, ``preset``, ``id_weight``, ``start_step``, ``true_cfg``.
     """
 
-    # PuLID parts: plain attributes (not diffusers components; offload/save machinery ignores them).
-    ca_modules: nn.ModuleList | None = None
-    idformer: nn.Module | None = None
+    # The PuLID weights are the optional component ``pulid`` (a PuLIDFluxModel: IDFormer + CA
+    # modules), so DiffusionPipeline.to(), .dtype/.device, components and save_pretrained see them.
+    #
+    # Offloading: ``pulid`` is excluded from CPU offload, i.e. enable_*_cpu_offload() puts it on the
+    # execution device (``model.to(device)``) instead of hooking it. Why:
+    # * The CA modules run inside the transformer's forward, called directly by the injector's
+    #   block hooks; the container's own forward is never called. Model offload's
+    #   cpu_offload_with_hook(pulid) would hook only that forward, so the CA modules would stay on
+    #   the CPU while the transformer runs on the accelerator. Excluded, they sit on the execution
+    #   device, as they did before (the injector moved them there on the first injected call and
+    #   they stayed for the whole denoising): the denoising peak is unchanged (CA modules 0.78 GiB
+    #   in bf16 at full size), and the injector needs no device-following code. Difference: they
+    #   now also stay there between calls (they went back to the CPU after each call), and
+    #   maybe_free_model_hooks() round-trips them through the CPU after every call, as diffusers
+    #   does for any excluded component.
+    # * Sequential offload's accelerate hooks (AlignDevicesHook on every submodule with
+    #   parameters, weights parked on "meta") would fire for direct CA calls too, since they sit
+    #   on the Linear/LayerNorm leaves; but they would leave the parameters on "meta" between
+    #   calls, where the injector reads the device and dtype for the identity tokens and the
+    #   id_weight tensor, and where the identity encoder's ``.to(device)`` of the shared IDFormer
+    #   cannot copy from. Excluding is simpler and keeps today's memory (CA modules resident on the
+    #   accelerator); hooking only the CA modules could save their 0.78 GiB at ~4% more transfer per
+    #   step, but needs the injector to take its device from the hidden states.
+    # * The IDFormer is in the same component but runs only inside the identity encoder, which
+    #   under offloading brings it to the execution device for each encode and back
+    #   (encode_identity). enable_*_cpu_offload() therefore returns it to the CPU after diffusers
+    #   placed the component, so offloading keeps the accelerator free of its 0.28 GiB between
+    #   encodes, as before (see _park_idformer).
+    _optional_components: ClassVar[list[str]] = [*FluxPipeline._optional_components, "pulid"]
+    _exclude_from_cpu_offload: ClassVar[list[str]] = [*FluxPipeline._exclude_from_cpu_offload, "pulid"]
+
+    pulid: PuLIDFluxModel | None = None
     injector: Any = None
     _identity_encoder: Any = None
     _identity_encoder_factory: Callable[[], Any] | None = None
@@ -155,12 +240,60 @@ class SpatialIDPipeline(FluxPipeline):
     model_info: dict[str, Any] | None = None
     is_tiny: bool = False
     # Defaults when the caller gives none (PuLID-FLUX's app: 20 steps, guidance 4, T5 length 128).
-    default_num_inference_steps: int = 20
-    default_max_sequence_length: int = 128
-    default_height: int = 1024
-    default_width: int = 1024
+    default_num_inference_steps: int = _GENERATE.steps
+    default_max_sequence_length: int = D.DEFAULT_MAX_SEQUENCE_LENGTH
+    default_height: int = _GENERATE.height
+    default_width: int = _GENERATE.width
 
     # ------------------------------------------------------------------ construction
+    def __init__(
+        self,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        text_encoder_2: T5EncoderModel,
+        tokenizer_2: T5TokenizerFast,
+        transformer: FluxTransformer2DModel,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        feature_extractor: CLIPImageProcessor | None = None,
+        pulid: PuLIDFluxModel | None = None,
+    ) -> None:
+        """FluxPipeline's components plus ``pulid``; with ``pulid`` given, its CA modules are attached.
+
+        So ``SpatialIDPipeline(**other.components)`` (diffusers' way to share weights between
+        pipelines) injects identity like ``other`` does (without its identity encoder).
+        """
+        super().__init__(
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            transformer=transformer,
+            image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
+        )
+        self.register_modules(pulid=None)  # always in the config: DiffusionPipeline.components needs it
+        if pulid is not None:
+            self._install_pulid(pulid)
+
+    @property
+    def ca_modules(self) -> nn.ModuleList | None:
+        """The CA modules in checkpoint order (``pulid.pulid_ca``), or None without PuLID weights."""
+        return self.pulid.pulid_ca if self.pulid is not None else None
+
+    @property
+    def idformer(self) -> nn.Module | None:
+        """The IDFormer (``pulid.pulid_encoder``), shared with the identity encoder."""
+        return self.pulid.pulid_encoder if self.pulid is not None else None
+
+    @property
+    def flux_components(self) -> dict[str, Any]:
+        """``components`` without ``pulid``: what ``diffusers.FluxPipeline(**...)`` accepts."""
+        return {k: v for k, v in self.components.items() if k != "pulid"}
+
     def attach_pulid(
         self,
         ca_modules: Sequence[nn.Module],
@@ -173,29 +306,45 @@ class SpatialIDPipeline(FluxPipeline):
     ) -> None:
         """Install the PuLID-FLUX modules: CA modules go into hooks on the transformer blocks.
 
-        ``identity_encoder_factory`` builds the encoder on first use, so callers that pass
-        precomputed ``id_embeds`` never need the encoder's weights.
+        ``(idformer, ca_modules)`` are registered as the ``pulid`` component, wrapped in a
+        :class:`PuLIDFluxModel` that holds these very modules (no tensor is copied; the IDFormer
+        stays shared with an identity encoder built on it). ``identity_encoder_factory`` builds the
+        encoder on first use, so callers that pass precomputed ``id_embeds`` never need the
+        encoder's weights.
         """
+        container = _wrap_pulid_modules(idformer, ca_modules, double_interval, single_interval)
+        self._install_pulid(container)
+        self._identity_encoder = identity_encoder
+        self._identity_encoder_factory = identity_encoder_factory
+
+    def _install_pulid(self, pulid: PuLIDFluxModel) -> None:
+        """Register ``pulid``, place its CA modules like the transformer and hook them into its blocks."""
         from spatialid.injection import IdentityInjector
 
         if self.injector is not None:
             self.injector.detach()
-        cas = ca_modules if isinstance(ca_modules, nn.ModuleList) else nn.ModuleList(ca_modules)
-        cas.to(device=self._transformer_device(), dtype=self._compute_dtype())
+        cas = pulid.pulid_ca
+        # Offloaded: where enable_*_cpu_offload puts excluded components (the transformer itself is
+        # on the CPU or "meta" between calls); else next to the transformer. Its dtype either way.
+        device = getattr(self, "_offload_device", None) if self._offload_mode is not None else None
+        cas.to(device=device if device is not None else self._transformer_device(), dtype=self._compute_dtype())
         cas.eval().requires_grad_(False)
-        self.ca_modules = cas
-        self.idformer = idformer
-        self._identity_encoder = identity_encoder
-        self._identity_encoder_factory = identity_encoder_factory
-        self.injector = IdentityInjector(
-            self.transformer, cas, double_interval=double_interval, single_interval=single_interval
+        self.injector = None
+        injector = IdentityInjector(  # checks that the CA modules fit this transformer
+            self.transformer,
+            cas,
+            double_interval=int(pulid.config["double_interval"]),
+            single_interval=int(pulid.config["single_interval"]),
         )
+        self.register_modules(pulid=pulid)
+        self.injector = injector
 
     def detach_pulid(self) -> None:
-        """Remove the injection hooks: the pipeline is a plain FluxPipeline again."""
+        """Remove the injection hooks and the ``pulid`` component: the pipeline is a plain FluxPipeline again."""
         if self.injector is not None:
             self.injector.detach()
         self.injector = None
+        self.register_modules(pulid=None)
 
     @property
     def identity_encoder(self) -> Any:
@@ -212,7 +361,7 @@ class SpatialIDPipeline(FluxPipeline):
     @classmethod
     def from_pretrained(  # type: ignore[override]
         cls,
-        flux: str | os.PathLike[str] = DEFAULT_FLUX,
+        flux: str | os.PathLike[str] = D.DEFAULT_FLUX_MODEL,
         pulid: str | os.PathLike[str] | None = None,
         *,
         pulid_filename: str | None = None,
@@ -220,10 +369,12 @@ class SpatialIDPipeline(FluxPipeline):
         torch_dtype: torch.dtype = torch.bfloat16,
         transformer: nn.Module | None = None,
         quantization: str | None = None,
-        flux_base: str = DEFAULT_FLUX,
+        flux_base: str = D.DEFAULT_FLUX_MODEL,
         identity_encoder: Any = None,
+        identity_encoder_factory: Callable[[], Any] | None = None,
         encoder_kwargs: dict[str, Any] | None = None,
         load_identity_encoder: bool = True,
+        pulid_modules: tuple[nn.Module, Sequence[nn.Module]] | Callable[[], tuple] | None = None,
         local_files_only: bool | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         revision: str | None = None,
@@ -236,17 +387,22 @@ class SpatialIDPipeline(FluxPipeline):
                 FLUX.1 derivative with the same transformer), or a single transformer file
                 (``.safetensors`` in BFL layout or ``.gguf``) whose other components come from
                 ``flux_base``.
-            pulid: PuLID-FLUX ``.safetensors`` file, folder, or hub id (default ``guozinan/PuLID``,
-                file ``pulid_flux_v0.9.1.safetensors``; v0.9.0 loads too).
+            pulid: PuLID-FLUX ``.safetensors`` file, folder, or hub id (default: the ``pulid/``
+                folder of a local ``flux`` folder written by :meth:`save_pretrained`, else
+                ``guozinan/PuLID``, file ``pulid_flux_v0.9.1.safetensors``; v0.9.0 loads too).
             pulid_config: module sizes of that file (default ``PULID_FLUX``; ``TINY_PULID`` for
                 reduced files written by ``save_pulid_checkpoint``).
             torch_dtype: weights dtype (bfloat16 on GPUs; float32 for CPU experiments).
             transformer: an already loaded (e.g. quantized) ``FluxTransformer2DModel``.
             quantization: load the transformer quantized: ``"nf4"``, ``"int8"`` (bitsandbytes),
                 ``"torchao-int8"``, ``"torchao-fp8"`` or ``"gguf:<file>"``.
-            identity_encoder / encoder_kwargs / load_identity_encoder: an encoder instance, or
-                keyword arguments for ``IdentityEncoder.from_pretrained`` (built lazily on the first
-                ``id_image``), or no encoder at all (then pass ``id_embeds``).
+            identity_encoder / identity_encoder_factory / encoder_kwargs / load_identity_encoder: an
+                encoder instance, a callable that builds one on the first ``id_image``, or keyword
+                arguments for ``IdentityEncoder.from_pretrained`` (also built lazily), or no encoder
+                at all (then pass ``id_embeds``).
+            pulid_modules: ``(idformer, ca_modules)`` already loaded from ``pulid`` (so a process that
+                also encodes photos reads the checkpoint once), or a callable returning them (called
+                after FLUX has loaded); ``pulid`` is then only recorded.
             local_files_only: never download (``None`` follows ``HF_HUB_OFFLINE``).
             **kwargs: forwarded to ``FluxPipeline.from_pretrained`` (``variant``, ``token``, ...).
 
@@ -278,7 +434,7 @@ class SpatialIDPipeline(FluxPipeline):
         if not is_single_file(flux_id) and Path(flux_id).expanduser().is_absolute() and not Path(flux_id).exists():
             from spatialid.errors import ModelFilesMissingError
 
-            raise ModelFilesMissingError(f"FLUX folder {flux_id} does not exist; {flux_files_hint(DEFAULT_FLUX)}")
+            raise ModelFilesMissingError(f"FLUX folder {flux_id} does not exist; {flux_files_hint(D.DEFAULT_FLUX_MODEL)}")
         extra = {"transformer": transformer} if transformer is not None else {}
         with hub_errors("FLUX model", repo, flux_files_hint(repo)):
             base = FluxPipeline.from_pretrained(
@@ -291,14 +447,22 @@ class SpatialIDPipeline(FluxPipeline):
                 **kwargs,
             )
         pipe = cls(**base.components)
-        idformer, cas = load_pulid_checkpoint(
-            pulid,
-            pulid_filename,
-            dtype=torch_dtype,
-            config=pulid_config,
-            cache_dir=cache_dir,
-            local_files_only=offline,
-        )
+        saved_pulid = _saved_pulid_folder(flux_id) if pulid is None and pulid_modules is None else None
+        if pulid_modules is not None:
+            idformer, cas = pulid_modules() if callable(pulid_modules) else pulid_modules
+        elif saved_pulid is not None:  # a folder written by SpatialIDPipeline.save_pretrained
+            saved = PuLIDFluxModel.from_pretrained(saved_pulid, torch_dtype=torch_dtype)
+            idformer, cas, pulid_config = saved.pulid_encoder, saved.pulid_ca, saved.pulid_config
+            pulid = saved_pulid
+        else:
+            idformer, cas = load_pulid_checkpoint(
+                pulid,
+                pulid_filename,
+                dtype=torch_dtype,
+                config=pulid_config,
+                cache_dir=cache_dir,
+                local_files_only=offline,
+            )
         enc_kwargs = dict(encoder_kwargs or {})
         enc_kwargs.setdefault("cache_dir", cache_dir)
         enc_kwargs.setdefault("local_files_only", offline)
@@ -308,7 +472,10 @@ class SpatialIDPipeline(FluxPipeline):
 
             return IdentityEncoder.from_pretrained(idformer=idformer, **enc_kwargs)
 
-        factory = build_encoder if identity_encoder is None and load_identity_encoder else None
+        if identity_encoder_factory is not None:
+            factory = identity_encoder_factory
+        else:
+            factory = build_encoder if identity_encoder is None and load_identity_encoder else None
 
         pipe.attach_pulid(
             cas,
@@ -320,12 +487,41 @@ class SpatialIDPipeline(FluxPipeline):
         )
         pipe.model_info = {
             "model": flux_id,
-            "pulid": os.fspath(pulid) if pulid is not None else "guozinan/PuLID",
+            "pulid": os.fspath(pulid) if pulid is not None else D.PULID_REPO_ID,
             "pulid_file": pulid_filename,
             "quantization": quantization,
             "dtype": str(torch_dtype).replace("torch.", ""),
         }
         return pipe
+
+    def save_pretrained(  # type: ignore[override]
+        self,
+        save_directory: str | os.PathLike[str],
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
+        push_to_hub: bool = False,
+        use_flashpack: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """diffusers' folder layout, safetensors only; ``pulid/`` holds the PuLID weights.
+
+        The folder loads back with ``SpatialIDPipeline.from_pretrained(folder)`` (which reads
+        ``pulid/`` when no ``pulid`` is given) or, without identity, ``diffusers.FluxPipeline``
+        (which ignores ``pulid`` with a warning). The identity encoder is not saved. Pickles are
+        refused before anything is written: diffusers would otherwise write ``.bin`` files for its
+        own models and only then meet ``pulid``'s refusal.
+        """
+        if not safe_serialization or use_flashpack:
+            raise ValueError("SpatialIDPipeline.save_pretrained writes safetensors only (safe_serialization=True)")
+        super().save_pretrained(
+            save_directory,
+            safe_serialization=True,
+            variant=variant,
+            max_shard_size=max_shard_size,
+            push_to_hub=push_to_hub,
+            **kwargs,
+        )
 
     @classmethod
     def tiny(
@@ -335,6 +531,8 @@ class SpatialIDPipeline(FluxPipeline):
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
         with_identity_encoder: bool = True,
+        pulid_modules: tuple[nn.Module, Sequence[nn.Module]] | None = None,
+        identity_encoder_factory: Callable[[], Any] | None = None,
     ) -> SpatialIDPipeline:
         """The offline tiny pipeline: real architectures at toy size with random weights.
 
@@ -347,15 +545,21 @@ class SpatialIDPipeline(FluxPipeline):
         from spatialid.pipeline.tiny import build_tiny_flux_components
 
         pipe = cls(**build_tiny_flux_components(seed, dtype=dtype))
-        idformer, cas = _tiny_pulid_modules(seed)
-        idformer.to(dtype=dtype)
+        if pulid_modules is None:
+            idformer, cas = _tiny_pulid_modules(seed)
+            idformer.to(dtype=dtype)
+        else:
+            idformer, cas = pulid_modules
 
         def build_encoder() -> Any:
             from spatialid.encoder.identity_encoder import IdentityEncoder
 
             return IdentityEncoder.tiny(idformer=idformer, seed=seed, dtype=dtype)
 
-        factory = build_encoder if with_identity_encoder else None
+        if not with_identity_encoder:
+            factory = None
+        else:
+            factory = identity_encoder_factory if identity_encoder_factory is not None else build_encoder
 
         pipe.attach_pulid(
             cas,
@@ -365,9 +569,10 @@ class SpatialIDPipeline(FluxPipeline):
             single_interval=TINY_PULID.single_interval,
         )
         pipe.is_tiny = True
-        pipe.default_num_inference_steps = 6
+        tiny_defaults = D.size_steps("generate", tiny=True)
+        pipe.default_num_inference_steps = tiny_defaults.steps
         pipe.default_max_sequence_length = TINY_FLUX.text_max_length
-        pipe.default_height = pipe.default_width = 256
+        pipe.default_height, pipe.default_width = tiny_defaults.height, tiny_defaults.width
         pipe.model_info = {"model": "tiny", "pulid": "tiny", "tiny_seed": seed, "dtype": str(dtype).replace("torch.", "")}
         if device is not None:
             pipe.to(device)
@@ -385,35 +590,46 @@ class SpatialIDPipeline(FluxPipeline):
         return dtype if dtype.is_floating_point else torch.bfloat16
 
     def to(self, *args: Any, **kwargs: Any) -> SpatialIDPipeline:  # type: ignore[override]
-        """Like ``FluxPipeline.to``, moving the PuLID modules along."""
+        """``FluxPipeline.to`` (which moves and casts every component, ``pulid`` included), plus the
+        identity encoder: it is not an ``nn.Module`` component, and its own ``to()`` re-casts the
+        shared IDFormer to the encoder's dtype, so it gets the dtype too."""
         result = super().to(*args, **kwargs)
-        device = kwargs.get("device")
-        dtype = kwargs.get("dtype")
+        device, dtype = kwargs.get("device"), kwargs.get("dtype")
         for arg in args:
             if isinstance(arg, torch.dtype):
                 dtype = arg
             elif isinstance(arg, (str, torch.device)):
                 device = arg
-        for module in (self.ca_modules, self.idformer):
-            if module is not None:
-                module.to(device=device, dtype=dtype)
         enc = self._identity_encoder
-        if enc is not None and device is not None and hasattr(enc, "to"):
-            enc.to(device=device)
+        if enc is not None and hasattr(enc, "to") and (device is not None or dtype is not None):
+            enc.to(device=device, dtype=dtype)
         return result
+
+    def _park_idformer(self) -> None:
+        """Under offloading, keep the IDFormer on the CPU: only the identity encoder runs it, and
+        :meth:`encode_identity` brings it to the execution device for each encode (see the class
+        comment on offloading)."""
+        if self.idformer is not None:
+            self.idformer.to("cpu")
 
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
         """diffusers' model offload (one whole model on the accelerator at a time).
 
-        The CA modules follow the transformer onto the accelerator on the first injected call and
-        go back to the CPU after each generation; peak memory ~ transformer + CA modules.
+        ``pulid`` is excluded from offloading (``_exclude_from_cpu_offload``): its CA modules stay on
+        the accelerator, where the transformer's blocks call them; peak memory ~ transformer + CA
+        modules. diffusers re-runs this after every call (``maybe_free_model_hooks``).
         """
         super().enable_model_cpu_offload(gpu_id=gpu_id, device=device)
+        self._park_idformer()
         self._offload_mode = "model"
 
     def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
-        """diffusers' sequential offload (each sub-module moved when used): lowest memory, slowest."""
+        """diffusers' sequential offload (each sub-module moved when used): lowest memory, slowest.
+
+        ``pulid`` is excluded as under model offload: the CA modules stay on the accelerator.
+        """
         super().enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
+        self._park_idformer()
         self._offload_mode = "sequential"
 
     # ------------------------------------------------------------------ identity
@@ -471,6 +687,14 @@ class SpatialIDPipeline(FluxPipeline):
             tokens = tokens.unsqueeze(0)
         if tokens.ndim != 3:
             raise SpatialIDError(f"identity tokens must be [batch, tokens, dim], got shape {tuple(tokens.shape)}")
+        num_queries = getattr(self.idformer, "num_queries", None)
+        if not isinstance(emb, torch.Tensor) and num_queries and tokens.shape[1] != num_queries:
+            raise SpatialIDError(
+                f"the identity has {tokens.shape[1]} tokens but this model's IDFormer makes {num_queries}; "
+                "encode the photo with the same model"
+            )
+        if not bool(torch.isfinite(tokens).all()):
+            raise SpatialIDError("the identity tokens hold NaN or Inf values (a damaged identity file); re-encode the photo")
         kv_dim = getattr(self.ca_modules[0], "kv_dim", tokens.shape[-1]) if self.ca_modules else tokens.shape[-1]
         if tokens.shape[-1] != kv_dim:
             raise SpatialIDError(
@@ -486,16 +710,52 @@ class SpatialIDPipeline(FluxPipeline):
         return tokens, uncond, info
 
     # ------------------------------------------------------------------ generation
+    def _warn_if_truncated(self, prompt: str | list[str], max_len: int) -> None:
+        """Say so when the text encoders will cut the prompt (diffusers' own notice is silenced)."""
+        tokenizer = getattr(self, "tokenizer_2", None)
+        if tokenizer is None:
+            return
+        for text in [prompt] if isinstance(prompt, str) else list(prompt):
+            count = len(tokenizer(text, truncation=False, add_special_tokens=True).input_ids)
+            if count > max_len:
+                _log.warning(
+                    "the prompt is %d T5 tokens long; only the first %d are used (raise --max-sequence-length, "
+                    "up to 512, or shorten it); CLIP reads only the first 77",
+                    count, max_len,
+                )
+
+    def _reference_noise(self, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
+        """Initial latents drawn as the BFL / PuLID-FLUX scripts draw them, packed for diffusers.
+
+        Their ``get_noise`` samples ``[1, C, 2*ceil(H/16), 2*ceil(W/16)]`` in bfloat16 on the
+        execution device with ``torch.Generator(device).manual_seed(seed)``, one image per seed;
+        diffusers packs the same grid 2x2 into tokens in the same order.
+        """
+        device = self._execution_device
+        channels = int(self.transformer.config.in_channels) // 4
+        rows, cols = 2 * math.ceil(height / 16), 2 * math.ceil(width / 16)
+        noise = torch.cat(
+            [
+                torch.randn(
+                    1, channels, rows, cols, device=device, dtype=torch.bfloat16,
+                    generator=torch.Generator(device=device).manual_seed(int(s)),
+                )
+                for s in seeds
+            ]
+        )
+        packed = self._pack_latents(noise, len(seeds), channels, rows, cols)
+        return packed.to(dtype=self._compute_dtype())
+
     @torch.no_grad()
     def __call__(  # type: ignore[override]
         self,
         prompt: str | list[str] | None = None,
         id_image: Any = None,
         id_embeds: Any = None,
-        preset: Any = "paper",
-        id_weight: float = 1.0,
-        start_step: int = 0,
-        true_cfg: float = 1.0,
+        preset: Any = D.DEFAULT_PRESET,
+        id_weight: float = D.DEFAULT_ID_WEIGHT,
+        start_step: int = D.DEFAULT_START_STEP,
+        true_cfg: float = D.DEFAULT_TRUE_CFG,
         negative_prompt: str | list[str] = "",
         guidance_scale: float = DEFAULT_GUIDANCE,
         num_inference_steps: int | None = None,
@@ -505,9 +765,11 @@ class SpatialIDPipeline(FluxPipeline):
         seed: int | None = None,
         num_images_per_prompt: int = 1,
         return_masks: bool = False,
-        cfg_start_step: int = 1,
+        cfg_start_step: int = D.DEFAULT_CFG_START_STEP,
         uncond_id_embeds: torch.Tensor | None = None,
         max_sequence_length: int | None = None,
+        schedule_overrides: dict[str, float] | None = None,
+        noise: str = D.DEFAULT_NOISE,
         output_type: str = "pil",
         return_dict: bool = True,
         **flux_kwargs: Any,
@@ -529,6 +791,12 @@ class SpatialIDPipeline(FluxPipeline):
             seed: image ``i`` of the batch uses a CPU generator seeded ``seed + i``; ignored when
                 ``generator`` is given; drawn at random (and reported in ``settings``) when both are None.
             return_masks: record the masks of every step and return them as ``output.masks``.
+            schedule_overrides: schedule fields set on top of ``preset`` (``early``, ``late``,
+                ``late_floor``, ``center_sigma``, ``global_floor``).
+            noise: ``"diffusers"`` (FluxPipeline's initial noise from CPU generators seeded
+                ``seed + i``: the same on every machine) or ``"reference"`` (drawn as the BFL /
+                PuLID-FLUX scripts do: bfloat16 on the execution device with a generator of that
+                device, so a seed starts from the authors' noise on the same kind of GPU).
             **flux_kwargs: passed to ``FluxPipeline.__call__`` (``latents``, ``sigmas``,
                 ``callback_on_step_end``, ``joint_attention_kwargs``, ...).
 
@@ -544,6 +812,7 @@ class SpatialIDPipeline(FluxPipeline):
         max_len = int(max_sequence_length if max_sequence_length is not None else self.default_max_sequence_length)
         if flux_kwargs.get("prompt_embeds") is None:
             check_prompt(prompt)
+            self._warn_if_truncated(prompt, max_len)
         check_generation_settings(
             num_inference_steps=steps,
             height=height,
@@ -557,8 +826,14 @@ class SpatialIDPipeline(FluxPipeline):
         )
         if not isinstance(cfg_start_step, int) or cfg_start_step < 0:
             raise SpatialIDError(f"cfg_start_step must be a whole number >= 0, got {cfg_start_step!r}")
-        schedule = resolve_preset(preset)
+        from spatialid.masks import apply_overrides
+
         preset_name = preset if isinstance(preset, str) else ("pulid" if preset is None else "custom")
+        schedule = apply_overrides(resolve_preset(preset), schedule_overrides)
+        if schedule is None:
+            schedule_overrides = None  # uniform injection: nothing was overridden
+        if noise not in D.NOISE_MODES:
+            raise SpatialIDError(f"noise must be one of {', '.join(D.NOISE_MODES)}, got {noise!r}")
         use_true_cfg = float(true_cfg) > 1.0
         identity_given = id_image is not None or id_embeds is not None
         if identity_given and self.injector is None:
@@ -577,6 +852,10 @@ class SpatialIDPipeline(FluxPipeline):
                 seed = secrets.randbelow(2**32)
             seeds = [int(seed) + i for i in range(total)]
             generator = _seed_generators(int(seed), total)
+        if noise == "reference" and flux_kwargs.get("latents") is None:
+            if seeds is None:
+                raise SpatialIDError('noise="reference" needs seed=..., not generator=...')
+            flux_kwargs["latents"] = self._reference_noise(seeds, height, width)
 
         rows = height // (self.vae_scale_factor * 2)
         cols = width // (self.vae_scale_factor * 2)
@@ -611,11 +890,11 @@ class SpatialIDPipeline(FluxPipeline):
             if inject:
                 start = int(start_step)
 
-                def embeds_for_call(call_index: int) -> torch.Tensor | None:
-                    step, branch = divmod(call_index, calls_per_step)
-                    if step < start:
+                def embeds_for_call(call: Any) -> torch.Tensor | None:
+                    # call: a TransformerCall; its branch is diffusers' cache context ("cond"/"uncond")
+                    if call.step < start:
                         return None
-                    return tokens if branch == 0 else uncond
+                    return uncond if call.branch == "uncond" else tokens
 
                 with self.injector.active(
                     embeds_for_call,
@@ -623,6 +902,8 @@ class SpatialIDPipeline(FluxPipeline):
                     schedule=schedule,
                     grid=(rows, cols),
                     record_masks=return_masks,
+                    calls_per_step=calls_per_step,
+                    sigmas=lambda: getattr(self.scheduler, "sigmas", None),  # the phase from the float time
                 ) as session:
                     out = super().__call__(**call_kwargs)
                 records = session.records
@@ -631,30 +912,33 @@ class SpatialIDPipeline(FluxPipeline):
         finally:
             if warmup is not None:
                 warmup.remove()
-            if self._offload_mode is not None and self.ca_modules is not None:
-                self.ca_modules.to("cpu")
 
         masks = _collect_masks(records, calls_per_step, rows, cols) if return_masks and records is not None else None
         if return_masks and masks is None:
             masks = []
+        record = GenerationSettings(
+            prompt=prompt,
+            negative_prompt=negative_prompt if use_true_cfg else None,
+            preset=preset_name,
+            id_weight=float(id_weight),
+            start_step=int(start_step),
+            true_cfg=float(true_cfg),
+            cfg_start_step=int(cfg_start_step) if use_true_cfg else None,
+            guidance=float(guidance_scale),
+            steps=steps,
+            width=width,
+            height=height,
+            seed=seeds[0] if seeds else None,
+            num_images=total,
+            max_sequence_length=max_len,
+            schedule_overrides=dict(schedule_overrides) if schedule_overrides else None,
+            noise=noise,
+        )
         settings = {
             "version": __version__,
-            "prompt": prompt,
-            "negative_prompt": (negative_prompt if use_true_cfg else None),
-            "seed": seeds[0] if seeds else None,
+            **record.to_dict(),
             "seeds": seeds,
-            "preset": preset_name,
             "schedule": schedule.to_dict() if schedule is not None else None,
-            "id_weight": float(id_weight),
-            "start_step": int(start_step),
-            "true_cfg": float(true_cfg),
-            "cfg_start_step": int(cfg_start_step) if use_true_cfg else None,
-            "guidance": float(guidance_scale),
-            "steps": steps,
-            "width": width,
-            "height": height,
-            "num_images": total,
-            "max_sequence_length": max_len,
             "identity": identity_info,
             "identity_injected": bool(inject),
             "offload": self._offload_mode,
@@ -669,12 +953,16 @@ class SpatialIDPipeline(FluxPipeline):
 
 
 def _collect_masks(records: Sequence[Any], calls_per_step: int, rows: int, cols: int) -> list[StepMasks]:
-    """Group the injector's records by denoising step, keeping the positive (identity) branch."""
+    """Group the injector's records by denoising step, keeping the positive (identity) branch.
+
+    Step and branch come with each record (from the cache context, or the injector's counting
+    fallback, which already used ``calls_per_step``); the argument stays for the call site.
+    """
+    del calls_per_step
     by_step: dict[int, list[Any]] = {}
     for rec in records:
-        step, branch = divmod(rec.call_index, calls_per_step)
-        if branch == 0:
-            by_step.setdefault(step, []).append(rec)
+        if rec.branch != "uncond":
+            by_step.setdefault(rec.step, []).append(rec)
     result = []
     for step in sorted(by_step):
         recs = sorted(by_step[step], key=lambda r: r.point)
@@ -695,3 +983,63 @@ def _tiny_pulid_modules(seed: int) -> tuple[nn.Module, nn.ModuleList]:
     from spatialid.encoder.identity_encoder import tiny_pulid_modules
 
     return tiny_pulid_modules(seed)
+
+
+def _wrap_pulid_modules(
+    idformer: nn.Module | None, ca_modules: Sequence[nn.Module], double_interval: int, single_interval: int
+) -> PuLIDFluxModel:
+    """A :class:`PuLIDFluxModel` holding ``idformer`` and ``ca_modules`` themselves (no tensor copied).
+
+    The container is built on the "meta" device (nothing allocated) with the sizes the modules
+    report, then its ``pulid_encoder`` / ``pulid_ca`` are replaced by the given modules, so its
+    ``state_dict`` and config describe exactly what is attached. Without an IDFormer,
+    ``pulid_encoder`` is None (the config then records the published IDFormer size).
+    """
+    from spatialid.models.checkpoint import build_pulid_model
+    from spatialid.models.configs import IDFormerConfig, PuLIDFluxConfig
+
+    cas = ca_modules if isinstance(ca_modules, nn.ModuleList) else nn.ModuleList(ca_modules)
+    if len(cas) == 0:
+        raise ValueError("attach_pulid needs at least one CA module")
+    ca_configs = [getattr(ca, "pulid_config", None) for ca in cas]
+    if ca_configs[0] is None:
+        raise TypeError(
+            f"CA modules must be PerceiverAttentionCA (with a pulid_config), got {type(cas[0]).__name__}; "
+            "load them with spatialid.models.load_pulid_checkpoint"
+        )
+    for i, cfg in enumerate(ca_configs):
+        if cfg != ca_configs[0]:
+            raise ValueError(f"all CA modules must share one configuration; ca_modules[{i}] differs")
+    id_cfg = getattr(idformer, "pulid_config", None) if idformer is not None else IDFormerConfig()
+    if id_cfg is None:
+        raise TypeError(f"idformer must be an IDFormer (with a pulid_config), got {type(idformer).__name__}")
+    config = PuLIDFluxConfig(
+        idformer=id_cfg,
+        ca=ca_configs[0],
+        num_ca=len(cas),
+        double_interval=int(double_interval),
+        single_interval=int(single_interval),
+    )
+    container = build_pulid_model(config, device="meta")
+    container.pulid_encoder = idformer
+    container.pulid_ca = cas
+    return container.eval().requires_grad_(False)
+
+
+def _saved_pulid_folder(flux: str) -> Path | None:
+    """``<flux>/pulid`` when ``flux`` is a local folder whose ``model_index.json`` lists a ``pulid``
+    component with its files (what :meth:`SpatialIDPipeline.save_pretrained` writes), else None."""
+    import json
+
+    root = Path(flux).expanduser()
+    index = root / "model_index.json"
+    if not index.is_file() or not (root / "pulid" / "config.json").is_file():
+        return None
+    try:
+        entry = json.loads(index.read_text(encoding="utf-8")).get("pulid")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(entry, list) or not entry or entry[0] is None:
+        return None
+    return root / "pulid"
+

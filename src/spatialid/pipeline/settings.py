@@ -1,21 +1,27 @@
-"""Validation of generation settings, shared by the pipeline and the CLI.
+"""The settings record of one generation, and its validation.
 
-Kept free of torch/diffusers imports so the CLI can reject bad numbers instantly, before any model
-is loaded. Every failure is a :class:`GenerationSettingsError` with a one-line message that names
-the setting, the bad value and the allowed range.
+:class:`GenerationSettings` is the one record of "what to generate" that every front-end fills
+(the CLI from argparse, the web UI from its form, the bench from its grid) and that the pipeline
+writes into each PNG's metadata. Kept free of torch/diffusers imports so bad numbers are refused
+instantly, before any model is loaded. Every failure is a :class:`GenerationSettingsError` with a
+one-line message that names the setting, the bad value and the allowed range.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from spatialid import defaults as D
 from spatialid.errors import SpatialIDError
 
 __all__ = [
     "DEFAULT_GUIDANCE",
+    "GenerationSettings",
     "GenerationSettingsError",
     "MAX_GUIDANCE",
     "MAX_ID_WEIGHT",
@@ -35,7 +41,8 @@ __all__ = [
 MAX_ID_WEIGHT = 3.0
 MAX_TRUE_CFG = 10.0
 MAX_GUIDANCE = 30.0
-DEFAULT_GUIDANCE = 4.0  # PuLID-FLUX's default embedded guidance for FLUX.1-dev
+DEFAULT_GUIDANCE = D.DEFAULT_GUIDANCE
+MAX_SEQUENCE_LENGTH = 512  # T5-XXL's context
 MAX_STEPS = 1000
 MAX_IMAGES = 16
 # FLUX packs 2x2 latent patches of an 8x VAE: pixel sizes must be multiples of 16. FLUX.1 was
@@ -140,3 +147,119 @@ def check_generation_settings(
         s = _integer("seed", seed)
         if not 0 <= s < 2**63:
             raise GenerationSettingsError(f"seed must be between 0 and 2**63 - 1, got {s}")
+        if s + n - 1 >= 2**63:  # image i uses seed + i: every recorded seed must be valid again
+            raise GenerationSettingsError(
+                f"seed {s} with {n} images would use seeds up to {s + n - 1}, above 2**63 - 1; "
+                f"use a seed of at most {2**63 - n}"
+            )
+
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Everything that decides a generated image besides the models and the identity.
+
+    ``steps``, ``width`` and ``height`` may be None (= the model's default, resolved with
+    :meth:`with_defaults`); ``seed`` None means "draw one" (done by :meth:`with_seed` before a run,
+    so the seed that was used is always recorded). Field names are the keys of the PNG metadata.
+    """
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    preset: str = D.DEFAULT_PRESET
+    id_weight: float = D.DEFAULT_ID_WEIGHT
+    start_step: int = D.DEFAULT_START_STEP
+    true_cfg: float = D.DEFAULT_TRUE_CFG
+    cfg_start_step: int = D.DEFAULT_CFG_START_STEP
+    guidance: float = D.DEFAULT_GUIDANCE
+    steps: int | None = None
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+    num_images: int = 1
+    max_sequence_length: int | None = None
+    schedule_overrides: Mapping[str, float] | None = None  # --early, --late-floor, ... on top of the preset
+    noise: str = D.DEFAULT_NOISE  # "diffusers" or "reference" (BFL/PuLID's initial noise)
+
+    def replace(self, **changes: Any) -> GenerationSettings:
+        return dataclasses.replace(self, **changes)
+
+    def with_defaults(self, width: int, height: int, steps: int) -> GenerationSettings:
+        """Fill the size and step count the caller left open."""
+        return self.replace(
+            width=self.width if self.width is not None else int(width),
+            height=self.height if self.height is not None else int(height),
+            steps=self.steps if self.steps is not None else int(steps),
+        )
+
+    def with_seed(self) -> GenerationSettings:
+        """Draw a random seed when none is set (the drawn seed is then part of the record)."""
+        if self.seed is not None:
+            return self
+        import secrets
+
+        return self.replace(seed=secrets.randbelow(2**32))
+
+    def check(self, *, prompt: bool = True) -> GenerationSettings:
+        """Raise :class:`GenerationSettingsError` for the first value out of range; return self.
+
+        Size and steps are checked once they are set (see :meth:`with_defaults`).
+        """
+        if prompt:
+            check_prompt(self.prompt)
+        check_generation_settings(
+            num_inference_steps=self.steps if self.steps is not None else 1,
+            height=self.height if self.height is not None else MIN_SIZE,
+            width=self.width if self.width is not None else MIN_SIZE,
+            id_weight=self.id_weight,
+            start_step=self.start_step if self.steps is not None else 0,
+            true_cfg=self.true_cfg,
+            guidance_scale=self.guidance,
+            num_images_per_prompt=self.num_images,
+            seed=self.seed,
+        )
+        if _integer("cfg_start_step", self.cfg_start_step) < 0:
+            raise GenerationSettingsError(f"cfg start step must be >= 0, got {self.cfg_start_step}")
+        n = self.max_sequence_length
+        if n is not None and not 1 <= _integer("max_sequence_length", n) <= MAX_SEQUENCE_LENGTH:
+            raise GenerationSettingsError(f"max sequence length must be between 1 and {MAX_SEQUENCE_LENGTH}, got {n}")
+        if self.noise not in D.NOISE_MODES:
+            raise GenerationSettingsError(f"noise must be one of {', '.join(D.NOISE_MODES)}, got {self.noise!r}")
+        if self.schedule_overrides:
+            from spatialid.masks.schedule import apply_overrides, resolve_preset
+
+            apply_overrides(resolve_preset(self.preset), self.schedule_overrides, strict=True, preset=self.preset)
+        return self
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :meth:`SpatialIDPipeline.__call__` for these settings."""
+        return {
+            "prompt": self.prompt,
+            "preset": self.preset,
+            "id_weight": self.id_weight,
+            "start_step": self.start_step,
+            "true_cfg": self.true_cfg,
+            "negative_prompt": self.negative_prompt,
+            "cfg_start_step": self.cfg_start_step,
+            "guidance_scale": self.guidance,
+            "num_inference_steps": self.steps,
+            "height": self.height,
+            "width": self.width,
+            "seed": self.seed,
+            "num_images_per_prompt": self.num_images,
+            "max_sequence_length": self.max_sequence_length,
+            "schedule_overrides": dict(self.schedule_overrides) if self.schedule_overrides else None,
+            "noise": self.noise,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as PNG-metadata keys (JSON-ready)."""
+        data = dataclasses.asdict(self)
+        data["schedule_overrides"] = dict(self.schedule_overrides) if self.schedule_overrides else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GenerationSettings:
+        """Read the record back from metadata (unknown keys are ignored, missing ones default)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names and v is not None})

@@ -11,7 +11,7 @@ from spatialid._lazy import lazy_exports
 _LAZY: dict[str, str] = {
     "build_app": "spatialid.ui.app",
     "launch": "spatialid.ui.app",
-    "load_pipeline": "spatialid.ui.app",
+    "is_loopback": "spatialid.ui.network",
     "build_request": "spatialid.ui.handlers",
     "run_generation": "spatialid.ui.handlers",
     "IdentityCache": "spatialid.ui.handlers",

@@ -7,6 +7,12 @@ Written for Gradio 6 (``theme``/``css`` are launch arguments there, ``api_visibi
 
 Offline by construction: analytics and Gradio's version check are off, no share link is ever
 created, and the default theme's fonts are served by the app itself (no Google Fonts request).
+
+Exposed by construction, and no more (docs/security.md): Gradio serves only the files inside the
+server's private folder (:class:`~spatialid.ui.storage.ServeFiles`: this session's outputs under
+an unguessable name, uploads, the example photos), never a folder the operator named; direct
+``/run`` POSTs that would skip the queue are closed; the run-history, monitoring and MCP routes
+are off; a login (``auth``) guards every route that runs or serves something.
 That last part needs Gradio >= 6.17.3: 6.0-6.16 work too, but their page asks cdnjs for an
 iframe-resizer script and Google for the Source Sans Pro font (harmless failures when offline).
 Tested with Gradio 6.17.3 and 6.31.0.
@@ -14,18 +20,28 @@ Tested with Gradio 6.17.3 and 6.31.0.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
-import tempfile
+import secrets
+import signal
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from spatialid.cli.cmd_serve import is_loopback
+from spatialid import defaults as D
 from spatialid.errors import SpatialIDError
-from spatialid.pipeline.settings import MAX_GUIDANCE
+from spatialid.pipeline.settings import MAX_GUIDANCE, GenerationSettings
 from spatialid.ui import handlers as h
+from spatialid.ui.network import is_loopback
+from spatialid.ui.storage import DEFAULT_KEEP_HOURS, SERVE_PREFIX, ServeFiles
+from spatialid.utils.io import atomic_save_image
 
-__all__ = ["build_app", "launch", "load_pipeline", "CSS"]
+__all__ = ["CSS", "DEFAULT_QUEUE_SIZE", "build_app", "launch"]
+
+#: Default ``--queue-size``: requests waiting for the GPU (each capped by ``--max-cost``).
+DEFAULT_QUEUE_SIZE = 16
 
 # Gradio reads these at import and launch time; set them before importing it.
 _OFFLINE_ENV = {
@@ -69,11 +85,25 @@ def _session(request: Any) -> str:
     return str(getattr(request, "session_hash", None) or "")
 
 
+def _session_key(request: Any) -> str:
+    """The session's id, or a fresh one for an API call without a session (its files then go by retention)."""
+    return _session(request) or f"api-{secrets.token_hex(8)}"
+
+
+def _upload_paths(photos: Any) -> list[str]:
+    items = photos if isinstance(photos, (list, tuple)) else [photos]
+    paths = []
+    for item in items:
+        with contextlib.suppress(SpatialIDError):
+            paths.append(str(h._path_of(item)))
+    return paths
+
+
 def _generate_fn(
     pipe: Any,
     *,
     limits: h.UILimits,
-    out_root: Path,
+    files: ServeFiles,
     lock: threading.Lock,
     errors: dict[str, str],
     identities: h.IdentityCache,
@@ -106,7 +136,10 @@ def _generate_fn(
         def report(done: int, total: int, desc: str) -> None:
             progress((done, total), desc=desc, unit="steps")
 
+        key = _session_key(request)
         try:
+            out_root = files.session_dir(key)  # random name, deleted when the session ends
+            files.note_uploads(key, _upload_paths(photos) if photos else [])
             req = h.build_request(
                 photos, prompt, negative_prompt, preset, id_weight, start_step, true_cfg, steps,
                 guidance, width, height, seed, num_images, compare, compare_presets, limits=limits,
@@ -114,17 +147,23 @@ def _generate_fn(
             result = h.run_generation(
                 pipe, req, out_root, progress=report, lock=lock, identity_cache=identities
             )
+            files.archive(result.files)  # --output-dir: a kept copy, never served
         except SpatialIDError as exc:
             message = " ".join(str(exc).split())
             errors[_session(request)] = message
             raise gr.Error(message, title="Cannot generate", print_exception=False) from None
         compare_file = next((p for p in result.files if p.stem.endswith("_compare")), None)
         mask_file = next((p for p in result.files if p.stem.endswith("_masks")), None)
+        face_file = None
+        if result.aligned_face is not None and result.image_files:
+            # in the click's folder (not Gradio's cache), so it goes when the session ends
+            face_file = result.image_files[0].parent / "aligned-face.png"
+            atomic_save_image(result.aligned_face, face_file, format="PNG")
         return (
             [(str(p), c) for p, c in zip(result.image_files, result.captions)],
             gr.update(value=str(compare_file) if compare_file else None, visible=compare_file is not None),
             str(mask_file) if mask_file else None,
-            result.aligned_face,
+            str(face_file) if face_file else None,
             [str(p) for p in result.files],
             h.settings_text(result.settings),
             result.status,
@@ -133,38 +172,7 @@ def _generate_fn(
     return on_generate
 
 
-def load_pipeline(
-    model: str = "tiny",
-    *,
-    pulid: str | None = None,
-    offload: str = "none",
-    quantize: str | None = None,
-    device: str | None = "auto",
-    dtype: str | None = "auto",
-    offline: bool = False,
-    cache_dir: str | None = None,
-) -> Any:
-    """Load the model once for the server, exactly as ``spatialid generate`` does."""
-    from spatialid.cli.cmd_generate import load_pipeline as _load
-    from spatialid.cli.cmd_generate import resolve_device, resolve_dtype
-
-    dev = resolve_device(device or "auto")
-    torch_dtype = resolve_dtype(dtype or "auto", dev)
-    pipe = _load(
-        model,
-        pulid=pulid,
-        offload=offload,
-        quantize=quantize,
-        device=dev,
-        dtype=torch_dtype,
-        offline=offline,
-        cache_dir=cache_dir,
-    )
-    pipe.set_progress_bar_config(disable=True)  # the page shows progress; keep the server log clean
-    return pipe
-
-
-def _example_rows(example_dir: Path | None) -> tuple[list[list[Any]], list[str]]:
+def _example_rows(example_dir: Path) -> tuple[list[list[Any]], list[str]]:
     from spatialid.ui.examples import EXAMPLES, write_example_photos
 
     paths = write_example_photos(example_dir)
@@ -179,19 +187,53 @@ def build_app(
     output_dir: str | os.PathLike[str] | None = None,
     example_dir: str | os.PathLike[str] | None = None,
     limits: h.UILimits | None = None,
-    defaults: h.UIDefaults | None = None,
+    defaults: GenerationSettings | None = None,
+    queue_size: int = DEFAULT_QUEUE_SIZE,
+    keep_outputs_hours: float = DEFAULT_KEEP_HOURS,
 ) -> Any:
     """Lay out the page for ``pipe`` (loaded once, shared by every visitor) and wire the events.
 
-    Returns a ``gr.Blocks`` with its queue configured (one generation at a time, waiting visitors
-    see their place). ``output_dir`` holds the PNGs offered for download (a temp folder if None).
+    Returns a ``gr.Blocks`` with its queue configured (one generation at a time, at most
+    ``queue_size`` waiting, who see their place). Everything served lives in a fresh private
+    folder (``demo._spatialid_files``, a :class:`ServeFiles`; close it when done) that becomes
+    Gradio's upload folder; ``output_dir`` only receives kept copies of the PNGs, never served.
+    ``example_dir`` (default: inside the private folder) must be a private folder.
     """
     auto_defaults, auto_limits = h.defaults_for(pipe)
     defaults = defaults or auto_defaults
     limits = limits or auto_limits
-    out_root = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="spatialid-serve-"))
-    out_root.mkdir(parents=True, exist_ok=True)
-    example_rows, example_labels = _example_rows(Path(example_dir) if example_dir is not None else None)
+    if int(queue_size) < 1:
+        raise SpatialIDError(f"--queue-size must be >= 1, got {queue_size}")
+    files = ServeFiles(_files_parent(), keep_hours=keep_outputs_hours, archive_dir=output_dir)
+    files.activate()  # before any component exists: Gradio reads its folder when one is created
+    atexit.register(files.close)
+    try:
+        demo = _build(pipe, files, model_name, example_dir, limits, defaults, int(queue_size))
+    except BaseException:
+        files.close()
+        raise
+    return demo
+
+
+def _files_parent() -> str | None:
+    """Where the private folder goes: ``GRADIO_TEMP_DIR`` if the user set one, else the temp dir."""
+    current = os.environ.get("GRADIO_TEMP_DIR")
+    if not current:
+        return None
+    path = Path(current)
+    return str(path.parent if path.name.startswith(SERVE_PREFIX) else path)  # not inside another server's
+
+
+def _build(
+    pipe: Any,
+    files: ServeFiles,
+    model_name: str | None,
+    example_dir: str | os.PathLike[str] | None,
+    limits: h.UILimits,
+    defaults: GenerationSettings,
+    queue_size: int,
+) -> Any:
+    example_rows, example_labels = _example_rows(Path(example_dir) if example_dir is not None else files.examples_dir)
     tiny = bool(getattr(pipe, "is_tiny", False))
     model_label = model_name or (getattr(pipe, "model_info", None) or {}).get("model", "FLUX.1")
     gpu_lock = threading.Lock()
@@ -237,7 +279,7 @@ def build_app(
                 )
                 compare_presets = gr.CheckboxGroup(
                     presets,
-                    value=["pulid", "paper"],
+                    value=list(D.BENCH_PRESETS),
                     label="Presets to compare",
                     visible=False,
                     elem_id="compare-presets",
@@ -319,7 +361,7 @@ def build_app(
         outputs = [gallery, comparison, mask_picture, aligned_face, downloads, settings, status]
 
         on_generate = _generate_fn(
-            pipe, limits=limits, out_root=out_root, lock=gpu_lock, errors=errors, identities=identities
+            pipe, limits=limits, files=files, lock=gpu_lock, errors=errors, identities=identities
         )
         event_args = dict(
             fn=on_generate,
@@ -347,10 +389,45 @@ def build_app(
             lambda on: gr.update(visible=bool(on)), compare, compare_presets, queue=False, api_visibility="private"
         )
 
-    demo.queue(default_concurrency_limit=1, max_size=64)
-    demo._spatialid_allowed_paths = [str(out_root), str(Path(example_rows[0][0][0]).parent)]  # for launch()
-    demo._spatialid_output_dir = out_root
+        def on_unload(request: gr.Request) -> None:
+            """The tab was closed (Gradio's heartbeat ended): delete this session's files."""
+            key = _session(request)
+            if key:
+                files.end_session(key)
+
+        demo.unload(on_unload)
+
+    # api_open=False: a direct POST to /gradio_api/run/... would skip the queue and its size cap
+    demo.queue(default_concurrency_limit=1, max_size=queue_size, api_open=False)
+    demo._spatialid_files = files
+    demo._spatialid_limits = limits
     return demo
+
+
+def _blocked_paths(files: ServeFiles) -> list[str]:
+    """``--output-dir`` is never served; block it outright unless the private folder is inside it."""
+    archive = files.archive_dir
+    if archive is None:
+        return []
+    archive = archive.resolve()
+    return [] if files.root.is_relative_to(archive) else [str(archive)]
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Any:
+    """SIGTERM (systemd, docker stop, kill) ends the server like Ctrl-C, so the clean-up runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def launch(
@@ -361,30 +438,68 @@ def launch(
     port: int = 7860,
     max_upload_mb: float = 20.0,
     output_dir: str | os.PathLike[str] | None = None,
+    auth: Sequence[tuple[str, str]] | None = None,
+    max_steps: int | None = None,
+    max_images: int | None = None,
+    max_side: int | None = None,
+    max_cost: float | None = None,
+    queue_size: int = DEFAULT_QUEUE_SIZE,
+    keep_outputs_hours: float = DEFAULT_KEEP_HOURS,
     prevent_thread_lock: bool = False,
 ) -> Any:
-    """Build the app and serve it (blocks until Ctrl-C unless ``prevent_thread_lock``)."""
+    """Build the app and serve it; blocks until Ctrl-C or SIGTERM unless ``prevent_thread_lock``.
+
+    The caps (``max_*``; None = the model's default, :func:`~spatialid.ui.handlers.defaults_for`)
+    bound what one request may cost; ``auth`` (``[(user, password), ...]``) requires a login.
+    The private folder is deleted when this returns (or at exit with ``prevent_thread_lock``:
+    then call ``demo.close()`` and ``demo._spatialid_files.close()`` yourself).
+    """
     _, limits = h.defaults_for(pipe)
-    limits = h.UILimits(**{**limits.__dict__, "max_upload_mb": float(max_upload_mb)})
-    demo = build_app(pipe, model_name=model_name, output_dir=output_dir, limits=limits)
+    limits = limits.replace(
+        max_upload_mb=float(max_upload_mb), max_steps=max_steps, max_images=max_images, max_side=max_side, max_cost=max_cost
+    )
+    demo = build_app(
+        pipe, model_name=model_name, output_dir=output_dir, limits=limits,
+        queue_size=queue_size, keep_outputs_hours=keep_outputs_hours,
+    )
+    files: ServeFiles = demo._spatialid_files
     try:
         demo.launch(
             server_name=host,
             server_port=port,
             share=False,
             inbrowser=False,
+            auth=list(auth) if auth else None,
+            auth_message="This SpatialID server requires a login (ask its operator)." if auth else None,
             max_file_size=f"{max_upload_mb:g}mb",
-            allowed_paths=demo._spatialid_allowed_paths,
+            allowed_paths=[],  # served: only the private folder (Gradio's upload folder)
+            blocked_paths=_blocked_paths(files),
+            run_history=False,  # no run records in browsers, no Hugging Face bucket routes
+            mcp_server=False,
+            enable_monitoring=False,  # no /monitoring dashboard of everyone's events
             footer_links=["api", "settings"],
             show_error=is_loopback(host),  # unexpected errors' text only for a local visitor
             quiet=False,
             ssr_mode=False,
-            prevent_thread_lock=prevent_thread_lock,
+            prevent_thread_lock=True,  # we block below, so the clean-up runs after Ctrl-C / SIGTERM
             theme=_theme(),
             css=CSS,
         )
     except OSError as exc:  # port in use, address not on this machine
+        files.close()
         raise SpatialIDError(
             f"cannot listen on {host}:{port} ({' '.join(str(exc).split())}); choose another --port or --host"
         ) from None
+    except BaseException:
+        files.close()
+        raise
+    files.start_sweeper()
+    if prevent_thread_lock:
+        return demo
+    try:
+        with _sigterm_as_interrupt():
+            demo.block_thread()
+    finally:
+        demo.close()
+        files.close()
     return demo

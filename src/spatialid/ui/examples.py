@@ -3,13 +3,18 @@
 scikit-image ships its sample pictures inside the package, so the examples work offline and
 need no download. ``astronaut`` (Eileen Collins' NASA portrait, public domain) has a clear frontal
 face and shows the whole path working; ``coffee`` (a cup, no person) shows the no-face message.
-The photos are written once as PNG files into a cache folder because Gradio's examples take file
-paths, and Gradio only serves files from folders it was told about.
+The photos are written as PNG files because Gradio's examples take file paths. ``spatialid serve``
+writes them into its own private folder at start-up (:class:`spatialid.ui.storage.ServeFiles`),
+so no cache shared between runs or users is ever served. An explicit cache folder is used only
+when it is private (a real folder of this user that nobody else can write, see
+:func:`spatialid.ui.storage.private_dir`), and files in it are read only when they are plain files,
+never symlinks: a predictable ``/tmp`` name cannot be used to make the server follow a link.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +46,10 @@ EXAMPLES: tuple[ExamplePhoto, ...] = (
 
 
 def default_cache_dir() -> Path:
-    """``$SPATIALID_CACHE/ui-examples`` if set, else a per-user folder in the system temp dir."""
+    """``$SPATIALID_CACHE/ui-examples`` if set, else a per-user folder in the system temp dir.
+
+    The temp-dir name is predictable, so :func:`write_example_photos` checks it before use.
+    """
     root = os.environ.get("SPATIALID_CACHE")
     if root:
         return Path(root) / "ui-examples"
@@ -49,23 +57,39 @@ def default_cache_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"spatialid-ui-examples-{user}"
 
 
-def write_example_photos(cache_dir: str | os.PathLike[str] | None = None) -> dict[str, Path]:
-    """Write the example photos as PNGs (once; existing files are reused) and return name -> path.
+def _plain_file(path: Path) -> bool:
+    """A non-empty regular file, judged without following a symlink."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_size > 0
 
-    Files are written atomically so two servers starting at the same time never see a partial file.
+
+def write_example_photos(cache_dir: str | os.PathLike[str] | None = None) -> dict[str, Path]:
+    """Write the example photos as PNGs (once; existing plain files are reused); return name -> path.
+
+    The folder must be private (created 0700, or an existing one owned by this user and writable
+    by nobody else; else a one-line :class:`~spatialid.errors.SpatialIDError`). A symlink where a
+    photo should be is replaced, never followed. Files are written atomically so two servers
+    starting at the same time never see a partial file. Paths are returned as written (inside the
+    folder), not resolved.
     """
     import skimage.data
     from PIL import Image
 
-    from spatialid.pipeline.metadata import atomic_save_image
+    from spatialid.ui.storage import private_dir
+    from spatialid.utils.io import atomic_save_image
 
-    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = private_dir(Path(cache_dir) if cache_dir is not None else default_cache_dir())
+    folder = folder.parent.resolve() / folder.name  # an absolute path; the folder itself is not followed
     paths: dict[str, Path] = {}
     for example in EXAMPLES:
         path = folder / f"{example.name}.png"
-        if not path.is_file() or path.stat().st_size == 0:
+        if not _plain_file(path):
+            if os.path.lexists(path) and not os.path.isdir(path):
+                os.unlink(path)  # a symlink or an empty file: never written through
             array = getattr(skimage.data, example.name)()
             atomic_save_image(Image.fromarray(array).convert("RGB"), path, format="PNG")
-        paths[example.name] = path.resolve()
+        paths[example.name] = path
     return paths

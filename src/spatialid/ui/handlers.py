@@ -3,7 +3,7 @@
 Nothing here imports Gradio, so every rule (limits, messages, file names, metadata) is unit-tested
 without a server; :mod:`spatialid.ui.app` only wires these functions to components and turns
 :class:`~spatialid.errors.SpatialIDError` into ``gr.Error`` popups. Generation goes through the
-same :func:`spatialid.pipeline.runner.run_job` as ``spatialid generate``, so the PNGs a visitor
+same :func:`spatialid.app.job.run_job` as ``spatialid generate``, so the PNGs a visitor
 downloads carry exactly the CLI's metadata (readable with ``spatialid info``).
 """
 
@@ -26,7 +26,9 @@ from typing import Any
 
 from PIL import Image
 
+from spatialid import defaults as D
 from spatialid.errors import FaceNotFoundError, InputImageError, SpatialIDError
+from spatialid.pipeline.settings import GenerationSettings
 
 __all__ = [
     "PLAIN_PRESET_TEXT",
@@ -35,7 +37,6 @@ __all__ = [
     "IdentityCache",
     "GenerationResult",
     "ProgressFn",
-    "UIDefaults",
     "UIInputError",
     "UILimits",
     "build_request",
@@ -45,9 +46,12 @@ __all__ = [
     "parse_seed",
     "preset_choices",
     "preset_help",
+    "request_cost",
     "run_generation",
     "settings_text",
 ]
+
+_UI_REAL = D.size_steps("ui", tiny=False)
 
 #: ``progress(done, total, description)``; ``done``/``total`` count denoising steps.
 ProgressFn = Callable[[int, int, str], None]
@@ -66,11 +70,14 @@ TINY_NOTICE = (
 PLAIN_PRESET_TEXT: dict[str, str] = {
     "pulid": "The original PuLID: the identity is pushed into every part of the picture at every step.",
     "paper": "SpatialID: the identity goes mostly where the face is, so hair, clothes and background follow the prompt more freely.",
-    "relaxed": "A gentler SpatialID: the face gets most of the identity, but the rest of the picture still gets some.",
+    "relaxed": "SpatialID as the authors ran it for their paper (the default): the face gets most of the identity, the rest of the picture still gets some.",
     "prior-only": "Experiment: the identity goes to the centre of the picture, wherever the face actually ends up.",
     "attention-only": "Experiment: only where the model itself looks at the identity, from the first step to the last.",
     "no-relax": "Experiment: like SpatialID, but the identity stays confined to the face until the very end.",
     "entropy": "Variant of SpatialID that finds the face region from how focused the model's attention is.",
+    "late-floor-0.7": "Experiment (the authors' config C): like SpatialID, with more identity left everywhere late on and a wider start.",
+    "global-floor-0.3": "Experiment (the authors' config D): like SpatialID, but every part of the picture keeps at least 30% identity.",
+    "global-floor-0.5": "Experiment (the authors' config E): like SpatialID, but every part of the picture keeps at least 50% identity.",
 }
 
 
@@ -78,40 +85,55 @@ class UIInputError(SpatialIDError, ValueError):
     """A form value in the web UI is missing or out of range (shown as a one-line popup)."""
 
 
+#: Default ``--max-cost``: one request may cost this many default requests (the full comparison of
+#: every preset at the default settings costs 10).
+DEFAULT_MAX_COST = 10.0
+
+
 @dataclass(frozen=True)
 class UILimits:
-    """What one visitor may ask of the shared GPU (enforced here, mirrored by the sliders)."""
+    """What one visitor may ask of the shared GPU (enforced here, mirrored by the sliders).
+
+    Enforced in :func:`build_request` because the HTTP API never sees a slider. Each cap alone is
+    not enough: steps, images, compared presets and size multiply, so ``max_cost`` caps their
+    product, in "default requests" (``unit_*``: the form's default steps and size, one image).
+    """
 
     max_upload_mb: float = 20.0
     max_photos: int = 4
     max_side: int = 2048
-    max_steps: int = 100
+    max_steps: int = 50
     max_images: int = 4
+    max_cost: float = DEFAULT_MAX_COST
+    unit_steps: int = 20
+    unit_width: int = 1024
+    unit_height: int = 1024
+
+    def replace(self, **changes: Any) -> UILimits:
+        """A copy with ``changes`` (``None`` values keep the current one: unset CLI flags)."""
+        from dataclasses import replace
+
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-@dataclass(frozen=True)
-class UIDefaults:
-    """Initial slider values (PuLID-FLUX's app: 20 steps, guidance 4; the tiny model: small and fast)."""
+def defaults_for(pipe: Any) -> tuple[GenerationSettings, UILimits]:
+    """The form's initial settings and the limits for ``pipe``.
 
-    width: int = 1024
-    height: int = 1024
-    steps: int = 20
-    guidance: float = 4.0
-    id_weight: float = 1.0
-    start_step: int = 0
-    true_cfg: float = 1.0
-    preset: str = "paper"
-    num_images: int = 1
-
-
-def defaults_for(pipe: Any) -> tuple[UIDefaults, UILimits]:
-    """Defaults and limits for ``pipe``: the tiny model gets 128 px and 4 steps so a click takes seconds."""
+    The tiny model gets the UI's small size and step count (:mod:`spatialid.defaults`) so a click
+    takes seconds; a real model starts from the pipeline's own defaults.
+    """
     if getattr(pipe, "is_tiny", False):
-        return UIDefaults(width=128, height=128, steps=4), UILimits(max_side=512, max_steps=50)
-    width = int(getattr(pipe, "default_width", 1024) or 1024)
-    height = int(getattr(pipe, "default_height", 1024) or 1024)
-    steps = int(getattr(pipe, "default_num_inference_steps", 20) or 20)
-    return UIDefaults(width=width, height=height, steps=steps), UILimits()
+        small = D.size_steps("ui", tiny=True)
+        return (
+            GenerationSettings(width=small.width, height=small.height, steps=small.steps),
+            UILimits(max_side=512, max_steps=50, unit_steps=small.steps, unit_width=small.width, unit_height=small.height),
+        )
+    real = D.size_steps("ui", tiny=False)
+    width = int(getattr(pipe, "default_width", real.width) or real.width)
+    height = int(getattr(pipe, "default_height", real.height) or real.height)
+    steps = int(getattr(pipe, "default_num_inference_steps", real.steps) or real.steps)
+    limits = UILimits(unit_steps=steps, unit_width=width, unit_height=height)
+    return GenerationSettings(width=width, height=height, steps=steps), limits
 
 
 # ----------------------------------------------------------------------------- presets
@@ -245,7 +267,17 @@ def collect_photos(files: Any, limits: UILimits = UILimits()) -> list[Path]:
     return paths
 
 
-def _number(name: str, value: Any, low: float, high: float, *, integer: bool = False) -> float:
+def _over_cap(name: str, value: float, cap: float, flag: str, unit: str = "") -> UIInputError:
+    """The one-line refusal of a value over a server cap: the cap, and how the operator raises it."""
+    return UIInputError(
+        f"{name} {value:g} is over this server's cap of {cap:g}{unit}; use {cap:g} or less "
+        f"(the operator can raise the cap: spatialid serve {flag} N)"
+    )
+
+
+def _number(
+    name: str, value: Any, low: float, high: float, *, integer: bool = False, cap_flag: str | None = None, unit: str = ""
+) -> float:
     if value is None or isinstance(value, bool) or (isinstance(value, str) and not value.strip()):
         raise UIInputError(f"{name} is empty; enter a number between {low:g} and {high:g}")
     try:
@@ -256,6 +288,8 @@ def _number(name: str, value: Any, low: float, high: float, *, integer: bool = F
         raise UIInputError(f"{name} must be a number between {low:g} and {high:g}, got {value!r}")
     if integer and not number.is_integer():
         raise UIInputError(f"{name} must be a whole number, got {value!r}")
+    if cap_flag is not None and number > high:
+        raise _over_cap(name, number, high, cap_flag, unit)
     if not low <= number <= high:
         raise UIInputError(f"{name} must be between {low:g} and {high:g}, got {number:g}")
     return number
@@ -263,42 +297,62 @@ def _number(name: str, value: Any, low: float, high: float, *, integer: bool = F
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """A checked form: everything one click asks for."""
+    """A checked form: the identity photos, the settings record and the presets to compare."""
 
     photos: tuple[Path, ...]
-    prompt: str
-    negative_prompt: str = ""
-    preset: str = "paper"
-    id_weight: float = 1.0
-    start_step: int = 0
-    true_cfg: float = 1.0
-    steps: int = 20
-    guidance: float = 4.0
-    width: int = 1024
-    height: int = 1024
-    seed: int = 0
-    num_images: int = 1
+    settings: GenerationSettings
     compare: tuple[str, ...] = ()
 
     @property
     def total_steps(self) -> int:
         """Denoising steps of the whole request (the comparison reruns only presets not yet drawn)."""
-        extra = sum(1 for name in self.compare if name != self.preset)
-        return self.steps * (1 + extra)
+        extra = sum(1 for name in self.compare if name != self.settings.preset)
+        return int(self.settings.steps or 0) * (1 + extra)
+
+
+def request_cost(settings: GenerationSettings, compare: Sequence[str], limits: UILimits) -> float:
+    """What a request costs the GPU, in default requests (the form's default steps and size, 1 image).
+
+    Denoising passes (steps x (images + extra compared presets)) x pixels, doubled by true CFG
+    (> 1 runs the transformer twice per step); relative to ``limits.unit_*``.
+    """
+    extra = sum(1 for name in compare if name != settings.preset)
+    passes = int(settings.steps or 0) * (int(settings.num_images or 1) + extra)
+    cfg = 2 if float(settings.true_cfg or 1) > 1 else 1
+    pixels = int(settings.width or 0) * int(settings.height or 0)
+    unit = max(1, limits.unit_steps) * max(1, limits.unit_width) * max(1, limits.unit_height)
+    return passes * pixels * cfg / unit
+
+
+def _check_cost(settings: GenerationSettings, compare: Sequence[str], limits: UILimits) -> None:
+    cost = request_cost(settings, compare, limits)
+    if cost <= limits.max_cost * (1 + 1e-9):
+        return
+    extra = sum(1 for name in compare if name != settings.preset)
+    what = f"{settings.steps} steps x {settings.num_images} image{'s' if settings.num_images != 1 else ''}"
+    if extra:
+        what += f" + {extra} compared preset{'s' if extra != 1 else ''}"
+    what += f" at {settings.width}x{settings.height}"
+    if float(settings.true_cfg or 1) > 1:
+        what += ", doubled by true CFG"
+    raise UIInputError(
+        f"this request costs {cost:.3g} default requests ({what}), over this server's cap of {limits.max_cost:g}; "
+        "ask for fewer steps, images, compared presets or pixels (the operator can raise the cap: spatialid serve --max-cost N)"
+    )
 
 
 def build_request(
     photos: Any,
     prompt: Any,
     negative_prompt: Any = "",
-    preset: Any = "paper",
-    id_weight: Any = 1.0,
-    start_step: Any = 0,
-    true_cfg: Any = 1.0,
-    steps: Any = 20,
-    guidance: Any = 4.0,
-    width: Any = 1024,
-    height: Any = 1024,
+    preset: Any = D.DEFAULT_PRESET,
+    id_weight: Any = D.DEFAULT_ID_WEIGHT,
+    start_step: Any = D.DEFAULT_START_STEP,
+    true_cfg: Any = D.DEFAULT_TRUE_CFG,
+    steps: Any = _UI_REAL.steps,
+    guidance: Any = D.DEFAULT_GUIDANCE,
+    width: Any = _UI_REAL.width,
+    height: Any = _UI_REAL.height,
     seed: Any = "random",
     num_images: Any = 1,
     compare: bool = False,
@@ -322,16 +376,15 @@ def build_request(
     choices = preset_choices()
     if preset not in choices:
         raise UIInputError(f"unknown preset {preset!r}; choose one of: {', '.join(choices)}")
-    n_steps = int(_number("steps", steps, 1, limits.max_steps, integer=True))
+    n_steps = int(_number("steps", steps, 1, limits.max_steps, integer=True, cap_flag="--max-steps"))
     start = int(_number("start step", start_step, 0, n_steps - 1, integer=True))
     sizes = []
     for name, value in (("width", width), ("height", height)):
-        v = int(_number(name, value, MIN_SIZE, limits.max_side, integer=True))
+        v = int(_number(name, value, MIN_SIZE, limits.max_side, integer=True, cap_flag="--max-side", unit=" px"))
         if v % SIZE_MULTIPLE:
             raise UIInputError(f"{name} must be a multiple of {SIZE_MULTIPLE} (FLUX draws 16x16-pixel patches), got {v}")
         sizes.append(v)
-    return GenerationRequest(
-        photos=tuple(paths),
+    settings = GenerationSettings(
         prompt=text,
         negative_prompt="" if negative_prompt is None else str(negative_prompt).strip(),
         preset=str(preset),
@@ -343,9 +396,11 @@ def build_request(
         width=sizes[0],
         height=sizes[1],
         seed=parse_seed(seed),
-        num_images=int(_number("number of images", num_images, 1, limits.max_images, integer=True)),
-        compare=tuple(compare_list(str(preset), compare_presets)) if compare else (),
+        num_images=int(_number("number of images", num_images, 1, limits.max_images, integer=True, cap_flag="--max-images")),
     )
+    presets = tuple(compare_list(str(preset), compare_presets)) if compare else ()
+    _check_cost(settings, presets, limits)
+    return GenerationRequest(photos=tuple(paths), settings=settings, compare=presets)
 
 
 # ----------------------------------------------------------------------------- generation
@@ -475,14 +530,14 @@ def run_generation(
     other's downloads. ``lock`` serialises pipeline use when several events share one model;
     ``identity_cache`` skips the encoder when the same photos come again.
     """
-    from spatialid.pipeline.runner import GenerationJob, run_job
+    from spatialid.app.job import GenerationJob, run_job
     from spatialid.utils.images import load_image
 
     started = time.perf_counter()
     root = Path(out_root)
     root.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=root))
-    out = folder / f"spatialid-s{request.seed}.png"
+    out = folder / f"spatialid-s{request.settings.seed}.png"
     names = [p.name for p in request.photos]
     reference = load_image(request.photos[0])
 
@@ -493,19 +548,8 @@ def run_generation(
         cache = identity_cache if identity_cache is not None else IdentityCache(maxsize=1)
         identity = cache.get_or_encode(pipe, request.photos)
         job = GenerationJob(
-            prompt=request.prompt,
+            settings=request.settings,
             out=out,
-            preset=request.preset,
-            id_weight=request.id_weight,
-            start_step=request.start_step,
-            true_cfg=request.true_cfg,
-            negative_prompt=request.negative_prompt,
-            steps=request.steps,
-            guidance=request.guidance,
-            width=request.width,
-            height=request.height,
-            seed=request.seed,
-            num_images=request.num_images,
             masks=True,
             compare=list(request.compare) or None,
             identity_files=names,
@@ -518,7 +562,7 @@ def run_generation(
         messages: list[str] = []
         result = run_job(counter, job, identity, log=messages.append, extra_settings=extra)
 
-    from spatialid.pipeline.metadata import read_png_metadata
+    from spatialid.app.metadata import read_png_metadata
 
     images = [_open(p) for p in result.images]
     try:
@@ -549,7 +593,7 @@ def _open(path: Path) -> Image.Image:
 def settings_text(settings: Mapping[str, Any]) -> str:
     """The settings as the PNG stores them: the summary line, then the JSON (encoder internals left
     out for readability; the downloaded PNG keeps them)."""
-    from spatialid.pipeline.metadata import format_summary
+    from spatialid.app.metadata import format_summary
 
     shown = dict(settings)
     identity = shown.get("identity")

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 __all__ = [
     "MaskFrame",
+    "choose_mask_steps",
+    "fit_reference",
+    "mask_picture_for",
+    "preset_caption",
     "colorize",
     "comparison_grid",
     "heatmap_overlay",
@@ -229,3 +234,75 @@ def mask_schedule_picture(
     out.paste(grid, (0, 0))
     out.paste(bar, (0, grid.size[1]))
     return out
+
+
+# ----------------------------------------------------------------------------- pictures of a generation
+
+
+def preset_caption(name: str, schedule: Any) -> str:
+    """Two short lines describing a preset for grid labels."""
+    if schedule is None:
+        return f"{name}\nuniform (PuLID)"
+    d = schedule.to_dict() if hasattr(schedule, "to_dict") else dict(schedule)
+    mode = d.get("mode", "scheduled")
+    bits = []
+    if mode == "scheduled":
+        bits.append(f"early {d.get('early', 0):g} late {d.get('late', 0):g}")
+    else:
+        bits.append(str(mode))
+    bits.append(f"floor {d.get('late_floor', 0):g} sigma {d.get('center_sigma', 0):g}")
+    if d.get("global_floor"):
+        bits[-1] += f" min {d['global_floor']:g}"
+    if d.get("source", "norm") != "norm":
+        bits[-1] += f" {d['source']}"
+    return f"{name}\n" + ", ".join(bits)
+
+
+def fit_reference(photo: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Centre-crop the identity photo to the tile's aspect ratio and resize it."""
+    w, h = photo.size
+    tw, th = size
+    scale = max(tw / w, th / h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    resized = photo.convert("RGB").resize((nw, nh), Image.Resampling.LANCZOS)
+    left, top = (nw - tw) // 2, (nh - th) // 2
+    return resized.crop((left, top, left + tw, top + th))
+
+
+def choose_mask_steps(masks: Sequence[Any], count: int = 3) -> list[int]:
+    """Steps to draw: the middle step of each schedule phase (prior, attention, relaxed) in order of
+    appearance, topped up with early/mid/late steps when the schedule has fewer phases."""
+    groups: dict[str, list[int]] = {}
+    for m in sorted(masks, key=lambda m: m.step):
+        groups.setdefault(m.phase, []).append(m.step)
+    chosen = {steps[(len(steps) - 1) // 2] for steps in groups.values()} if len(groups) > 1 else set()
+    for step in pick_steps([m.step for m in masks], count):
+        if len(chosen) >= count:
+            break
+        chosen.add(step)
+    return sorted(chosen)[: max(count, len(groups))]
+
+
+def mask_picture_for(image: Image.Image, masks: Sequence[Any], index: int, settings: dict[str, Any]) -> Image.Image:
+    """Early/mid/late heat maps of image ``index`` of the batch (mean over injection points)."""
+    steps_total = int(settings.get("steps", 0))
+    by_step = {m.step: m for m in masks}
+    chosen = choose_mask_steps(masks)
+    frames = []
+    for step in chosen:
+        m = by_step[step]
+        points = int(m.masks.shape[0])
+        frames.append(
+            MaskFrame(
+                step=step,
+                num_steps=steps_total,
+                t=m.t,
+                phase=m.phase,
+                mask=m.mean()[index].numpy(),
+            )
+        )
+    title = f"where identity goes: preset {settings.get('preset')}, id weight {settings.get('id_weight'):g}"
+    footer = f"identity mask (mean over {points} injection points): 0 = none, 1 = full"
+    if settings.get("note"):
+        footer += " | tiny model: noise image"
+    return mask_schedule_picture(image, frames, title=title, footer=footer)

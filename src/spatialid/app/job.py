@@ -1,0 +1,254 @@
+"""One generation job, as ``spatialid generate``, the demo and the web UI run it.
+
+A :class:`GenerationJob` is the settings record (:class:`~spatialid.pipeline.settings.GenerationSettings`)
+plus what to write: the output file names, the mask pictures, the comparison grid. :func:`run_job`
+checks that every file can be written *before* any model runs, calls the pipeline, and writes each
+file atomically with its settings as PNG metadata.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from spatialid.app.metadata import save_png_with_metadata
+from spatialid.errors import SpatialIDError
+from spatialid.pipeline.settings import GenerationSettings
+from spatialid.utils.io import OutputPathError, check_writable
+
+__all__ = [
+    "GenerationFailedError",
+    "GenerationJob",
+    "JobResult",
+    "check_outputs",
+    "compare_path",
+    "default_output_path",
+    "image_paths",
+    "masks_path",
+    "planned_paths",
+    "release_outputs",
+    "run_job",
+]
+
+
+class GenerationFailedError(SpatialIDError, RuntimeError):
+    """The pipeline ran but its result is unusable (e.g. NaN/Inf turned the image into one colour)."""
+
+
+@dataclass
+class GenerationJob:
+    """Everything one generation asks for (already validated): settings plus outputs."""
+
+    settings: GenerationSettings
+    out: Path
+    masks: bool = False
+    compare: list[str] | None = None
+    identity_files: list[str] = field(default_factory=list)
+    identity_source: str | None = None  # "image" | "embeds" | None
+    reference_image: Image.Image | None = None  # shown first in the comparison grid
+    overwrite: bool = False  # replace existing files instead of picking a free numbered name
+    reserved: list[Path] = field(default_factory=list, repr=False)  # placeholders this job created
+
+
+@dataclass
+class JobResult:
+    images: list[Path] = field(default_factory=list)
+    masks: list[Path] = field(default_factory=list)
+    compare: Path | None = None
+    seconds: float = 0.0
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def files(self) -> list[Path]:
+        return [*self.images, *self.masks, *([self.compare] if self.compare else [])]
+
+
+def default_output_path(seed: int, folder: str | Path = "outputs") -> Path:
+    """``outputs/spatialid-YYYYmmdd-HHMMSS-s<seed>.png``: never overwrites an earlier run by accident."""
+    return Path(folder) / f"spatialid-{datetime.now():%Y%m%d-%H%M%S}-s{seed}.png"
+
+
+def image_paths(out: Path, num_images: int) -> list[Path]:
+    """``out`` itself for one image; ``stem-0.png, stem-1.png, ...`` for several."""
+    if num_images == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(num_images)]
+
+
+def masks_path(image_path: Path) -> Path:
+    return image_path.with_name(f"{image_path.stem}_masks.png")
+
+
+def compare_path(out: Path) -> Path:
+    return out.with_name(f"{out.stem}_compare.png")
+
+
+def planned_paths(job: GenerationJob) -> list[Path]:
+    paths = image_paths(job.out, job.settings.num_images)
+    if job.masks:
+        paths += [masks_path(p) for p in image_paths(job.out, job.settings.num_images)]
+    if job.compare:
+        paths.append(compare_path(job.out))
+    return paths
+
+
+def check_outputs(job: GenerationJob, *, reserve: bool = True) -> list[Path]:
+    """Refuse a non-PNG target, prove every planned file can be written, and claim the names.
+
+    Without ``overwrite`` the names are reserved create-exclusively (an empty placeholder per
+    file, replaced by the atomic write later), so two runs started in the same second with the
+    same seed, or an existing file, never lose an image: the job moves to the first free
+    ``stem-2``, ``stem-3``, ... Called again for the same job, it returns the same names.
+    ``reserve=False`` only checks (front-ends call that before loading models; :func:`run_job`
+    reserves, and releases what it did not write when it fails).
+    """
+    if job.out.suffix.lower() != ".png":
+        raise OutputPathError(f"{job.out}: output must be a .png file (settings are stored as PNG metadata)")
+    if job.reserved:
+        return planned_paths(job)
+    for p in planned_paths(job):
+        check_writable(p)
+    if job.overwrite or not reserve:
+        return planned_paths(job)
+    stem, base = job.out.stem, job.out
+    for number in range(1, 10_000):
+        job.out = base if number == 1 else base.with_name(f"{stem}-{number}{base.suffix}")
+        paths = planned_paths(job)
+        if any(p.exists() for p in paths):
+            continue
+        created: list[Path] = []
+        try:
+            for p in paths:
+                os.close(os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+                created.append(p)
+        except FileExistsError:  # another process took one of them just now
+            release_outputs(GenerationJob(settings=job.settings, out=job.out, reserved=created))
+            continue
+        except OSError as exc:
+            raise OutputPathError(f"cannot write {paths[0]}: {exc.strerror or exc}") from None
+        job.reserved = created
+        return paths
+    raise OutputPathError(f"{base}: no free output name (tried {stem}-2 ... {stem}-9999); choose another --out")
+
+
+def release_outputs(job: GenerationJob) -> None:
+    """Remove the placeholders of names this job reserved but never wrote (empty files only)."""
+    for p in job.reserved:
+        try:
+            if p.stat().st_size == 0:
+                p.unlink()
+        except OSError:
+            pass
+    job.reserved = []
+
+
+def _call(pipe: Any, settings: GenerationSettings, identity: Any, masks: bool) -> Any:
+    return pipe(id_embeds=identity, return_masks=masks, **settings.pipeline_kwargs())
+
+
+def _file_settings(job: GenerationJob, settings: dict[str, Any], index: int) -> dict[str, Any]:
+    s = dict(settings)
+    seeds = s.get("seeds") or [s.get("seed")]
+    s["seed"] = seeds[index] if index < len(seeds) else s.get("seed")
+    s["image_index"] = index
+    s["identity"] = {
+        **(s.get("identity") or {}),
+        "source": job.identity_source,
+        "files": list(job.identity_files),
+    }
+    return s
+
+
+def run_job(
+    pipe: Any,
+    job: GenerationJob,
+    identity: Any = None,
+    *,
+    log: Callable[[str], None] = print,
+    extra_settings: dict[str, Any] | None = None,
+) -> JobResult:
+    """Generate, then write images (+ mask pictures, + comparison grid) with their settings."""
+    check_outputs(job)
+    try:
+        return _run(pipe, job, identity, log, extra_settings)
+    except BaseException:
+        release_outputs(job)  # a failed run leaves no empty files behind
+        raise
+
+
+def _check_image(image: Image.Image, what: str) -> None:
+    """A generated image of one colour everywhere means broken numbers (NaN/Inf tokens or weights)."""
+    import numpy as np
+
+    array = np.asarray(image)
+    if array.size and (array == array.reshape(-1, array.shape[-1] if array.ndim == 3 else 1)[0]).all():
+        raise GenerationFailedError(
+            f"the {what} came out as one flat colour, which means the computation produced NaN or Inf "
+            "(damaged identity tokens or weights); nothing was written — re-encode the identity "
+            "(`spatialid encode`) or check the model files"
+        )
+
+
+def _run(
+    pipe: Any,
+    job: GenerationJob,
+    identity: Any,
+    log: Callable[[str], None],
+    extra_settings: dict[str, Any] | None,
+) -> JobResult:
+    from spatialid.app.pictures import comparison_grid, fit_reference, mask_picture_for, preset_caption
+    from spatialid.masks import resolve_preset
+
+    started = time.perf_counter()
+    result = JobResult()
+    want_masks = job.masks and identity is not None
+    if job.masks and identity is None:
+        log("no identity given: skipping the mask picture (nothing is injected)")
+
+    out = _call(pipe, job.settings, identity, want_masks)
+    for i, img in enumerate(out.images):
+        _check_image(img, f"image {i + 1}" if len(out.images) > 1 else "image")
+    base = {**out.settings, **(extra_settings or {})}
+    result.settings = base
+    for i, (img, path) in enumerate(zip(out.images, image_paths(job.out, job.settings.num_images))):
+        save_png_with_metadata(img, path, _file_settings(job, base, i))
+        result.images.append(path)
+        if want_masks:
+            if not out.masks:
+                log("no injected steps were recorded: skipping the mask picture")
+            else:
+                picture = mask_picture_for(img, out.masks, i, base)
+                mp = masks_path(path)
+                save_png_with_metadata(picture, mp, {**_file_settings(job, base, i), "kind": "mask schedule"})
+                result.masks.append(mp)
+
+    if job.compare:
+        tiles: list[Image.Image] = []
+        labels: list[str] = []
+        if job.reference_image is not None:
+            tiles.append(fit_reference(job.reference_image, out.images[0].size))
+            labels.append("identity photo\n" + (job.identity_files[0] if job.identity_files else ""))
+        for name in job.compare:
+            if name == job.settings.preset:
+                img = out.images[0]
+            else:
+                img = _call(pipe, job.settings.replace(preset=name, num_images=1), identity, False).images[0]
+            tiles.append(img)
+            labels.append(preset_caption(name, resolve_preset(name)))
+        s = job.settings
+        title = f"\u201c{s.prompt}\u201d  seed {s.seed}, id weight {s.id_weight:g}, {base.get('steps')} steps"
+        grid = comparison_grid(tiles, labels, title=title, footer=base.get("note"))
+        cp = compare_path(job.out)
+        save_png_with_metadata(
+            grid, cp, {**_file_settings(job, base, 0), "kind": "preset comparison", "compare": list(job.compare)}
+        )
+        result.compare = cp
+    result.seconds = time.perf_counter() - started
+    return result

@@ -1,0 +1,367 @@
+"""Loading the models a front-end needs, once per process.
+
+The front-ends describe what they want as a :class:`ModelSpec` (the CLI builds it from argparse,
+the web UI and the bench receive it from the CLI or from Python). :class:`Models` turns the spec
+into objects lazily and keeps them, so each weight file is read once per process whatever the
+front-end does with them: the PuLID-FLUX checkpoint feeds both the identity encoder (its IDFormer)
+and the pipeline (its CA modules and the same IDFormer), the identity encoder's face and EVA
+weights are read once, and FLUX is read once.
+
+Everything that can be checked without a model (the quantization mode, offload against the
+device, the device itself) is checked by :meth:`ModelSpec.check` before anything loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from spatialid import defaults as D
+from spatialid.errors import SpatialIDError
+
+__all__ = [
+    "ModelSpec",
+    "Models",
+    "OFFLOAD_MODES",
+    "check_quantize",
+    "load_pipeline",
+    "quiet_third_party_logs",
+    "resolve_device",
+    "resolve_dtype",
+]
+
+log = logging.getLogger("spatialid.app")
+
+OFFLOAD_MODES = ("none", "model", "sequential")
+DTYPE_NAMES = ("auto", "bfloat16", "float16", "float32")
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def resolve_device(name: str | None) -> str:
+    """``auto`` -> ``cuda`` when available else ``cpu``; refuse CUDA when torch cannot see a GPU."""
+    import torch
+
+    text = (name or "auto").strip().lower()
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if text.startswith("cuda"):
+        if not torch.cuda.is_available():
+            why = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU/driver is visible"
+            raise SpatialIDError(f"--device {name} requested but CUDA is not available ({why}); use --device cpu")
+        if ":" in text:
+            try:
+                index = int(text.split(":", 1)[1])
+            except ValueError:
+                raise SpatialIDError(f"bad device {name!r}; use cuda, cuda:N or cpu") from None
+            if not 0 <= index < torch.cuda.device_count():
+                raise SpatialIDError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        return text
+    if text in ("cpu", "mps"):
+        if text == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise SpatialIDError("--device mps requested but Apple MPS is not available; use --device cpu")
+        return text
+    raise SpatialIDError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
+
+
+def resolve_dtype(name: str | None, device: str) -> Any:  # -> torch.dtype
+    """``auto`` -> bfloat16 on a GPU, float32 on the CPU; otherwise the named dtype."""
+    import torch
+
+    if name in (None, "auto"):
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    try:
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+    except KeyError:
+        raise SpatialIDError(f"unknown dtype {name!r}; use one of: {', '.join(DTYPE_NAMES)}") from None
+
+
+def dtype_name(dtype: Any) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def quiet_third_party_logs() -> None:
+    """diffusers/transformers reset their log level when imported; keep only their errors
+    (our own messages say what matters; --debug still shows tracebacks)."""
+    for name in ("diffusers", "transformers"):
+        try:
+            module = __import__(f"{name}.utils.logging", fromlist=["set_verbosity_error"])
+            module.set_verbosity_error()
+        except (ImportError, AttributeError):  # pragma: no cover
+            pass
+
+
+def check_quantize(model: str, quantize: str | None) -> None:
+    """Refuse an unknown ``--quantize`` mode, or one given with ``--model tiny`` (which has no FLUX weights)."""
+    if quantize in (None, "none"):
+        return
+    from spatialid.pipeline.loading import parse_quantization
+
+    parse_quantization(quantize)
+    if model == D.TINY_MODEL:
+        raise SpatialIDError("--quantize applies to real FLUX weights, not to --model tiny")
+
+
+# ----------------------------------------------------------------------------- spec
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which models to load and how (what the CLI's model flags say).
+
+    ``model`` is a FLUX.1 hub id or folder, a single transformer file, or ``"tiny"`` (the offline
+    toy model with random weights). The encoder fields only matter for the real identity encoder.
+    """
+
+    model: str = D.DEFAULT_FLUX_MODEL
+    pulid: str | None = None
+    offload: str = "none"
+    quantize: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    offline: bool = False
+    cache_dir: str | None = None
+    # identity encoder (real path)
+    eva: str | None = None
+    models_dir: str | None = None
+    face_backend: str = "auto"
+    # tiny model: seed of its random weights (identity files written with a seed match it)
+    tiny_seed: int = 0
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.model == D.TINY_MODEL
+
+    @property
+    def local_files_only(self) -> bool | None:
+        """``True`` for ``--offline``; ``None`` lets the environment decide (one rule everywhere)."""
+        return True if self.offline else None
+
+    def replace(self, **changes: Any) -> ModelSpec:
+        return dataclasses.replace(self, **changes)
+
+    def _check_files(self) -> None:
+        """Every weights file named on the command line is what it claims, before anything loads.
+
+        Reads headers only: a pickle renamed to .safetensors, a wrong layout or a truncated file
+        is refused in one line instead of after a model load.
+        """
+        from pathlib import Path
+
+        if self.is_tiny:
+            if self.pulid is not None:
+                raise SpatialIDError(
+                    "--pulid has no effect with --model tiny (the tiny model builds its own random PuLID modules); "
+                    "drop --pulid or use a real --model"
+                )
+            return
+        if self.pulid is not None and Path(self.pulid).expanduser().is_file():
+            from spatialid.models.checkpoint import config_from_metadata, read_safetensors_layout, validate_pulid_layout
+            from spatialid.models.configs import PULID_FLUX
+
+            path = Path(self.pulid).expanduser()
+            shapes, dtypes, metadata = read_safetensors_layout(path)
+            config = config_from_metadata(metadata) or PULID_FLUX
+            validate_pulid_layout(shapes, config, dtypes=dtypes, metadata=metadata, source=str(path))
+        model = Path(self.model).expanduser()
+        if model.is_file() and model.suffix.lower() in (".safetensors", ".sft"):
+            from spatialid.models.checkpoint import read_safetensors_layout
+
+            read_safetensors_layout(model)  # refuses pickles, truncated files, non-safetensors
+        gguf = str(self.quantize or "")
+        for candidate in ([model] if model.suffix.lower() == ".gguf" else []) + (
+            [Path(gguf.partition(":")[2]).expanduser()] if gguf.lower().startswith("gguf:") else []
+        ):
+            if candidate.is_file():
+                with candidate.open("rb") as fh:
+                    if fh.read(4) != b"GGUF":
+                        raise SpatialIDError(f"{candidate} is not a GGUF file (no GGUF header); give a .gguf FLUX transformer")
+
+    def check(self) -> ModelSpec:
+        """Everything that needs no model: quantization, offload mode, dtype name, and the device."""
+        check_quantize(self.model, self.quantize)
+        _check_local_model(self.model)
+        self._check_files()
+        if self.offload not in OFFLOAD_MODES:
+            raise SpatialIDError(f"unknown offload mode {self.offload!r}; use one of: {', '.join(OFFLOAD_MODES)}")
+        if self.dtype not in DTYPE_NAMES:
+            raise SpatialIDError(f"unknown dtype {self.dtype!r}; use one of: {', '.join(DTYPE_NAMES)}")
+        device = resolve_device(self.device)
+        if self.offload != "none" and not device.startswith("cuda"):
+            raise SpatialIDError(f"--offload {self.offload} moves models between CPU and GPU; it needs --device cuda")
+        return self
+
+
+def _check_local_model(model: str) -> None:
+    """A ``--model`` that names a local path (absolute, ``./``, ``~``, a weights file) must exist:
+    refused before the identity encoder or anything else loads."""
+    from pathlib import Path
+
+    if model == D.TINY_MODEL:
+        return
+    text = str(model)
+    if text.startswith(("/", "./", "../", "~")) or Path(text).suffix.lower() in (".safetensors", ".sft", ".gguf"):
+        path = Path(text).expanduser()
+        if not path.exists():
+            from spatialid.errors import ModelFilesMissingError
+            from spatialid.pipeline.loading import flux_files_hint
+
+            what = "FLUX file" if path.suffix else "FLUX folder"
+            raise ModelFilesMissingError(f"{what} {path} does not exist; {flux_files_hint(D.DEFAULT_FLUX_MODEL)}")
+
+
+# ----------------------------------------------------------------------------- loading once
+
+
+class Models:
+    """The models of one process, built on first use and kept (each weight file read once).
+
+    ``encoder()`` and ``pipeline()`` share the PuLID-FLUX modules: the checkpoint is read once and
+    its IDFormer serves both. Call :meth:`release_encoder` to free the encoder's own weights (face
+    models, EVA) once no more photos will be encoded, as ``spatialid generate`` does before the
+    denoising loop.
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self._device: str | None = None
+        self._dtype: Any = None
+        self._pulid: tuple[Any, Any] | None = None
+        self._encoder: Any = None
+        self._pipeline: Any = None
+
+    # -------------------------------------------------------------- placement
+    @property
+    def device(self) -> str:
+        if self._device is None:
+            self._device = resolve_device(self.spec.device)
+        return self._device
+
+    @property
+    def dtype(self) -> Any:
+        if self._dtype is None:
+            self._dtype = resolve_dtype(self.spec.dtype, self.device)
+        return self._dtype
+
+    # -------------------------------------------------------------- parts
+    def pulid_modules(self) -> tuple[Any, Any]:
+        """``(idformer, ca_modules)`` of the PuLID-FLUX checkpoint (tiny: the tiny random modules)."""
+        if self._pulid is None:
+            if self.spec.is_tiny:
+                from spatialid.encoder.identity_encoder import tiny_pulid_modules
+
+                idformer, cas = tiny_pulid_modules(self.spec.tiny_seed)
+                idformer.to(dtype=self.dtype)
+            else:
+                from spatialid.models.checkpoint import load_pulid_checkpoint
+
+                log.info("loading PuLID-FLUX weights %s ...", self.spec.pulid or D.PULID_REPO_ID)
+                idformer, cas = load_pulid_checkpoint(
+                    self._pulid_source(),
+                    dtype=self.dtype,
+                    config=None,  # the sizes the file records, else the published ones
+                    cache_dir=self.spec.cache_dir,
+                    local_files_only=self.spec.local_files_only,
+                )
+            self._pulid = (idformer, cas)
+        return self._pulid
+
+    def _pulid_source(self) -> Any:
+        """``--pulid``, else the offline layout's ``pulid/`` file when present, else the hub repo."""
+        if self.spec.pulid is not None:
+            return self.spec.pulid
+        from pathlib import Path
+
+        from spatialid.encoder.model_files import default_models_dir
+
+        root = default_models_dir() if self.spec.models_dir is None else Path(self.spec.models_dir).expanduser()
+        local = root / "pulid" / D.PULID_FILENAME
+        return local if local.is_file() else None
+
+    def encoder(self) -> Any:
+        """The identity encoder (real: insightface/facexlib + EVA + the checkpoint's IDFormer)."""
+        if self._encoder is None:
+            from spatialid.encoder.identity_encoder import IdentityEncoder
+
+            if self.spec.is_tiny:
+                self._encoder = IdentityEncoder.tiny(
+                    idformer=self.pulid_modules()[0], seed=self.spec.tiny_seed, device=self.device, dtype=self.dtype
+                )
+            else:
+                self._encoder = IdentityEncoder.from_pretrained(
+                    lambda: self.pulid_modules()[0],  # read with the CA modules, once
+                    eva=self.spec.eva,
+                    models_dir=self.spec.models_dir,
+                    cache_dir=self.spec.cache_dir,
+                    local_files_only=self.spec.local_files_only,
+                    face_backend=self.spec.face_backend,
+                    device=self.device,
+                    dtype=self.dtype,
+                )
+        return self._encoder
+
+    def release_encoder(self) -> None:
+        """Free the encoder's face and EVA weights (the shared IDFormer stays with the pipeline)."""
+        if self._encoder is None:
+            return
+        if self._pipeline is not None and getattr(self._pipeline, "_identity_encoder", None) is self._encoder:
+            self._pipeline._identity_encoder = None
+        if self.spec.offload != "none":
+            self._encoder.to(device="cpu")  # the shared IDFormer waits on the CPU under offloading
+        self._encoder = None
+        gc.collect()
+        _empty_cuda_cache()
+
+    def pipeline(self) -> Any:
+        """The :class:`~spatialid.pipeline.SpatialIDPipeline`, on the device in the memory mode asked for."""
+        if self._pipeline is None:
+            self._pipeline = self._build_pipeline()
+        return self._pipeline
+
+    def _build_pipeline(self) -> Any:
+        from spatialid.pipeline.pipeline_spatialid import SpatialIDPipeline
+
+        spec = self.spec.check()
+        quiet_third_party_logs()
+        if spec.is_tiny:
+            pipe = SpatialIDPipeline.tiny(
+                seed=spec.tiny_seed,
+                dtype=self.dtype,
+                pulid_modules=self.pulid_modules(),
+                identity_encoder_factory=self.encoder,
+            )
+        else:
+            log.info("loading %s ...", spec.model)
+            pipe = SpatialIDPipeline.from_pretrained(
+                spec.model,
+                spec.pulid,
+                torch_dtype=self.dtype,
+                quantization=None if spec.quantize in (None, "none") else spec.quantize,
+                pulid_modules=self.pulid_modules,  # read after FLUX: a wrong --model fails first
+                identity_encoder_factory=self.encoder,
+                local_files_only=spec.local_files_only,
+                cache_dir=spec.cache_dir,
+            )
+        if spec.offload == "model":
+            pipe.enable_model_cpu_offload(device=self.device)
+        elif spec.offload == "sequential":
+            pipe.enable_sequential_cpu_offload(device=self.device)
+        else:
+            pipe.to(self.device)
+        return pipe
+
+
+def load_pipeline(spec: ModelSpec) -> Any:
+    """The pipeline of ``spec`` (a :class:`Models` of its own; use ``Models`` to share weights)."""
+    return Models(spec).pipeline()
+
+
+def _empty_cuda_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

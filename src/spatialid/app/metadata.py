@@ -1,0 +1,171 @@
+"""PNG text metadata: the generation settings stored in every image spatialid writes.
+
+Every image spatialid writes carries its full settings as a JSON document in the PNG text chunk
+``spatialid`` (plus a short human-readable ``parameters`` line, which many image viewers and
+web UIs display), so a picture can always be reproduced or audited with ``spatialid info IMAGE``.
+
+Files are written atomically through :mod:`spatialid.utils.io`, so an interrupted run never
+leaves a half-written picture behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, PngImagePlugin
+
+from spatialid.errors import InputImageError
+from spatialid.utils.io import atomic_save_image
+
+__all__ = [
+    "METADATA_KEY",
+    "SUMMARY_KEY",
+    "format_summary",
+    "read_png_metadata",
+    "save_png_with_metadata",
+]
+
+METADATA_KEY = "spatialid"
+SUMMARY_KEY = "parameters"
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    return str(value)
+
+
+def format_summary(settings: Mapping[str, Any]) -> str:
+    """A one-paragraph ``key: value`` summary in the style image tools show (prompt first)."""
+    prompt = str(settings.get("prompt", ""))
+    keys = (
+        ("negative_prompt", "Negative prompt"),
+        ("steps", "Steps"),
+        ("guidance", "Guidance"),
+        ("true_cfg", "True CFG"),
+        ("seed", "Seed"),
+        ("width", None),
+        ("preset", "Preset"),
+        ("id_weight", "ID weight"),
+        ("start_step", "Start step"),
+        ("model", "Model"),
+        ("pulid", "PuLID"),
+        ("version", "spatialid"),
+    )
+    parts = []
+    for key, label in keys:
+        if key == "width":
+            if "width" in settings and "height" in settings:
+                parts.append(f"Size: {settings['width']}x{settings['height']}")
+            continue
+        if key in settings and settings[key] not in (None, ""):
+            parts.append(f"{label}: {settings[key]}")
+    return prompt + "\n" + ", ".join(parts)
+
+
+def save_png_with_metadata(
+    image: Image.Image, path: str | os.PathLike[str], settings: Mapping[str, Any]
+) -> Path:
+    """Write ``image`` as PNG at ``path`` (atomically) with ``settings`` as JSON text metadata.
+
+    ``settings`` must be JSON-serialisable (tensors and paths are converted); it is stored in an
+    ``iTXt`` chunk (UTF-8, so prompts in any language survive).
+    """
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt(METADATA_KEY, json.dumps(dict(settings), default=_json_default, ensure_ascii=False, sort_keys=True))
+    info.add_itxt(SUMMARY_KEY, format_summary(settings))
+    software = settings.get("version")
+    if software:
+        info.add_text("Software", f"spatialid {software}")
+    return atomic_save_image(image, path, format="PNG", pnginfo=info)
+
+
+class _NotPNG(Exception):
+    pass
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_MAX_TEXT = 64 * 2**20  # settings are a few kB; a larger text chunk is not ours
+
+
+def _png_text(path: Path, keyword: str) -> str | None:
+    """The text of chunk ``keyword`` (tEXt, zTXt or iTXt), read chunk by chunk without decoding pixels.
+
+    Pillow's ``load()`` would decode the whole image first (slow for big files, and refused for
+    decompression bombs); the settings only need the text chunks.
+    """
+    with path.open("rb") as fh:
+        if fh.read(8) != _PNG_SIGNATURE:
+            raise _NotPNG
+        wanted = keyword.encode("latin-1")
+        while True:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise ValueError("truncated file (no IEND chunk)")
+            length, kind = struct.unpack(">I4s", head)
+            if kind in (b"tEXt", b"zTXt", b"iTXt"):
+                if length > _MAX_TEXT:
+                    fh.seek(length + 4, 1)
+                    continue
+                data = fh.read(length)
+                fh.seek(4, 1)  # CRC
+                name, sep, rest = data.partition(b"\0")
+                if not sep or name != wanted:
+                    continue
+                if kind == b"tEXt":
+                    return rest.decode("latin-1")
+                if kind == b"zTXt":
+                    return zlib.decompress(rest[1:], bufsize=1 << 16).decode("latin-1")
+                compressed, rest = rest[0], rest[2:]  # flag, method
+                _lang, _, rest = rest.partition(b"\0")
+                _translated, _, text = rest.partition(b"\0")
+                return (zlib.decompress(text) if compressed else text).decode("utf-8")
+            if kind == b"IEND":
+                return None
+            fh.seek(length + 4, 1)
+
+
+def read_png_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Return the settings stored by :func:`save_png_with_metadata` in the PNG at ``path``.
+
+    Raises :class:`~spatialid.errors.InputImageError` (one line) when the file is missing, not an
+    image, or has no spatialid metadata.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputImageError(f"{p}: no such file")
+    if p.is_dir():
+        raise InputImageError(f"{p}: is a folder, expected a PNG image written by spatialid")
+    fmt = "PNG"
+    try:
+        raw = _png_text(p, METADATA_KEY)
+    except _NotPNG:
+        # Not a PNG: say what it is without decoding any pixels (a decompression bomb stays harmless).
+        try:
+            with Image.open(p) as img:
+                fmt = img.format
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise InputImageError(f"{p}: not a readable image ({' '.join(str(exc).split())})") from None
+        raw = None
+    except (OSError, ValueError, zlib.error) as exc:
+        raise InputImageError(f"{p}: not a readable PNG ({' '.join(str(exc).split())})") from None
+    if raw is None:
+        kind = f"{fmt} image" if fmt else "image"
+        raise InputImageError(f"{p}: {kind} without spatialid settings (only PNGs written by spatialid carry them)")
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InputImageError(f"{p}: spatialid metadata is not valid JSON ({exc.msg})") from None
+    if not isinstance(data, dict):
+        raise InputImageError(f"{p}: spatialid metadata is not a JSON object")
+    return data
