@@ -224,3 +224,18 @@ def test_long_prompt_warns_with_its_token_count(caplog):
     with caplog.at_level("WARNING", logger="spatialid.pipeline"):
         pipe("a short prompt", height=64, width=64, num_inference_steps=1, seed=0, output_type="latent")
     assert not [r for r in caplog.records if "T5 tokens" in r.getMessage()]
+
+
+def test_bench_refuses_pulid_with_tiny_before_anything(tmp_path, capsys):
+    from skimage import data
+
+    ids = tmp_path / "ids"
+    ids.mkdir()
+    Image.fromarray(data.astronaut()).save(ids / "a.png")
+    (tmp_path / "p.txt").write_text("a portrait\n")
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(b"\x80\x04pickle")
+    code, _, err = _run(["bench", "--model", "tiny", "--pulid", evil, "--ids", ids, "--prompts", tmp_path / "p.txt",
+                         "--out", tmp_path / "run"], capsys)
+    _one_line_error(code, err, "--pulid has no effect with --model tiny")
+    assert not (tmp_path / "run").exists()

@@ -109,6 +109,7 @@ def prepare(args: argparse.Namespace):
     seeds = parse_seeds(args.seeds)
     shard = parse_shard(args.shard)
     generation = sampling_settings(args, "bench", tiny=tiny).check(prompt=False)
+    model_spec(args).check()  # quantization, offload, device and every weights file, before any model
     if generation.true_cfg <= 1:
         generation = generation.replace(negative_prompt="")  # unused without true CFG: not part of the run
     identities = load_identities(args.ids, id_root=args.id_root, limit=args.limit_ids)
@@ -180,6 +181,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(n: int, one: str, many: str | None = None) -> str:
+    """``1 identity``, ``2 identities``: the log line reads as English for any count."""
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
 def _run_locked(args: argparse.Namespace, out, proc, settings, identities, prompts, presets, seeds, shard):
     """Check the folder against the request, load the model only when work is left, run the loop.
 
@@ -210,9 +216,9 @@ def _run_locked(args: argparse.Namespace, out, proc, settings, identities, promp
     items = select_items(grid, shard, rank, world)
     where = f"shard {shard}" + (f", process {rank + 1}/{world}" if world > 1 else "")
     log.info(
-        "%d identities x %d prompts x %d seeds x %d presets%s = %d items; this %s: %d",
-        len(identities), len(prompts), len(seeds), len(presets), " + baseline" if args.baseline else "",
-        len(grid), where, len(items),
+        "%s x %s x %s x %s%s = %s; this %s: %d",
+        _count(len(identities), "identity", "identities"), _count(len(prompts), "prompt"), _count(len(seeds), "seed"),
+        _count(len(presets), "preset"), " + baseline" if args.baseline else "", _count(len(grid), "item"), where, len(items),
     )
     if not args.baseline and "none" not in presets:
         log.warning(
