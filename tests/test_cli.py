@@ -76,7 +76,7 @@ def test_generate_with_embeds_then_info(tmp_path, embeds_file, capsys):
     assert s["identity"]["embedding"]["format"] == "spatialid.identity_embedding"
     assert s["identity_injected"] is True
 
-    code, stdout, _ = _run(["info", out], capsys)
+    code, stdout, _ = _run(["info", "--full", out], capsys)
     assert code == 0
     assert "a portrait" in stdout and "schedule.late_floor" in stdout and "me.safetensors" in stdout
     code, stdout, _ = _run(["info", "--json", out], capsys)
@@ -257,8 +257,8 @@ def test_unwritable_output_checked_before_generating(tmp_path, capsys):
     blocker.write_text("x")
     code, _, err = _run(["generate", *FAST, "--prompt", "x", "--out", blocker / "x.png"], capsys)
     _assert_one_line_error(code, err, "file")
-    code, _, err = _run(["generate", *FAST, "--prompt", "x", "--out", tmp_path / "x.jpg"], capsys)
-    _assert_one_line_error(code, err, ".png")
+    code, _, err = _run(["generate", *FAST, "--prompt", "x", "--out", tmp_path / "x.png", "--format", "jpg"], capsys)
+    _assert_one_line_error(code, err, "--format jpg does not match")
 
 
 def test_offline_hub_model_names_the_model(tmp_path, capsys, monkeypatch):

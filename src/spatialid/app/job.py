@@ -18,7 +18,7 @@ from typing import Any
 
 from PIL import Image
 
-from spatialid.app.metadata import save_png_with_metadata
+from spatialid.app.metadata import IMAGE_FORMATS, save_image_with_metadata, save_png_with_metadata
 from spatialid.errors import SpatialIDError
 from spatialid.pipeline.settings import GenerationSettings
 from spatialid.utils.io import OutputPathError, check_writable
@@ -70,9 +70,9 @@ class JobResult:
         return [*self.images, *self.masks, *([self.compare] if self.compare else [])]
 
 
-def default_output_path(seed: int, folder: str | Path = "outputs") -> Path:
+def default_output_path(seed: int, folder: str | Path = "outputs", suffix: str = ".png") -> Path:
     """``outputs/spatialid-YYYYmmdd-HHMMSS-s<seed>.png``: never overwrites an earlier run by accident."""
-    return Path(folder) / f"spatialid-{datetime.now():%Y%m%d-%H%M%S}-s{seed}.png"
+    return Path(folder) / f"spatialid-{datetime.now():%Y%m%d-%H%M%S}-s{seed}{suffix}"
 
 
 def image_paths(out: Path, num_images: int) -> list[Path]:
@@ -100,7 +100,7 @@ def planned_paths(job: GenerationJob) -> list[Path]:
 
 
 def check_outputs(job: GenerationJob, *, reserve: bool = True) -> list[Path]:
-    """Refuse a non-PNG target, prove every planned file can be written, and claim the names.
+    """Refuse a target that is no PNG/JPEG/WebP name, prove every planned file can be written, and claim the names.
 
     Without ``overwrite`` the names are reserved create-exclusively (an empty placeholder per
     file, replaced by the atomic write later), so two runs started in the same second with the
@@ -109,8 +109,10 @@ def check_outputs(job: GenerationJob, *, reserve: bool = True) -> list[Path]:
     ``reserve=False`` only checks (front-ends call that before loading models; :func:`run_job`
     reserves, and releases what it did not write when it fails).
     """
-    if job.out.suffix.lower() != ".png":
-        raise OutputPathError(f"{job.out}: output must be a .png file (settings are stored as PNG metadata)")
+    if job.out.suffix.lower() not in IMAGE_FORMATS:
+        raise OutputPathError(
+            f"{job.out}: output must be a .png, .jpg, .jpeg or .webp file (the settings are stored in the image)"
+        )
     if job.reserved:
         return planned_paths(job)
     for p in planned_paths(job):
@@ -218,7 +220,7 @@ def _run(
     base = {**out.settings, **(extra_settings or {})}
     result.settings = base
     for i, (img, path) in enumerate(zip(out.images, image_paths(job.out, job.settings.num_images))):
-        save_png_with_metadata(img, path, _file_settings(job, base, i))
+        save_image_with_metadata(img, path, _file_settings(job, base, i))  # format from the suffix
         result.images.append(path)
         if want_masks:
             if not out.masks:

@@ -1,8 +1,10 @@
-"""PNG text metadata: the generation settings stored in every image spatialid writes.
+"""Image metadata: the generation settings stored in every image spatialid writes.
 
-Every image spatialid writes carries its full settings as a JSON document in the PNG text chunk
-``spatialid`` (plus a short human-readable ``parameters`` line, which many image viewers and
-web UIs display), so a picture can always be reproduced or audited with ``spatialid info IMAGE``.
+Every image spatialid writes carries its full settings as a JSON document, so a picture can
+always be reproduced or audited with ``spatialid info IMAGE``. PNG keeps it in the text chunk
+``spatialid`` (plus a short human-readable ``parameters`` line, which many image viewers and web
+UIs display); JPEG and WebP, which have no text chunks, keep the same JSON in the EXIF
+``UserComment`` tag (ASCII JSON, so any EXIF reader shows it unchanged).
 
 Files are written atomically through :mod:`spatialid.utils.io`, so an interrupted run never
 leaves a half-written picture behind.
@@ -27,9 +29,19 @@ __all__ = [
     "METADATA_KEY",
     "SUMMARY_KEY",
     "format_summary",
+    "IMAGE_FORMATS",
+    "read_image_metadata",
     "read_png_metadata",
+    "save_image_with_metadata",
     "save_png_with_metadata",
 ]
+
+# Output formats by suffix (Pillow's names); any other suffix is no image file of ours.
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+_EXIF_IFD = 0x8769
+_USER_COMMENT = 0x9286
+_SOFTWARE = 0x0131
+_ASCII_PREFIX = b"ASCII\0\0\0"  # EXIF UserComment character code
 
 METADATA_KEY = "spatialid"
 SUMMARY_KEY = "parameters"
@@ -90,6 +102,54 @@ def save_png_with_metadata(
     return atomic_save_image(image, path, format="PNG", pnginfo=info)
 
 
+def save_image_with_metadata(
+    image: Image.Image, path: str | os.PathLike[str], settings: Mapping[str, Any], format: str | None = None
+) -> Path:
+    """Write ``image`` as PNG, JPEG or WebP (from ``format`` or the suffix) with ``settings`` embedded.
+
+    PNG goes through :func:`save_png_with_metadata`; JPEG/WebP store the JSON (ASCII-escaped, so
+    prompts in any language survive) in EXIF ``UserComment``, at quality 95.
+    """
+    fmt = (format or IMAGE_FORMATS.get(Path(path).suffix.lower(), "PNG")).upper()
+    if fmt == "JPG":
+        fmt = "JPEG"
+    if fmt == "PNG":
+        return save_png_with_metadata(image, path, settings)
+    exif = Image.Exif()
+    software = settings.get("version")
+    if software:
+        exif[_SOFTWARE] = f"spatialid {software}"
+    text = json.dumps(dict(settings), default=_json_default, ensure_ascii=True, sort_keys=True)
+    exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = _ASCII_PREFIX + text.encode("ascii")
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    return atomic_save_image(rgb, path, format=fmt, exif=exif.tobytes(), quality=95)
+
+
+def _exif_text(img: Image.Image) -> str | None:
+    """The spatialid JSON from EXIF UserComment (or XMP, as other tools may move it), else None."""
+    comment = img.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+    if isinstance(comment, bytes):
+        head, body = comment[:8], comment[8:]
+        if head.startswith(b"UNICODE"):
+            text = body.decode("utf-16-be" if body[:1] == b"\0" else "utf-16-le", errors="replace")  # "{" first
+        else:
+            text = body.decode("utf-8", errors="replace")
+        comment = text
+    if isinstance(comment, str) and comment.lstrip("\0 ").startswith("{"):
+        return comment.strip("\0 ")
+    xmp = img.info.get("xmp")
+    if isinstance(xmp, bytes):
+        xmp = xmp.decode("utf-8", errors="replace")
+    if isinstance(xmp, str):
+        import html
+        import re
+
+        found = re.search(r'spatialid:settings="([^"]*)"', xmp) or re.search(r"<spatialid:settings>(.*?)</spatialid:settings>", xmp, re.DOTALL)
+        if found:
+            return html.unescape(found.group(1))
+    return None
+
+
 class _NotPNG(Exception):
     pass
 
@@ -135,8 +195,8 @@ def _png_text(path: Path, keyword: str) -> str | None:
             fh.seek(length + 4, 1)
 
 
-def read_png_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Return the settings stored by :func:`save_png_with_metadata` in the PNG at ``path``.
+def read_image_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Return the settings stored by :func:`save_image_with_metadata` in the PNG/JPEG/WebP at ``path``.
 
     Raises :class:`~spatialid.errors.InputImageError` (one line) when the file is missing, not an
     image, or has no spatialid metadata.
@@ -145,23 +205,24 @@ def read_png_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not p.exists():
         raise InputImageError(f"{p}: no such file")
     if p.is_dir():
-        raise InputImageError(f"{p}: is a folder, expected a PNG image written by spatialid")
+        raise InputImageError(f"{p}: is a folder, expected an image written by spatialid")
     fmt = "PNG"
     try:
         raw = _png_text(p, METADATA_KEY)
     except _NotPNG:
-        # Not a PNG: say what it is without decoding any pixels (a decompression bomb stays harmless).
+        # Not a PNG: JPEG/WebP keep the settings in EXIF; Image.open reads headers only, no pixels
+        # (a decompression bomb stays harmless).
         try:
             with Image.open(p) as img:
                 fmt = img.format
+                raw = _exif_text(img) if fmt in ("JPEG", "WEBP") else None
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise InputImageError(f"{p}: not a readable image ({' '.join(str(exc).split())})") from None
-        raw = None
     except (OSError, ValueError, zlib.error) as exc:
         raise InputImageError(f"{p}: not a readable PNG ({' '.join(str(exc).split())})") from None
     if raw is None:
         kind = f"{fmt} image" if fmt else "image"
-        raise InputImageError(f"{p}: {kind} without spatialid settings (only PNGs written by spatialid carry them)")
+        raise InputImageError(f"{p}: {kind} without spatialid settings (only PNG, JPEG and WebP files written by spatialid carry them)")
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -169,3 +230,6 @@ def read_png_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InputImageError(f"{p}: spatialid metadata is not a JSON object")
     return data
+
+
+read_png_metadata = read_image_metadata  # the former name, kept for callers of the PNG-only days

@@ -1,4 +1,4 @@
-"""``spatialid generate``: one photo + one prompt -> images of that person (PNG with settings).
+"""``spatialid generate``: one photo + one prompt (or a prompt file) -> images of that person, with settings.
 
 This module only parses arguments: the settings record, the model loading and the output files
 belong to :mod:`spatialid.app`. Every check that can fail quickly (numbers, prompt, preset names,
@@ -21,7 +21,7 @@ from spatialid.cli.options import (
     sampling_settings,
 )
 
-__all__ = ["register", "run", "build_job"]
+__all__ = ["register", "run", "build_job", "build_jobs", "parse_seed", "read_prompts"]
 
 log = logging.getLogger("spatialid.generate")
 
@@ -32,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="generate images of a person from a photo and a prompt",
         description=(
             "Generate images of the person in --id following --prompt with FLUX.1 + PuLID-FLUX and a "
-            "SpatialID mask schedule. Each PNG stores its settings (read them with `spatialid info`). "
+            "SpatialID mask schedule. Each image (PNG, JPEG or WebP) stores its settings: `spatialid info` shows "
+            "them and the command that reproduces it, `--from-png` reuses them. "
             "'--model tiny' runs offline with random weights: its images are noise by design."
         ),
     )
@@ -47,7 +48,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ident.add_argument(
         "--id-embeds", metavar="EMBEDS", default=None, help="identity file written by `spatialid encode` (.safetensors)"
     )
-    p.add_argument("--prompt", required=True, help="what to draw, e.g. \"portrait, oil painting\"")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("-p", "--prompt", default=None, help="what to draw, e.g. \"portrait, oil painting\"")
+    prompt.add_argument(
+        "--prompts", metavar="FILE", default=None,
+        help="a text file (UTF-8) with one prompt per line (blank lines and # comments skipped): each is "
+        "generated with the same settings, outputs numbered -p1, -p2, ...",
+    )
+    p.add_argument(
+        "--from-png", metavar="IMAGE", default=None,
+        help="reuse the settings stored in an image written by spatialid (PNG, JPEG or WebP); every flag "
+        "given on this command line wins; the identity photos must be given again",
+    )
     p.add_argument(
         "--preset", default=D.DEFAULT_PRESET,
         help=f"mask schedule preset: pulid, paper, relaxed, prior-only, attention-only, no-relax, entropy (default {D.DEFAULT_PRESET})",
@@ -57,13 +69,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--cfg-start-step", type=int, default=D.DEFAULT_CFG_START_STEP,
         help=f"first step where true CFG applies (PuLID-FLUX: {D.DEFAULT_CFG_START_STEP})",
     )
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed and stored in the PNG)")
-    p.add_argument("--num-images", type=int, default=1, help="images to generate (image i uses seed + i)")
+    p.add_argument(
+        "-s", "--seed", type=parse_seed, default=None,
+        help="random seed; 'random' or -1 = draw one (the default; printed and stored in the image)",
+    )
+    p.add_argument("-n", "--num-images", type=int, default=1, help="images to generate (image i uses seed + i)")
     p.add_argument(
         "--max-sequence-length", type=int, default=None,
         help=f"T5 prompt tokens (default {D.DEFAULT_MAX_SEQUENCE_LENGTH} as PuLID-FLUX)",
     )
-    p.add_argument("--out", default=None, help="output PNG, or a folder (default outputs/spatialid-<time>-s<seed>.png)")
+    p.add_argument(
+        "-o", "--out", default=None,
+        help="output file if it ends in .png, .jpg, .jpeg or .webp, otherwise a folder (created if missing; "
+        "default outputs/spatialid-<time>-s<seed>.png)",
+    )
+    p.add_argument(
+        "--format", choices=("png", "jpg", "webp"), default=None,
+        help="image format (default: from the --out suffix, else png); JPEG/WebP keep the settings in EXIF; "
+        "mask and comparison pictures are always PNG",
+    )
     p.add_argument(
         "--overwrite", action="store_true",
         help="replace existing output files (default: an existing name gets a free numbered one, e.g. out-2.png)",
@@ -80,6 +104,82 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def parse_seed(text: str) -> int | None:
+    """``random`` or ``-1`` mean "draw one" (as in the web UI); anything else must be an integer."""
+    if text.strip().lower() in ("random", "-1"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: give an integer, or 'random'") from None
+
+
+def read_prompts(path: str) -> list[str]:
+    """The prompts of a ``--prompts`` file: one per line, blank lines and ``#`` comments skipped."""
+    from spatialid.errors import SpatialIDError
+    from spatialid.pipeline.settings import check_prompt
+
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpatialIDError(f"{p}: prompt file not found") from None
+    except IsADirectoryError:
+        raise SpatialIDError(f"{p}: is a folder; --prompts wants a text file with one prompt per line") from None
+    except UnicodeDecodeError as exc:
+        raise SpatialIDError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise SpatialIDError(f"{p}: no prompts (one per line; blank lines and lines starting with # are skipped)")
+    for i, prompt in enumerate(prompts, 1):
+        check_prompt(prompt, name=f"prompt {i} of {p.name}")
+    return prompts
+
+
+# Settings-record fields that --from-png restores, as (metadata key, flag dest).
+_FROM_PNG = (
+    ("negative_prompt", "negative_prompt"), ("preset", "preset"), ("id_weight", "id_weight"),
+    ("start_step", "start_step"), ("true_cfg", "true_cfg"), ("cfg_start_step", "cfg_start_step"),
+    ("guidance", "guidance"), ("steps", "steps"), ("seed", "seed"), ("max_sequence_length", "max_sequence_length"),
+    ("noise", "noise"),
+)
+
+
+def apply_from_png(args: argparse.Namespace) -> dict | None:
+    """Fill the flags not given on the command line from ``--from-png``'s stored settings.
+
+    Works on the parsed flags (not on the record) so that every later check and default applies
+    exactly as if the user had typed them; returns the stored metadata.
+    """
+    if not getattr(args, "from_png", None):
+        return None
+    from spatialid.app.metadata import read_image_metadata
+    from spatialid.cli.options import _SCHEDULE_FLAGS
+    from spatialid.pipeline.settings import GenerationSettings
+
+    meta = read_image_metadata(args.from_png)
+    stored = GenerationSettings.from_dict(meta)
+    given = getattr(args, "explicit", set())
+    for key, dest in _FROM_PNG:
+        if dest not in given and meta.get(key) is not None:
+            setattr(args, dest, getattr(stored, key))
+    if not {"prompt", "prompts"} & given and meta.get("prompt") is not None:
+        args.prompt = stored.prompt
+    if "size" not in given and stored.width and stored.height:
+        args.size = f"{stored.width}x{stored.height}"
+    for name in _SCHEDULE_FLAGS:
+        value = (stored.schedule_overrides or {}).get(name)
+        if name not in given and value is not None:
+            setattr(args, name, float(value))
+    if "model" not in given and meta.get("model"):
+        args.model = str(meta["model"])
+    files = (meta.get("identity") or {}).get("files") or []
+    if files and not (args.id_images or args.id_embeds):
+        log.warning("%s was made with the identity of %s: give it again (--id / --id-embeds) to reproduce it",
+                    args.from_png, ", ".join(map(str, files)))
+    return meta
 
 
 def parse_compare(text: str | None) -> list[str] | None:
@@ -120,15 +220,37 @@ def _check_identity_inputs(args: argparse.Namespace) -> None:
         IdentityEmbedding.load(p)  # a small file: damaged tokens are refused before any model loads
 
 
-def build_job(args: argparse.Namespace, *, tiny: bool):
-    """Validate every number and path; return the job (no model touched yet)."""
-    from spatialid.app.job import GenerationJob, default_output_path
+def _output_target(args: argparse.Namespace, seed: int) -> Path:
+    """``--out`` ending in an image suffix is a file; anything else is a folder (a default name inside)."""
+    from spatialid.app.job import default_output_path
+    from spatialid.app.metadata import IMAGE_FORMATS
+    from spatialid.errors import SpatialIDError
 
+    fmt = getattr(args, "format", None)
+    if args.out is None:
+        return default_output_path(seed, suffix=f".{fmt or 'png'}")
+    out = Path(args.out).expanduser()
+    suffix = out.suffix.lower()
+    if suffix in IMAGE_FORMATS and not args.out.endswith(("/", "\\")) and not out.is_dir():
+        if fmt and IMAGE_FORMATS[suffix] != IMAGE_FORMATS[f".{fmt}"]:
+            raise SpatialIDError(f"--format {fmt} does not match --out {args.out}; give one of them, or matching ones")
+        return out
+    return default_output_path(seed, out, suffix=f".{fmt or 'png'}")
+
+
+def build_jobs(args: argparse.Namespace, *, tiny: bool) -> list:
+    """Validate every number, prompt and path; return one job per prompt (no model touched yet)."""
+    from spatialid.app.job import GenerationJob
+    from spatialid.errors import SpatialIDError
+
+    prompts = read_prompts(args.prompts) if getattr(args, "prompts", None) else None
+    if prompts is None and args.prompt is None:
+        raise SpatialIDError("give --prompt TEXT, --prompts FILE or --from-png IMAGE")
     settings = sampling_settings(
         args,
         "generate",
         tiny=tiny,
-        prompt=args.prompt,
+        prompt=prompts[0] if prompts else args.prompt,
         preset=args.preset,
         cfg_start_step=args.cfg_start_step,
         seed=args.seed,
@@ -137,22 +259,31 @@ def build_job(args: argparse.Namespace, *, tiny: bool):
     ).with_seed().check()
     compare = parse_compare(args.compare)
     check_presets([settings.preset, *(compare or [])])
-    if args.out is None:
-        out = default_output_path(settings.seed)
-    else:
-        out = Path(args.out).expanduser()
-        if out.is_dir() or args.out.endswith(("/", "\\")):
-            out = default_output_path(settings.seed, out)
+    out = _output_target(args, settings.seed)
     identity_files = [Path(p).name for p in (args.id_images or [])] + ([Path(args.id_embeds).name] if args.id_embeds else [])
-    return GenerationJob(
-        settings=settings,
-        out=out,
-        masks=args.masks,
-        compare=compare,
-        identity_files=identity_files,
-        identity_source="image" if args.id_images else ("embeds" if args.id_embeds else None),
-        overwrite=args.overwrite,
-    )
+    jobs = []
+    for i, prompt in enumerate(prompts or [settings.prompt], 1):
+        jobs.append(GenerationJob(
+            settings=settings.replace(prompt=prompt),
+            out=out.with_name(f"{out.stem}-p{i}{out.suffix}") if prompts else out,
+            masks=args.masks,
+            compare=compare,
+            identity_files=identity_files,
+            identity_source="image" if args.id_images else ("embeds" if args.id_embeds else None),
+            overwrite=args.overwrite,
+        ))
+    return jobs
+
+
+def build_job(args: argparse.Namespace, *, tiny: bool):
+    """The single job of a one-prompt command line (see :func:`build_jobs`)."""
+    return build_jobs(args, tiny=tiny)[0]
+
+
+def _unused_settings_warnings(args: argparse.Namespace, settings) -> None:
+    """One line per flag that would change nothing, so nobody tunes a knob that is not connected."""
+    if settings.negative_prompt and settings.true_cfg <= 1:
+        log.warning("--negative-prompt does nothing without --true-cfg > 1 (true CFG is off)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -162,10 +293,14 @@ def run(args: argparse.Namespace) -> int:
     from spatialid.app.loading import Models
 
     started = time.perf_counter()
+    apply_from_png(args)
     spec = model_spec(args)
-    job = build_job(args, tiny=spec.is_tiny)
+    jobs = build_jobs(args, tiny=spec.is_tiny)
+    job = jobs[0]
+    _unused_settings_warnings(args, job.settings)
     _check_identity_inputs(args)
-    check_outputs(job, reserve=False)  # writable? (the names are claimed when the images exist)
+    for each in jobs:
+        check_outputs(each, reserve=False)  # writable? (the names are claimed when the images exist)
     spec.check()  # device, quantization, offload: before the identity encoder runs
     if spec.is_tiny:
         print(
@@ -193,7 +328,8 @@ def run(args: argparse.Namespace) -> int:
     if photos:
         if identity is None:
             identity = pipe.encode_identity(photos if len(photos) > 1 else photos[0])
-        job.reference_image = photos[0]
+        for each in jobs:
+            each.reference_image = photos[0]
     elif args.id_embeds:
         from spatialid.encoder.embedding import IdentityEmbedding
 
@@ -202,13 +338,15 @@ def run(args: argparse.Namespace) -> int:
         log.warning("no --id photo given: generating without identity (plain FLUX)")
 
     extra = {"device": models.device, "quantization": None if spec.quantize in (None, "none") else spec.quantize}
-    result = run_job(pipe, job, identity, log=lambda m: log.warning("%s", m), extra_settings=extra)
+    count = 0
+    for each in jobs:
+        result = run_job(pipe, each, identity, log=lambda m: log.warning("%s", m), extra_settings=extra)
+        for path in result.files:
+            print(path, flush=True)
+        count += len(result.images)
     total = time.perf_counter() - started
-    for path in result.files:
-        print(path)
     if not args.quiet:
-        print(
-            f"spatialid: seed {job.settings.seed}, preset {job.settings.preset}, {len(result.images)} image(s) in {total:.1f} s",
-            file=sys.stderr,
-        )
+        what = f"preset {job.settings.preset}" if identity is not None else "no identity: plain FLUX"
+        prompts = f" for {len(jobs)} prompts" if len(jobs) > 1 else ""
+        print(f"spatialid: seed {job.settings.seed}, {what}, {count} image(s){prompts} in {total:.1f} s", file=sys.stderr)
     return 0

@@ -1,12 +1,19 @@
-"""``spatialid info IMAGE``: print the settings stored in a PNG written by spatialid."""
+"""``spatialid info IMAGE``: the settings stored in an image written by spatialid.
+
+By default a short summary and a ready-to-paste ``spatialid generate`` command that makes the
+same image again (the identity photos are named, not stored: they must be given again);
+``--full`` lists every stored key, ``--json`` prints the stored document.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["register", "run", "format_settings"]
+__all__ = ["register", "run", "format_settings", "format_summary", "reproduce_command"]
 
 # Shown first, in this order; anything else follows alphabetically.
 _ORDER = (
@@ -33,10 +40,12 @@ _ORDER = (
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "info",
-        help="show the generation settings stored in a spatialid PNG",
-        description="Print the settings (prompt, seed, preset and its parameters, models, ...) stored in PNGs written by spatialid.",
+        help="show the generation settings stored in a spatialid image, and the command that reproduces it",
+        description="Print a summary of the settings stored in images written by spatialid (PNG, JPEG, WebP) and a "
+        "`spatialid generate` command that makes the same image again (`generate --from-png IMAGE` does the same).",
     )
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG file(s) written by spatialid")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image file(s) written by spatialid")
+    p.add_argument("--full", action="store_true", help="list every stored setting (preset parameters, models, versions, ...)")
     p.add_argument("--json", action="store_true", help="print the settings as JSON (one object, or a list for several files)")
     p.set_defaults(func=run)
 
@@ -73,10 +82,85 @@ def format_settings(settings: dict[str, Any]) -> str:
     return "\n".join(f"{_safe(k).ljust(width)}  {_safe(v)}" for k, v in rows)
 
 
-def run(args: argparse.Namespace) -> int:
-    from spatialid.app.metadata import read_png_metadata
+def reproduce_command(settings: Mapping[str, Any]) -> str:
+    """A shell-quoted ``spatialid generate`` command for the stored settings (identity by file name)."""
+    from spatialid.cli.options import _SCHEDULE_FLAGS
 
-    results = [(path, read_png_metadata(path)) for path in args.images]
+    s = settings
+    argv = ["spatialid", "generate"]
+
+    def add(flag: str, key: str) -> None:
+        if s.get(key) not in (None, ""):
+            value = s[key]
+            argv.extend([flag, f"{value:g}" if isinstance(value, float) else str(value)])
+
+    add("--model", "model")
+    if s.get("quantization"):
+        argv.extend(["--quantize", str(s["quantization"])])
+    identity = s.get("identity") or {}
+    files = [str(f) for f in identity.get("files") or []]
+    if identity.get("source") == "embeds" and files:
+        argv.extend(["--id-embeds", files[0]])
+    else:
+        for f in files:
+            argv.extend(["--id", f])
+    argv.append(f"--prompt={s.get('prompt', '')}")  # "=": a prompt starting with "-" stays a value
+    add("--preset", "preset")
+    overrides = s.get("schedule_overrides") or {}
+    for name in _SCHEDULE_FLAGS:
+        if overrides.get(name) is not None:
+            argv.extend([f"--{name.replace('_', '-')}", f"{float(overrides[name]):g}"])
+    add("--seed", "seed")
+    add("--steps", "steps")
+    if s.get("width") and s.get("height"):
+        argv.extend(["--size", f"{s['width']}x{s['height']}"])
+    add("--guidance", "guidance")
+    add("--id-weight", "id_weight")
+    add("--start-step", "start_step")
+    if float(s.get("true_cfg") or 1) > 1:
+        add("--true-cfg", "true_cfg")
+        if s.get("negative_prompt"):
+            argv.append(f"--negative-prompt={s['negative_prompt']}")
+        add("--cfg-start-step", "cfg_start_step")
+    add("--noise", "noise")
+    add("--max-sequence-length", "max_sequence_length")
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def format_summary(settings: Mapping[str, Any]) -> str:
+    """A few lines a person reads: what was drawn, how, and the command that draws it again."""
+    s = settings
+    identity = s.get("identity") or {}
+    files = [str(f) for f in identity.get("files") or []]
+    size = f"{s.get('width')}x{s.get('height')}" if s.get("width") else "-"
+    lines = [
+        f"prompt    {s.get('prompt', '-')}",
+        (
+            f"model     {s.get('model', '-')}, seed {s.get('seed', '-')}, {s.get('steps', '-')} steps, {size}, "
+            f"guidance {s.get('guidance', '-')}"
+        ),
+        "identity  " + (
+            f"{', '.join(files)} (preset {s.get('preset')}, id weight {s.get('id_weight')}, start step {s.get('start_step')})"
+            if files else "none: plain FLUX"
+        ),
+    ]
+    if float(s.get("true_cfg") or 1) > 1:
+        lines.append(f"true cfg  {s.get('true_cfg')}, negative prompt: {s.get('negative_prompt') or '-'}")
+    if s.get("kind"):
+        lines.append(f"kind      {s['kind']}")
+    lines.append("")
+    lines.append("reproduce (or: spatialid generate --from-png FILE):")
+    lines.append("  " + reproduce_command(s))
+    if files:
+        lines.append("  (the identity " + ("photos are" if identity.get("source") != "embeds" else "file is")
+                     + " not stored in the image: give the same file(s) again)")
+    return "\n".join(_safe(line) for line in lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from spatialid.app.metadata import read_image_metadata
+
+    results = [(path, read_image_metadata(path)) for path in args.images]
     if args.json:
         data = results[0][1] if len(results) == 1 else [{"file": p, **s} for p, s in results]
         print(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False))
@@ -84,5 +168,5 @@ def run(args: argparse.Namespace) -> int:
     for i, (path, settings) in enumerate(results):
         if len(results) > 1:
             print(("\n" if i else "") + f"== {_safe(path)}")
-        print(format_settings(settings))
+        print(format_settings(settings) if args.full else format_summary(settings))
     return 0

@@ -12,8 +12,11 @@ server writes is deleted after ``--keep-outputs`` hours and at exit. See docs/se
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import sys
+from collections.abc import Iterator
 
 from spatialid.cli.options import add_model_arguments, model_spec
 from spatialid.ui.network import check_port_free, host_warning, parse_auth
@@ -93,6 +96,47 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SpatialIDError(f"--keep-outputs must be at least 1/60 hour (one minute), got {keep:g}")
 
 
+class _DropLines(io.TextIOBase):
+    """A stdout that forwards everything but lines containing ``marker`` (whole lines are judged)."""
+
+    def __init__(self, target: io.TextIOBase, marker: str) -> None:
+        self._target, self._marker, self._pending = target, marker, ""
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        kept = [line + "\n" for line in lines if self._marker not in line]
+        if kept:
+            self._target.write("".join(kept))
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending and self._marker not in self._pending:
+            self._target.write(self._pending)
+            self._pending = ""
+        self._target.flush()
+
+    def isatty(self) -> bool:
+        return self._target.isatty()
+
+
+@contextlib.contextmanager
+def no_share_hint() -> Iterator[None]:
+    """Hide Gradio's "To create a public link, set `share=True` in `launch()`" line.
+
+    ``Blocks.launch`` prints it whenever ``share`` is off and ``quiet`` is not set; sharing through
+    gradio.live is no option of ``spatialid serve`` (the server must not be exposed by a side door),
+    and ``quiet=True`` would also hide the local URL, so only that line is dropped.
+    """
+    original = sys.stdout
+    sys.stdout = _DropLines(original, "share=True")
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stdout = original
+
+
 def run(args: argparse.Namespace) -> int:
     import importlib.util
 
@@ -120,6 +164,12 @@ def run(args: argparse.Namespace) -> int:
         )
     pipe = Models(model_spec(args).check()).pipeline()
     pipe.set_progress_bar_config(disable=True)  # the page shows progress; keep the server log clean
+    with no_share_hint():
+        _launch(launch, pipe, args, logins, DEFAULT_QUEUE_SIZE, DEFAULT_KEEP_HOURS)
+    return 0
+
+
+def _launch(launch, pipe, args: argparse.Namespace, logins, default_queue: int, default_keep: float) -> None:
     launch(
         pipe,
         model_name=args.model,
@@ -132,7 +182,6 @@ def run(args: argparse.Namespace) -> int:
         max_images=args.max_images,
         max_side=args.max_side,
         max_cost=args.max_cost,
-        queue_size=args.queue_size if args.queue_size is not None else DEFAULT_QUEUE_SIZE,
-        keep_outputs_hours=args.keep_outputs if args.keep_outputs is not None else DEFAULT_KEEP_HOURS,
+        queue_size=args.queue_size if args.queue_size is not None else default_queue,
+        keep_outputs_hours=args.keep_outputs if args.keep_outputs is not None else default_keep,
     )
-    return 0

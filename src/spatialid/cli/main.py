@@ -13,6 +13,7 @@ one line ``spatialid: error: ...`` and exit with status 2; ``--debug`` shows the
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import importlib
 import logging
@@ -29,8 +30,64 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: a typo costs one line and a suggestion, not a usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"spatialid: error: {message} (see `{self.prog} --help`)\n")
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        # The sub-command's leftovers reach the top parser as "unrecognized arguments": suggest the
+        # closest option of that sub-command instead.
+        ns, extras = super().parse_known_args(args, namespace)
+        if extras and self.prog == "spatialid" and getattr(ns, "command", None):
+            sub = _subparser(self, ns.command)
+            if sub is not None:
+                sub.error(_unknown_message(sub, extras))
+        return ns, extras
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser | None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(name)
+    return None
+
+
+def _unknown_message(sub: argparse.ArgumentParser, extras: Sequence[str]) -> str:
+    flags = [a for a in extras if a.startswith("-")] or list(extras)
+    first = flags[0].split("=", 1)[0]
+    known = [o for o in sub._option_string_actions if o.startswith("--")]
+    close = difflib.get_close_matches(first, known, n=2, cutoff=0.6) if first.startswith("-") else []
+    what = f"unrecognized argument{'s' if len(extras) > 1 else ''}: {' '.join(extras)}"
+    return what + (f"; did you mean {' or '.join(close)}?" if close else "")
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str], command: str) -> set[str]:
+    """The ``dest`` of every option given on the command line (so ``--from-png`` knows what wins).
+
+    The sub-command's arguments are parsed once more with every default suppressed; what is left
+    in the namespace was typed by the user, even when it equals the default.
+    """
+    sub = _subparser(parser, command)
+    if sub is None or command not in argv:
+        return set()
+    tokens = list(argv)[list(argv).index(command) + 1 :]
+    saved = [(a, a.default, a.required) for a in sub._actions]
+    try:
+        for action, _, _ in saved:
+            action.default, action.required = argparse.SUPPRESS, False
+        ns, _ = argparse.ArgumentParser.parse_known_args(sub, tokens, argparse.Namespace())
+    except SystemExit:  # pragma: no cover - the first parse accepted the same tokens
+        return set()
+    finally:
+        for action, default, required in saved:
+            action.default, action.required = default, required
+    return {a.dest for a in sub._actions if hasattr(ns, a.dest)}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="spatialid",
         description="Identity-preserving FLUX.1 generation with SpatialID (spatially scheduled PuLID).",
     )
@@ -46,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # sub-command not part of this build
             raise
         module.register(subparsers)
+    for sub in subparsers.choices.values():
+        # Global flags also after the sub-command (`spatialid generate -q ...`); SUPPRESS keeps the
+        # value given before it.
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        sub.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only print warnings and errors")
     return parser
 
 
@@ -61,10 +123,12 @@ def _configure_logging(quiet: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
+    args.explicit = explicit_flags(parser, argv, args.command)
     _configure_logging(args.quiet)
     from spatialid.errors import SpatialIDError
 
