@@ -66,18 +66,65 @@ def test_parse_seed_random_forms(value):
     assert len(seeds) > 1  # really random, not a constant
 
 
-@pytest.mark.parametrize("value,expected", [("42", 42), (" 7 ", 7), ("12.0", 12), (3, 3), (5.0, 5), ("0", 0), (2**32 - 1, 2**32 - 1)])
+@pytest.mark.parametrize("value,expected", [("42", 42), (" 7 ", 7), ("12.0", 12), (3, 3), (5.0, 5), ("0", 0), (2**32 - 1, 2**32 - 1),
+    ("2680261499100305976", 2680261499100305976), (2**32, 2**32), (str(2**63 - 1), 2**63 - 1), (2**63 - 1, 2**63 - 1)])
 def test_parse_seed_numbers(value, expected):
     assert h.parse_seed(value) == expected
 
 
-@pytest.mark.parametrize("value", ["abc", "1.5", 2.5, "1e3", "-5", 2**32, True, "nan", float("inf")])
+@pytest.mark.parametrize("value", ["abc", "1.5", 2.5, "1e3", "-5", 2**63, str(2**63), True, "nan", float("inf")])
 def test_parse_seed_rejects(value):
     with pytest.raises(h.UIInputError, match="seed"):
         h.parse_seed(value)
 
 
+def test_seed_range_is_the_cli_range():
+    """The UI accepts exactly what check_generation_settings (the CLI's rule) accepts."""
+    from spatialid.pipeline.settings import (
+        GenerationSettingsError,
+        check_generation_settings,
+    )
+
+    size = {"num_inference_steps": 4, "height": 128, "width": 128}
+    assert h.MAX_SEED == 2**63 - 1
+    check_generation_settings(**size, seed=h.parse_seed(str(h.MAX_SEED)))
+    with pytest.raises(GenerationSettingsError):
+        check_generation_settings(**size, seed=h.MAX_SEED + 1)
+    with pytest.raises(h.UIInputError, match="seed"):
+        h.parse_seed(h.MAX_SEED + 1)
+
+
+def test_seed_plus_images_stays_in_range(photo_dir):
+    with pytest.raises(h.UIInputError, match="at most"):
+        h.build_request(**_form([str(photo_dir / "astronaut.png")], seed=str(2**63 - 1), num_images=2))
+    req = h.build_request(**_form([str(photo_dir / "astronaut.png")], seed="2680261499100305976"))
+    assert req.settings.seed == 2680261499100305976
+
+
+@pytest.mark.parametrize("seed,randomize,expected", [("12", True, "random"), (" 12 ", False, "12"), (None, False, "")])
+def test_seed_for_run(seed, randomize, expected):
+    assert h.seed_for_run(seed, randomize) == expected
+
+
 # ----------------------------------------------------------------------------- photos
+
+
+def test_photo_set_replaces_unless_adding():
+    assert h.photo_set(["/u/a.png"], "/u/b.png", add=False) == ["/u/b.png"]
+    assert h.photo_set(["/u/a.png"], {"path": "/u/b.png"}, add=True) == ["/u/a.png", "/u/b.png"]
+    assert h.photo_set(None, None, add=True) == []
+
+
+def test_preview_identity_face_and_no_face(tiny_pipe, photo_dir):
+    cache = h.IdentityCache(maxsize=2)
+    thumbs, line = h.preview_identity(tiny_pipe, [str(photo_dir / "astronaut.png")], cache=cache)
+    assert [c for _, c in thumbs] == ["astronaut.png", "face found"] and "Face found: 1 photo" in line
+    assert thumbs[-1][0].size == (512, 512)  # the aligned face the encoder returned
+    thumbs, line = h.preview_identity(tiny_pipe, [str(photo_dir / "coffee.png")], cache=cache)
+    assert [c for _, c in thumbs] == ["coffee.png"] and "no face found in coffee.png" in line and "\n" not in line
+    assert h.preview_identity(tiny_pipe, [], cache=cache) == ([], "")
+    h.preview_identity(tiny_pipe, [str(photo_dir / "astronaut.png")], cache=cache)
+    assert cache.hits == 1  # Generate after the preview reuses the encoding
 
 
 def test_collect_photos_accepts_gradio_value_shapes(photo_dir):
@@ -241,8 +288,8 @@ def test_settings_text_hides_encoder_internals():
 
 
 def test_run_generation_outputs_and_metadata(tiny_pipe, photo_dir, tmp_path, identities):
-    from spatialid.app.metadata import read_png_metadata
     from spatialid.app.job import GenerationJob, run_job
+    from spatialid.app.metadata import read_png_metadata
     from spatialid.pipeline.settings import GenerationSettings
 
     req = h.build_request(**_form([str(photo_dir / "astronaut.png")], seed="11"))

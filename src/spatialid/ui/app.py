@@ -107,6 +107,7 @@ def _generate_fn(
     lock: threading.Lock,
     errors: dict[str, str],
     identities: h.IdentityCache,
+    seeds: dict[str, int],
 ) -> Any:
     """The Generate event: validate, run, map the result onto the output components.
 
@@ -148,6 +149,7 @@ def _generate_fn(
                 pipe, req, out_root, progress=report, lock=lock, identity_cache=identities
             )
             files.archive(result.files)  # --output-dir: a kept copy, never served
+            seeds[_session(request)] = int(result.settings.get("seed", req.settings.seed))
         except SpatialIDError as exc:
             message = " ".join(str(exc).split())
             errors[_session(request)] = message
@@ -176,7 +178,7 @@ def _example_rows(example_dir: Path) -> tuple[list[list[Any]], list[str]]:
     from spatialid.ui.examples import EXAMPLES, write_example_photos
 
     paths = write_example_photos(example_dir)
-    rows = [[[str(paths[e.name])], e.prompt] for e in EXAMPLES]
+    rows = [[str(paths[e.name]), e.prompt] for e in EXAMPLES]
     return rows, [e.label for e in EXAMPLES]
 
 
@@ -252,12 +254,29 @@ def _build(
             gr.Markdown(h.TINY_NOTICE, elem_id="tiny-notice")
         with gr.Row(equal_height=False):
             with gr.Column(scale=5):
+                gr.Markdown(
+                    f"**Identity: one person.** Every photo here must show the **same person** (1-{limits.max_photos} "
+                    "photos, averaged into one identity). Dropping a new photo on the box **replaces** the set; "
+                    f"JPEG, PNG or WebP, max {limits.max_upload_mb:g} MB each.",
+                    elem_id="photo-help",
+                )
+                with gr.Row(equal_height=False):
+                    photo = gr.Image(
+                        label="Identity photo (drop a new one to replace)", type="filepath", sources=["upload"],
+                        format="png", height=200, elem_id="id-photo",
+                    )
+                    preview = gr.Gallery(
+                        label="Photos used and the face the encoder found", columns=3, height=200,
+                        object_fit="contain", interactive=False, format="png", elem_id="photo-preview",
+                    )
+                face_check = gr.Markdown("", elem_id="face-check")
+                add_photo = gr.UploadButton(
+                    "+ Add another photo of the same person", file_types=["image"], file_count="single",
+                    size="sm", elem_id="add-photo",
+                )
                 photos = gr.File(
-                    label=f"Identity photos: one person, 1-{limits.max_photos} photos (JPEG, PNG, WebP; max {limits.max_upload_mb:g} MB each)",
-                    file_count="multiple",
-                    file_types=["image"],
-                    elem_id="id-photos",
-                    height=140,
+                    label="Photos used (all of one person)", file_count="multiple", file_types=["image"],
+                    interactive=False, elem_id="id-photos", height=100,
                 )
                 prompt = gr.Textbox(
                     label="Prompt",
@@ -285,9 +304,16 @@ def _build(
                     elem_id="compare-presets",
                 )
                 generate = gr.Button("Generate", variant="primary", elem_id="generate")
+                with gr.Row(equal_height=True):
+                    seed = gr.Textbox(
+                        value="random", label="Seed", info=f"0 to {h.MAX_SEED} (the CLI's range); the used seed shows here",
+                        elem_id="seed", scale=3,
+                    )
+                    randomize = gr.Checkbox(value=True, label="Randomize", info="a new seed each run", elem_id="randomize", scale=1)
+                    reuse_seed = gr.Button("Reuse last seed", size="sm", elem_id="reuse-seed", scale=1)
                 examples = gr.Examples(
                     examples=example_rows,
-                    inputs=[photos, prompt],
+                    inputs=[photo, prompt],
                     example_labels=example_labels,
                     label="Examples: one click runs them (photos from scikit-image)",
                     cache_examples=False,
@@ -314,13 +340,9 @@ def _build(
                     with gr.Row():
                         width = gr.Slider(64, limits.max_side, value=defaults.width, step=16, label="Width", elem_id="width")
                         height = gr.Slider(64, limits.max_side, value=defaults.height, step=16, label="Height", elem_id="height")
-                    with gr.Row():
-                        seed = gr.Textbox(
-                            value="random", label="Seed", info="a whole number, or 'random'", elem_id="seed"
-                        )
-                        num_images = gr.Slider(
-                            1, limits.max_images, value=defaults.num_images, step=1, label="Images", elem_id="num-images"
-                        )
+                    num_images = gr.Slider(
+                        1, limits.max_images, value=defaults.num_images, step=1, label="Images", elem_id="num-images"
+                    )
             with gr.Column(scale=7):
                 status = gr.Markdown("Upload a photo, write a prompt, press **Generate**.", elem_id="status")
                 gallery = gr.Gallery(
@@ -360,8 +382,9 @@ def _build(
         ]
         outputs = [gallery, comparison, mask_picture, aligned_face, downloads, settings, status]
 
+        seeds: dict[str, int] = {}  # session -> seed of its last successful run
         on_generate = _generate_fn(
-            pipe, limits=limits, files=files, lock=gpu_lock, errors=errors, identities=identities
+            pipe, limits=limits, files=files, lock=gpu_lock, errors=errors, identities=identities, seeds=seeds
         )
         event_args = dict(
             fn=on_generate,
@@ -372,18 +395,71 @@ def _build(
             show_progress="full",
             show_progress_on=[gallery, mask_picture],
         )
+        failed: set[str] = set()  # sessions whose result area shows an error (cleared when the input changes)
+        private = dict(queue=False, api_visibility="private")
+
+        def start(seed_value: Any, random_on: Any) -> tuple:
+            """A run starts: the previous run's result goes, so the page never mixes two runs."""
+            return (None, gr.update(value=None, visible=False), None, None, None, "",
+                    _working(), h.seed_for_run(seed_value, random_on))
+
+        def succeeded(request: gr.Request) -> Any:
+            failed.discard(_session(request))
+            used = seeds.get(_session(request))
+            return gr.skip() if used is None else str(used)
+
+        def failed_status(request: gr.Request) -> str:
+            failed.add(_session(request))
+            return _failed(errors)(request)
 
         def chain(trigger: Any, **extra: Any) -> None:
-            """status "working" -> generate -> on failure, the error also in the status line."""
-            (
-                trigger(_working, None, status, queue=False, api_visibility="private")
-                .then(**event_args, **extra)
-                .failure(_failed(errors), None, status, queue=False, api_visibility="private")
-            )
+            """clear the result area -> generate -> the used seed back in the box, or the error in the status line."""
+            run = trigger(start, [seed, randomize], outputs + [seed], **private).then(**event_args, **extra)
+            run.success(succeeded, None, seed, **private)
+            run.failure(failed_status, None, status, **private)
 
         chain(generate.click, api_name="generate")
         chain(prompt.submit, api_visibility="private")
-        chain(examples.load_input_event.then, api_visibility="private")
+        chain(
+            examples.load_input_event.then(
+                lambda p: ([p] if p else [], [], ""), photo, [photos, preview, face_check], **private
+            ).then,
+            api_visibility="private",
+        )
+
+        def show_faces(current: Any) -> tuple:
+            return h.preview_identity(pipe, current, cache=identities, limits=limits, lock=gpu_lock)
+
+        preview_args = dict(
+            fn=show_faces, inputs=photos, outputs=[preview, face_check], concurrency_id="faces",
+            concurrency_limit=1, show_progress="minimal", api_visibility="private",
+        )
+
+        def clear_error(request: gr.Request) -> tuple:
+            """The input changed after a failed run: the old error and its badges go."""
+            if _session(request) not in failed:
+                return (gr.skip(),) * 3
+            failed.discard(_session(request))
+            return None, None, "Upload a photo, write a prompt, press **Generate**."
+
+        stale = [gallery, mask_picture, status]
+        photo.upload(lambda new: h.photo_set(None, new, add=False), photo, photos, **private).then(**preview_args)
+        photo.clear(lambda: ([], [], ""), None, [photos, preview, face_check], **private)
+        add_photo.upload(
+            lambda current, new: h.photo_set(current, new, add=True), [photos, add_photo], photos, **private
+        ).then(**preview_args)
+        for event in (photo.upload, photo.clear, add_photo.upload, prompt.input):
+            event(clear_error, None, stale, **private)
+
+        def reuse(request: gr.Request) -> tuple:
+            used = seeds.get(_session(request))
+            if used is None:
+                gr.Info("No run yet in this tab: generate once, then its seed can be reused.")
+                return gr.skip(), gr.skip()
+            return str(used), False
+
+        reuse_seed.click(reuse, None, [seed, randomize], **private)
+        seed.input(lambda: False, None, randomize, **private)  # typing a seed means "use this one"
         preset.change(h.preset_help, preset, preset_text, queue=False, api_visibility="private")
         compare.change(
             lambda on: gr.update(visible=bool(on)), compare, compare_presets, queue=False, api_visibility="private"
@@ -394,6 +470,8 @@ def _build(
             key = _session(request)
             if key:
                 files.end_session(key)
+                failed.discard(key)
+                seeds.pop(key, None)
 
         demo.unload(on_unload)
 

@@ -43,11 +43,15 @@ __all__ = [
     "collect_photos",
     "compare_list",
     "defaults_for",
+    "MAX_SEED",
     "parse_seed",
+    "photo_set",
     "preset_choices",
     "preset_help",
+    "preview_identity",
     "request_cost",
     "run_generation",
+    "seed_for_run",
     "settings_text",
 ]
 
@@ -181,27 +185,94 @@ def compare_list(preset: str, chosen: Sequence[str] | None) -> list[str]:
 # ----------------------------------------------------------------------------- form values
 
 
+#: Largest seed, the same as ``spatialid generate --seed`` (a 64-bit signed generator seed).
+MAX_SEED = 2**63 - 1
+#: Drawn seeds stay below this (short enough to read and type back), like the CLI's.
+RANDOM_SEED_BELOW = 2**32
+_RANDOM_WORDS = {"", "random", "rand", "-1", "-1.0"}
+
+
 def parse_seed(value: Any) -> int:
-    """A whole number in [0, 2**32), or ``random`` / empty / -1 for a fresh random seed."""
+    """A whole number in [0, 2**63 - 1] (the CLI's range), or ``random`` / empty / -1 for a fresh seed.
+
+    Parsed as an integer, never through float, so 64-bit seeds such as PuLID's 2680261499100305976
+    survive exactly.
+    """
     if value is None:
-        return secrets.randbelow(2**32)
+        return secrets.randbelow(RANDOM_SEED_BELOW)
     if isinstance(value, bool):
         raise UIInputError(f"seed must be a whole number or 'random', got {value!r}")
     text = str(value).strip()
-    if text.lower() in {"", "random", "rand", "-1", "-1.0"}:
-        return secrets.randbelow(2**32)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
+    if text.lower() in _RANDOM_WORDS:
+        return secrets.randbelow(RANDOM_SEED_BELOW)
+    seed: int | None = None
+    if isinstance(value, int):
+        seed = int(value)
+    elif isinstance(value, float):
+        if math.isfinite(value) and value.is_integer():
+            seed = int(value)
     elif re.fullmatch(r"[+-]?\d+(\.0*)?", text):
-        number = float(text)
-    else:
-        number = math.nan
-    if not math.isfinite(number) or not number.is_integer():
+        seed = int(text.split(".")[0])
+    if seed is None:
         raise UIInputError(f"seed must be a whole number or 'random', got {text!r}")
-    seed = int(number)
-    if not 0 <= seed < 2**32:
-        raise UIInputError(f"seed must be between 0 and {2**32 - 1} (or 'random'), got {seed}")
+    if not 0 <= seed <= MAX_SEED:
+        raise UIInputError(f"seed must be between 0 and {MAX_SEED} (2**63 - 1) or 'random', got {seed}")
     return seed
+
+
+def seed_for_run(seed: Any, randomize: Any) -> str:
+    """What the seed box holds when a run starts: ``random`` with "randomize" on, else the box as typed.
+
+    The form sends the seed box to the server (the API takes the same value), so randomizing is
+    done by writing ``random`` there rather than by an extra input.
+    """
+    return "random" if randomize else ("" if seed is None else str(seed).strip())
+
+
+def photo_set(current: Any, new: Any, *, add: bool) -> list[str]:
+    """The identity photos after an upload: ``new`` alone (replace), or appended when ``add``.
+
+    Replacing is the default because a new photo is usually a new person; adding is only for
+    more photos of the same person (averaged into one identity).
+    """
+    kept = [str(_path_of(item)) for item in (current or [])] if add else []
+    added = [str(_path_of(item)) for item in (new if isinstance(new, (list, tuple)) else [new]) if item]
+    return kept + added
+
+
+def preview_identity(
+    pipe: Any,
+    photos: Any,
+    *,
+    cache: IdentityCache,
+    limits: UILimits = UILimits(),
+    lock: threading.Lock | None = None,
+) -> tuple[list[tuple[Any, str]], str]:
+    """Thumbnails of the photos plus the aligned face the encoder finds, and a one-line verdict.
+
+    Runs the same face detection as a generation (through ``cache``, so Generate reuses it), right
+    after upload: a visitor sees at once whether the right face was found, before waiting for an
+    image. Problems (no face, bad file, too many photos) are the line, not an exception.
+    """
+    if not photos:
+        return [], ""
+    try:
+        paths = collect_photos(photos, limits)
+    except SpatialIDError as exc:
+        return [], f"**Cannot use these photos**: {' '.join(str(exc).split())}"
+    thumbs: list[tuple[Any, str]] = [(str(p), p.name) for p in paths]
+    guard = lock if lock is not None else threading.Lock()
+    try:
+        with guard:
+            identity = cache.get_or_encode(pipe, paths)
+    except SpatialIDError as exc:
+        return thumbs, f"**No usable face**: {' '.join(str(exc).split())}"
+    face = getattr(identity, "aligned_face", None)
+    if face is not None:
+        thumbs.append((face, "face found"))
+    n = len(paths)
+    what = "1 photo" if n == 1 else f"{n} photos of one person (averaged)"
+    return thumbs, f"Face found: {what}. The last thumbnail is the aligned face the encoder will use."
 
 
 def _path_of(item: Any) -> Path:
@@ -398,6 +469,11 @@ def build_request(
         seed=parse_seed(seed),
         num_images=int(_number("number of images", num_images, 1, limits.max_images, integer=True, cap_flag="--max-images")),
     )
+    if settings.seed is not None and settings.seed + settings.num_images - 1 > MAX_SEED:  # image i uses seed + i
+        raise UIInputError(
+            f"seed {settings.seed} with {settings.num_images} images would go past {MAX_SEED}; "
+            f"use a seed of at most {MAX_SEED - settings.num_images + 1}"
+        )
     presets = tuple(compare_list(str(preset), compare_presets)) if compare else ()
     _check_cost(settings, presets, limits)
     return GenerationRequest(photos=tuple(paths), settings=settings, compare=presets)
