@@ -31,7 +31,6 @@ import inspect
 import logging
 import os
 import re
-import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,6 +39,7 @@ import torch
 from PIL import Image
 
 from spatialid.errors import CheckpointError, ModelFilesMissingError, SpatialIDError
+from spatialid.utils.weights import NEVER_UNPICKLE, sniff_safetensors
 
 __all__ = [
     "DEFAULT_CLIP_MODEL",
@@ -84,8 +84,7 @@ def _open_clip() -> Any:
 # Suffixes open_clip reads as checkpoint files; a value with one of them (or a path separator) is
 # meant as a file, never as a pretrained tag (tags look like "openai", "laion2b_s32b_b82k").
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".npz", ".npy")
-_MAX_SAFETENSORS_HEADER = 100_000_000  # safetensors caps its JSON header at 100 MB
-_NEVER_UNPICKLE = "spatialid never unpickles weight files because that can run arbitrary code"
+_NEVER_UNPICKLE = NEVER_UNPICKLE
 _CLIP_FIX = "convert it to safetensors (safetensors.torch.save_file of its state dict) or give a pretrained tag such as openai"
 
 
@@ -113,33 +112,12 @@ def check_clip_checkpoint(pretrained: str | os.PathLike[str] | None, *, file: bo
         raise CheckpointError(f"--clip-pretrained {tag} does not exist; give a CLIP .safetensors file or a pretrained tag such as openai")
     if not os.path.isfile(path):
         raise CheckpointError(f"--clip-pretrained {tag} is not a file; give a CLIP .safetensors file or a pretrained tag such as openai")
-    size = os.path.getsize(path)
-    with open(path, "rb") as fh:
-        head = fh.read(9)
-    header_len = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else 0
-    if len(head) == 9 and head[8:9] == b"{" and 0 < header_len <= _MAX_SAFETENSORS_HEADER:
-        if 8 + header_len > size:
-            raise CheckpointError(
-                f"{tag} is a truncated safetensors file (its header alone needs {8 + header_len} bytes, the file has "
-                f"{size}); copy or download it again"
-            )
-        if not path.lower().endswith(".safetensors"):
-            raise CheckpointError(
-                f"{tag} is a safetensors file but open_clip picks its loader by the name and would torch.load it; "
-                "rename it to end in .safetensors"
-            )
-        return
-    if head[:4] == b"PK\x03\x04":
+    sniff_safetensors(path, _CLIP_FIX, name=tag)
+    if not path.lower().endswith(".safetensors"):
         raise CheckpointError(
-            f"{tag} is a PyTorch pickle archive (torch.save zip format), not a safetensors file; {_NEVER_UNPICKLE}: {_CLIP_FIX}"
+            f"{tag} is a safetensors file but open_clip picks its loader by the name and would torch.load it; "
+            "rename it to end in .safetensors"
         )
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        raise CheckpointError(
-            f"{tag} is a Python pickle (legacy torch.save / .bin / .pt), not a safetensors file; {_NEVER_UNPICKLE}: {_CLIP_FIX}"
-        )
-    if size < 10:
-        raise CheckpointError(f"{tag} is empty or truncated ({size} bytes), not a safetensors file: {_CLIP_FIX}")
-    raise CheckpointError(f"{tag} is not a safetensors file (unrecognised first bytes {head[:8].hex()}): {_CLIP_FIX}")
 
 
 def _check_open_clip_loads_safely(open_clip: Any) -> dict[str, Any]:

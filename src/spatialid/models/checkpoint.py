@@ -14,7 +14,6 @@ import functools
 import json
 import os
 import re
-import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from torch import nn
 from spatialid.defaults import PULID_FILENAME, PULID_REPO_ID
 from spatialid.errors import CheckpointError, ModelFilesMissingError
 from spatialid.utils.io import atomic_path
+from spatialid.utils.weights import sniff_safetensors
 from spatialid.utils.offline import is_offline
 from spatialid.models.configs import PULID_FLUX, TINY_PULID, PuLIDFluxConfig
 from spatialid.models.idformer import IDFormer
@@ -61,7 +61,6 @@ _FLUX_MARKERS = (
 )
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 _SHOW = 5  # names listed per category in error messages
-_MAX_HEADER = 100_000_000  # safetensors caps its JSON header at 100 MB
 
 Layout = dict[str, tuple[int, ...]]
 
@@ -128,38 +127,8 @@ def _check_config(config: object) -> None:
 
 
 def _sniff(path: Path) -> None:
-    """Refuse files that are not safetensors by their first bytes, without deserialising them.
-
-    A safetensors file starts with a little-endian u64 header length followed by ``{``. That test
-    comes first: the length's low byte may well be 0x80 or 'P', so a lone pickle/zip magic byte
-    would misclassify valid files.
-    """
-    size = path.stat().st_size
-    with path.open("rb") as fh:
-        head = fh.read(9)
-    fix = f"use the official safetensors file ({_download_cmd()})"
-    header_len = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else 0
-    if len(head) == 9 and head[8:9] == b"{" and 0 < header_len <= _MAX_HEADER:
-        if 8 + header_len > size:
-            raise CheckpointError(
-                f"{path} is a truncated safetensors file (its header alone needs {8 + header_len} bytes, "
-                f"the file has {size}); re-download it: {fix}"
-            )
-        return
-    never = "spatialid never unpickles weight files because that can run arbitrary code"
-    if head[:4] == b"PK\x03\x04":
-        raise CheckpointError(
-            f"{path} is a PyTorch pickle archive (torch.save zip format), not a safetensors file; {never}: {fix}"
-        )
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        raise CheckpointError(
-            f"{path} is a Python pickle (legacy torch.save / .bin / .ckpt), not a safetensors file; {never}: {fix}"
-        )
-    if head[:4] == b"GGUF":
-        raise CheckpointError(f"{path} is a GGUF file, not PuLID-FLUX safetensors weights: {fix}")
-    if size < 10:
-        raise CheckpointError(f"{path} is empty or truncated ({size} bytes), not a safetensors file: {fix}")
-    raise CheckpointError(f"{path} is not a safetensors file (unrecognised first bytes {head[:8].hex()}): {fix}")
+    """Refuse files that are not safetensors by their first bytes (see :func:`sniff_safetensors`)."""
+    sniff_safetensors(path, f"use the official safetensors file ({_download_cmd()})")
 
 
 def read_safetensors_layout(path: str | os.PathLike) -> tuple[Layout, dict[str, str], dict[str, str]]:

@@ -1,0 +1,56 @@
+"""Telling a safetensors file from a pickle by its first bytes, without deserialising anything.
+
+Every loader that accepts a weights file from the user (PuLID-FLUX checkpoints, CLIP checkpoints
+for the evaluation) calls :func:`sniff_safetensors` first, so a pickle renamed ``.safetensors``
+is refused in one line and never reaches a deserialiser.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+from spatialid.errors import CheckpointError
+
+__all__ = ["MAX_SAFETENSORS_HEADER", "NEVER_UNPICKLE", "sniff_safetensors"]
+
+MAX_SAFETENSORS_HEADER = 100_000_000  # safetensors caps its JSON header at 100 MB
+NEVER_UNPICKLE = "spatialid never unpickles weight files because that can run arbitrary code"
+
+
+def sniff_safetensors(path: str | os.PathLike[str], fix: str, *, name: str | None = None) -> None:
+    """Raise :class:`CheckpointError` unless ``path`` starts like a complete safetensors file.
+
+    A safetensors file starts with a little-endian u64 header length followed by ``{``. That test
+    comes first: the length's low byte may well be 0x80 or 'P', so a lone pickle/zip magic byte
+    would misclassify valid files. ``fix`` ends every message (what to do instead); ``name`` is
+    how the file is called in messages (default: the path).
+    """
+    path = Path(path)
+    label = name if name is not None else str(path)
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(9)
+    header_len = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else 0
+    if len(head) == 9 and head[8:9] == b"{" and 0 < header_len <= MAX_SAFETENSORS_HEADER:
+        if 8 + header_len > size:
+            raise CheckpointError(
+                f"{label} is a truncated safetensors file (its header alone needs {8 + header_len} bytes, "
+                f"the file has {size}); copy or download it again: {fix}"
+            )
+        return
+    if head[:4] == b"PK\x03\x04":
+        raise CheckpointError(
+            f"{label} is a PyTorch pickle archive (torch.save zip format), not a safetensors file; {NEVER_UNPICKLE}: {fix}"
+        )
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        raise CheckpointError(
+            f"{label} is a Python pickle (legacy torch.save / .bin / .pt / .ckpt), not a safetensors file; "
+            f"{NEVER_UNPICKLE}: {fix}"
+        )
+    if head[:4] == b"GGUF":
+        raise CheckpointError(f"{label} is a GGUF file, not a safetensors file: {fix}")
+    if size < 10:
+        raise CheckpointError(f"{label} is empty or truncated ({size} bytes), not a safetensors file: {fix}")
+    raise CheckpointError(f"{label} is not a safetensors file (unrecognised first bytes {head[:8].hex()}): {fix}")
