@@ -194,6 +194,14 @@ def _upload_and_generate(page: object, photo: Path, prompt: str) -> None:
     page.locator("#generate").click()  # type: ignore[attr-defined]
 
 
+def _wait_done(page: object) -> None:
+    """Wait for the run to end; a refusal fails at once with the status line (not a 60 s timeout)."""
+    status = page.locator("#status")  # type: ignore[attr-defined]
+    status.get_by_text("Done:").or_(status.get_by_text("Not generated")).first.wait_for()
+    text = status.inner_text()
+    assert "Done:" in text, f"the run did not finish: {text.strip()}"
+
+
 def _image_loaded(page: object, selector: str) -> dict:
     """Wait until an <img> under ``selector`` has decoded pixels; return its natural size."""
     img = page.locator(f"{selector} img").first  # type: ignore[attr-defined]
@@ -211,7 +219,7 @@ def test_generate_shows_image_masks_and_no_face_error(page: object, server: dict
 
     # 1. a photo with a face: image, mask picture, aligned face, downloads, settings.
     _upload_and_generate(page, photos["astronaut"], "portrait photo of a woman wearing a space suit")
-    page.locator("#status").get_by_text("Done:").wait_for()  # type: ignore[attr-defined]
+    _wait_done(page)
     image = _image_loaded(page, "#images")
     masks = _image_loaded(page, "#mask-picture")
     face = _image_loaded(page, "#aligned-face")
@@ -267,7 +275,7 @@ def test_upload_replaces_shows_face_and_adds_same_person(page: object, photos: d
     page.wait_for_function("() => document.querySelectorAll('#photo-preview img').length >= 2")  # type: ignore[attr-defined]  # photo + face crop
     assert "astronaut.png" in page.locator("#photo-preview").inner_text()  # type: ignore[attr-defined]
     page.locator("#generate").click()  # type: ignore[attr-defined]
-    page.locator("#status").get_by_text("Done:").wait_for()  # type: ignore[attr-defined]
+    _wait_done(page)
 
     page.locator("#add-photo").wait_for()  # type: ignore[attr-defined]
     page.locator("input[type=file][data-testid$='-upload-button']").first.set_input_files(str(photos["astronaut"]))  # type: ignore[attr-defined]
@@ -282,7 +290,7 @@ def test_seed_written_back_randomize_and_reuse(page: object, photos: dict) -> No
 
     assert page.locator("#randomize input[type=checkbox]").is_checked()  # type: ignore[attr-defined]
     _upload_and_generate(page, photos["astronaut"], "portrait photo")
-    page.locator("#status").get_by_text("Done:").wait_for()  # type: ignore[attr-defined]
+    _wait_done(page)
     used = re.search(r"seed (\d+)", page.locator("#status").inner_text()).group(1)  # type: ignore[attr-defined,union-attr]
     seed_box = page.locator("#seed textarea, #seed input").first  # type: ignore[attr-defined]
     page.wait_for_function(  # type: ignore[attr-defined]
@@ -293,7 +301,7 @@ def test_seed_written_back_randomize_and_reuse(page: object, photos: dict) -> No
         "s => /^\\d+$/.test(document.querySelector('#seed textarea, #seed input').value) && "
         "document.querySelector('#seed textarea, #seed input').value !== s", arg=used
     )
-    page.locator("#status").get_by_text("Done:").wait_for()  # type: ignore[attr-defined]
+    _wait_done(page)
     page.locator("#reuse-seed").click()  # type: ignore[attr-defined]
     page.wait_for_function("() => !document.querySelector('#randomize input').checked")  # type: ignore[attr-defined]
     reused = seed_box.input_value()
@@ -311,7 +319,7 @@ def test_seed_written_back_randomize_and_reuse(page: object, photos: dict) -> No
 def test_example_click_runs_generation(page: object) -> None:
     """One click on the astronaut example fills the form and generates (the visitor's first try)."""
     page.locator("#examples").get_by_text("astronaut").first.click()  # type: ignore[attr-defined]
-    page.locator("#status").get_by_text("Done:").wait_for()  # type: ignore[attr-defined]
+    _wait_done(page)
     assert _image_loaded(page, "#images")["w"] == 128
     assert page.locator("#prompt textarea").input_value().startswith("portrait photo")  # type: ignore[attr-defined]
     # the second example is a photo without a face: one click shows why it cannot work
@@ -326,7 +334,7 @@ def test_compare_presets_side_by_side(page: object, photos: dict) -> None:
     page.locator("#compare input[type=checkbox]").check()  # type: ignore[attr-defined]
     page.locator("#compare-presets").wait_for(state="visible")  # type: ignore[attr-defined]
     _upload_and_generate(page, photos["astronaut"], "portrait photo, oil painting")
-    page.locator("#status").get_by_text("Done:").wait_for()  # type: ignore[attr-defined]
+    _wait_done(page)
     grid = _image_loaded(page, "#comparison")
     assert grid["w"] >= 3 * 128  # identity photo + pulid + relaxed tiles (the default comparison)
     assert "preset comparison" in page.locator("#status").inner_text()  # type: ignore[attr-defined]

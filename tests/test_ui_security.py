@@ -397,11 +397,12 @@ def test_session_files_deleted_when_the_tab_closes(
         assert client.get(_file_url(served[0])).status_code == 200
         stop.set()  # the tab closes
         beat.join(timeout=10)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and any(Path(p).exists() for p in served):
+        deadline = time.monotonic() + 20
+        gone = [*served, photo["path"]]  # the outputs, and its upload (a few seconds later)
+        while time.monotonic() < deadline and any(Path(p).exists() for p in gone):
             time.sleep(0.2)
         assert not any(Path(p).exists() for p in served)
-        assert not Path(photo["path"]).exists()  # its upload too
+        assert not Path(photo["path"]).exists()
         assert client.get(_file_url(served[0])).status_code == 403
         assert client.get(_file_url(next(demo._spatialid_files.examples_dir.glob("*.png")))).status_code == 200
 
@@ -482,3 +483,39 @@ def test_stale_folder_of_a_killed_server_is_removed(tmp_path: Path) -> None:
     finally:
         files.close()
     assert not files.root.exists()
+
+
+def test_shared_upload_survives_the_other_visitor_leaving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gradio stores uploads by content hash: two visitors with the same photo share one file.
+
+    The one who leaves first must not delete it while the other holds it, even when the other's
+    upload is registered just after the first session ended (the race the browser test once hit).
+    """
+    from spatialid.ui import storage
+    from spatialid.ui.storage import ServeFiles
+
+    monkeypatch.setattr(storage, "_UPLOAD_GRACE_S", 0.3)
+    files = ServeFiles(tmp_path)
+    try:
+        shared = files.root / "0123abcd" / "astronaut.png"
+        shared.parent.mkdir()
+        shared.write_bytes(b"same photo")
+        alone = files.root / "4567ef01" / "mine.png"
+        alone.parent.mkdir()
+        alone.write_bytes(b"only mine")
+        files.note_uploads("visitor-a", [shared, alone])
+        files.session_dir("visitor-a")
+        files.end_session("visitor-a")  # A closes the tab ...
+        files.note_uploads("visitor-b", [shared])  # ... while B's upload of the same photo registers
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and alone.exists():
+            time.sleep(0.05)
+        assert not alone.exists() and not alone.parent.exists()  # A's own upload went
+        assert shared.exists()  # B's did not
+        files.end_session("visitor-b")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and shared.exists():
+            time.sleep(0.05)
+        assert not shared.exists()
+    finally:
+        files.close()

@@ -442,12 +442,22 @@ def _build(
             failed.discard(_session(request))
             return None, None, "Upload a photo, write a prompt, press **Generate**."
 
+        def hold(chosen: list[str], request: gr.Request) -> list[str]:
+            """Register the photos with the session now: uploads are shared by content hash, and another
+            visitor with the same photo who leaves must not delete this visitor's copy."""
+            files.note_uploads(_session_key(request), chosen)
+            return chosen
+
+        def replace_photo(new: Any, request: gr.Request) -> list[str]:
+            return hold(h.photo_set(None, new, add=False), request)
+
+        def add_one(current: Any, new: Any, request: gr.Request) -> list[str]:
+            return hold(h.photo_set(current, new, add=True), request)
+
         stale = [gallery, mask_picture, status]
-        photo.upload(lambda new: h.photo_set(None, new, add=False), photo, photos, **private).then(**preview_args)
+        photo.upload(replace_photo, photo, photos, **private).then(**preview_args)
         photo.clear(lambda: ([], [], ""), None, [photos, preview, face_check], **private)
-        add_photo.upload(
-            lambda current, new: h.photo_set(current, new, add=True), [photos, add_photo], photos, **private
-        ).then(**preview_args)
+        add_photo.upload(add_one, [photos, add_photo], photos, **private).then(**preview_args)
         for event in (photo.upload, photo.clear, add_photo.upload, prompt.input):
             event(clear_error, None, stale, **private)
 

@@ -44,6 +44,7 @@ _PID_FILE = ".pid"
 _SESSIONS = "s"
 _EXAMPLES = "examples"
 _EMPTY_DIR_GRACE_S = 60.0  # an empty folder younger than this may be an upload in progress
+_UPLOAD_GRACE_S = 3.0  # a closed session's uploads wait this long: the same photo may be arriving for another visitor
 
 
 def private_dir(path: str | os.PathLike[str]) -> Path:
@@ -190,11 +191,17 @@ class ServeFiles:
             return session.folder
 
     def note_uploads(self, key: str, paths: Iterable[str | os.PathLike[str]]) -> None:
-        """Remember the uploads a session used, to delete them when it ends (only files in here)."""
+        """Remember the uploads a session holds, to delete them when it ends (only files in here).
+
+        Called on upload, not only on Generate: Gradio stores uploads by content hash, so two
+        visitors with the same photo share one file, and the one who leaves first must see that
+        the other holds it.
+        """
         with self._lock:
             session = self._sessions.get(key)
-            if session is None:
-                return
+            if session is None:  # the folder itself is made on first use (session_dir)
+                session = _Session(self.sessions_dir / secrets.token_urlsafe(18), time.time())
+                self._sessions[key] = session
             for p in paths:
                 path = Path(os.path.abspath(p))
                 if self._inside(path) and not path.is_relative_to(self.examples_dir):
@@ -209,7 +216,19 @@ class ServeFiles:
             in_use = set().union(*(s.uploads for s in self._sessions.values())) if self._sessions else set()
             uploads = session.uploads - in_use
         shutil.rmtree(session.folder, ignore_errors=True)
-        for path in uploads:
+        if uploads:
+            # Later, not now: another visitor may be uploading the same photo (same content-hashed
+            # path) this moment, before their upload event has registered it.
+            timer = threading.Timer(_UPLOAD_GRACE_S, self._remove_unheld_uploads, [uploads])
+            timer.daemon = True
+            timer.start()
+
+    def _remove_unheld_uploads(self, uploads: set[Path]) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            held = set().union(*(s.uploads for s in self._sessions.values())) if self._sessions else set()
+        for path in uploads - held:
             self._remove_upload(path)
 
     def _remove_upload(self, path: Path) -> None:
