@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# Issue 6 GPU check: per-step cost of SpatialID vs PuLID vs plain FLUX on one CUDA GPU (bf16,
-# random weights, no download). Run from anywhere:   bash benchmarks/gpu_check.sh
+# Issues 6 and 16 GPU check: per-step cost of SpatialID vs PuLID vs plain FLUX on one CUDA GPU (bf16,
+# random weights, no download), the fused mask, two identities, torch.compile and step caches.
+# Run from anywhere:   bash benchmarks/gpu_check.sh
 #
 # Needs: torch with CUDA and diffusers (>= 0.35) importable. spatialid itself is used from src/
 # through PYTHONPATH (no install). If diffusers is missing and a folder of wheels is available
 # ($WHEELS, shared/wheels or wheels/), it is installed from there with pip --no-index (offline).
 #
 # Output: JSON + logs in "$OUT/" when $OUT is set, else ./gpu_check_out/. Total budget about
-# 5.5 minutes (set GPU_CHECK_BUDGET_S to change it): the runs go most important first and an
+# 7.8 minutes (set GPU_CHECK_BUDGET_S to change it): the runs go most important first and an
 # optional run is skipped when the remaining time is too short for it.
-#   1. full (FLUX.1-dev architecture) 1024x1024, eager, every variant
-#   2. full 512x512, eager, every variant
-#   3. mid 512x512, eager, every variant
+#   1. full (FLUX.1-dev architecture) 1024x1024, eager: plain, pulid, paper (fused mask: the CUDA
+#      default), paper+eager (the eager mask), paper+2id (two identities); CUDA kernels per point
+#   2. full 512x512, the same (the launch-bound case the fused mask is for)
+#   3. full 1024x1024 denoising loop (12 steps) eager and torch.compile'd, without and with First
+#      Block Cache: time per generation, steps skipped, drift and identity kept (cache_drift.py)
 #   4. mid 512x512, eager and torch.compile (inductor) interleaved, plain/pulid/paper (if >= 150 s remain)
-#   5. full 1024x1024, torch.compile only, plain/pulid/paper         (only with GPU_CHECK_COMPILE_FULL=1)
 set -u
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -22,7 +24,7 @@ mkdir -p "$OUT_DIR"
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY="${PYTHON:-python3}"
-BUDGET="${GPU_CHECK_BUDGET_S:-330}"
+BUDGET="${GPU_CHECK_BUDGET_S:-470}"
 START=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 
@@ -84,6 +86,22 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
   SMOKE_ARGS=(--size tiny --resolution 64 --repeats 2 --warmup 1 --point-repeats 2 --compile-backend eager)
 fi
 
+run_script() {  # run_script SCRIPT NAME TIMEOUT_S ARGS...
+  local script="$1" name="$2" limit="$3"; shift 3
+  local remaining; remaining=$(left)
+  if [ "$remaining" -lt 30 ]; then
+    echo "== SKIP $name: only ${remaining}s of the budget left"; return
+  fi
+  [ "$limit" -gt "$remaining" ] && limit="$remaining"
+  echo "== $name (timeout ${limit}s): $script $*"
+  timeout --signal=INT --kill-after=10 "$limit" "$PY" "$ROOT/benchmarks/$script" "$@" \
+    --device "$DEVICE" --json "$OUT_DIR/$name.json" 2>&1 | tee "$OUT_DIR/$name.log"
+  local rc=${PIPESTATUS[0]}
+  if [ "$rc" -ne 0 ]; then
+    echo "== $name FAILED or timed out (exit $rc); see $OUT_DIR/$name.log"; status=1
+  fi
+}
+
 run() {  # run NAME TIMEOUT_S ARGS...
   local name="$1" limit="$2"; shift 2
   local remaining; remaining=$(left)
@@ -100,9 +118,21 @@ run() {  # run NAME TIMEOUT_S ARGS...
   fi
 }
 
-run full_1024_eager 170 --size full --resolution 1024 --repeats 10 --warmup 2 --point-repeats 20
-run full_512_eager 90 --size full --resolution 512 --repeats 10 --warmup 2 --point-repeats 20
-run mid_512_eager 60 --size mid --resolution 512 --repeats 15 --warmup 2 --point-repeats 30
+VARIANTS=plain,pulid,paper,paper+eager,paper+2id
+run full_1024_eager 140 --size full --resolution 1024 --repeats 8 --warmup 2 --point-repeats 10 \
+  --variants "$VARIANTS" --count-ops --skip-idformer
+run full_512_eager 80 --size full --resolution 512 --repeats 10 --warmup 2 --point-repeats 10 \
+  --variants "$VARIANTS" --count-ops --skip-idformer --skip-memory
+CACHE_ARGS=(--size full --resolution 1024 --steps 12 --presets pulid,paper --caches none,fbc:0.5,fbc:0.8
+            --compile --compiled-caches none,fbc:0.8)
+if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
+  CACHE_ARGS=(--size tiny --resolution 64 --steps 4 --presets pulid,paper --caches none,fbc:0.5 --compiled-caches none)
+fi
+if [ "$(left)" -ge 120 ]; then
+  run_script cache_drift.py full_1024_cache "$(( $(left) - 10 ))" "${CACHE_ARGS[@]}"
+else
+  echo "== SKIP full_1024_cache: $(left)s left (< 120s)"
+fi
 if [ "$(left)" -ge 150 ]; then
   run mid_512_compile "$(( $(left) - 10 ))" --size mid --resolution 512 --repeats 15 --warmup 2 \
     --compile --variants plain,pulid,paper --skip-idformer
@@ -115,6 +145,6 @@ if [ "${GPU_CHECK_COMPILE_FULL:-0}" = 1 ]; then
 fi
 
 echo "== summary (markdown rows for docs/performance.md)"
-"$PY" "$ROOT/benchmarks/step_cost.py" --summarize "$OUT_DIR"/*.json || status=1
+"$PY" "$ROOT/benchmarks/step_cost.py" --summarize $(ls "$OUT_DIR"/*.json | grep -v _cache.json) || status=1
 echo "== gpu_check done in $(( $(date +%s) - START ))s, exit $status"
 exit $status

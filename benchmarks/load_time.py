@@ -8,6 +8,14 @@ weights (no download) and measures both ways, each in a fresh process, so peak R
 process's own (Linux ``VmHWM``, reset after the imports so it is the loading's peak).
 
     python benchmarks/load_time.py [--dtype bfloat16] [--keep FILE] [--json out.json]
+    python benchmarks/load_time.py --first-image [--compile] [--cache fbc:0.3]   # tiny model, no checkpoint
+
+``--first-image`` measures time to first image instead, each in a fresh process with the tiny
+model (random weights, CPU unless ``--device``): import (torch, diffusers, transformers, spatialid),
+load (``Models(...).pipeline()``: building the models), the
+first image (which pays any ``--compile``), and a second image with another seed and identity.
+Weights are read through safetensors' ``safe_open`` (the file is memory-mapped; each tensor is
+copied once out of the map into its final dtype), so the load is one pass over the file.
 
 It prints figures; it is not a test.
 """
@@ -70,13 +78,77 @@ print(json.dumps({"mode": mode, "seconds": seconds, "peak_rss_mb": peak_mb, "rss
 """
 
 
+FIRST_IMAGE_CHILD = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import torch
+import diffusers, transformers  # imported here so that load_s is the models' own time
+from spatialid.app.loading import Models, ModelSpec
+from spatialid.models.configs import TINY_PULID
+from spatialid.pipeline import pipeline_spatialid
+compile_, cache, device, steps, size = sys.argv[1] == "1", sys.argv[2] or None, sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+if int(sys.argv[6]):
+    torch.set_num_threads(int(sys.argv[6]))  # 1 on a shared CPU: a descheduled OpenMP worker stalls the others
+t_import = time.perf_counter()
+pipe = Models(ModelSpec(model="tiny", device=device, compile=compile_, cache=cache)).pipeline()
+pipe.set_progress_bar_config(disable=True)
+t_load = time.perf_counter()
+def tokens(seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, TINY_PULID.idformer.num_queries, TINY_PULID.ca.kv_dim, generator=g)
+def image(seed):
+    pipe(prompt="a person", id_embeds=tokens(seed), preset="paper", num_inference_steps=steps, height=size, width=size,
+         seed=seed, output_type="np")
+image(1)
+t_first = time.perf_counter()
+image(2)
+t_second = time.perf_counter()
+print(json.dumps({"compile": compile_, "cache": cache, "import_s": t_import - t0, "load_s": t_load - t_import,
+                  "first_image_s": t_first - t_load, "second_image_s": t_second - t_first,
+                  "to_first_image_s": t_first - t0}))
+"""
+
+
+def first_image(args: argparse.Namespace) -> int:
+    """Time to first image with the tiny model, in fresh processes (see the module docstring)."""
+    rows = []
+    for _ in range(args.repeats):
+        out = subprocess.run(
+            [sys.executable, "-c", FIRST_IMAGE_CHILD, "1" if args.compile else "0", args.cache or "", args.device,
+             str(args.steps), str(args.size), str(args.threads)],
+            check=True, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    best = {k: min(r[k] for r in rows) for k in ("import_s", "load_s", "first_image_s", "second_image_s", "to_first_image_s")}
+    label = ("compiled" if args.compile else "eager") + (f", cache {args.cache}" if args.cache else "")
+    print(f"tiny model, {args.size}x{args.size}, {args.steps} steps, {args.device}, {args.threads or 'default'} thread(s), "
+          f"{label} (best of {args.repeats})")
+    print("| import s | load s | first image s | second image s | to first image s |")
+    print("| --- | --- | --- | --- | --- |")
+    print(f"| {best['import_s']:.2f} | {best['load_s']:.2f} | {best['first_image_s']:.2f} | {best['second_image_s']:.2f} | {best['to_first_image_s']:.2f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "best": best, "compile": args.compile, "cache": args.cache,
+                                               "steps": args.steps, "size": args.size, "device": args.device}, indent=2))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--keep", default=None, help="reuse/keep the random checkpoint at this path")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each mode (alternating)")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--first-image", action="store_true", help="time to first image with the tiny model instead")
+    ap.add_argument("--compile", action="store_true", help="with --first-image: ModelSpec(compile=True)")
+    ap.add_argument("--cache", default=None, help="with --first-image: a --cache value, e.g. fbc:0.3")
+    ap.add_argument("--device", default="cpu", help="with --first-image: cpu or cuda")
+    ap.add_argument("--steps", type=int, default=8, help="with --first-image: denoising steps")
+    ap.add_argument("--size", type=int, default=256, help="with --first-image: image side in pixels")
+    ap.add_argument("--threads", type=int, default=1, help="with --first-image: torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.first_image:
+        return first_image(args)
 
     import torch
 

@@ -333,10 +333,12 @@ class _RSSSampler:
 
 @dataclass
 class Variant:
-    name: str  # the preset name, with COMPILED_SUFFIX for the torch.compile'd model
+    name: str  # the preset name (+ modifiers), with COMPILED_SUFFIX for the torch.compile'd model
     schedule: SpatialSchedule | None
     inject: bool
     compiled: bool = False
+    people: int = 1  # "+2id": two identities (the multi-identity path), else one
+    mask: str = "auto"  # "+fused" / "+eager": force the mask path (spatialid.masks.fused), else the default
 
     @property
     def base(self) -> str:
@@ -344,19 +346,50 @@ class Variant:
 
 
 COMPILED_SUFFIX = "@compiled"
+#: Variant modifiers: ``paper+2id`` (two identities), ``paper+fused`` / ``paper+eager`` (mask path).
+MODIFIERS = ("2id", "fused", "eager")
 
 
 def make_variants(names: Sequence[str], compiled: bool = False) -> list[Variant]:
     out = []
     suffix = COMPILED_SUFFIX if compiled else ""
     for name in names:
-        if name == "plain":
+        base, *mods = name.split("+")
+        if any(m not in MODIFIERS for m in mods) or (mods and base == "plain"):
+            raise SystemExit(f"unknown variant {name!r}; modifiers of an injected variant: {', '.join('+' + m for m in MODIFIERS)}")
+        people = 2 if "2id" in mods else 1
+        mask = "fused" if "fused" in mods else "eager" if "eager" in mods else "auto"
+        if base == "plain":
             out.append(Variant(name + suffix, None, False, compiled))
-        elif name in PRESETS:
-            out.append(Variant(name + suffix, PRESETS[name], True, compiled))
+        elif base in PRESETS:
+            out.append(Variant(name + suffix, PRESETS[base], True, compiled, people, mask))
         else:
             raise SystemExit(f"unknown variant {name!r}; choose from: {', '.join(ALL_VARIANTS)}")
     return out
+
+
+@contextlib.contextmanager
+def mask_path(mode: str):
+    """Force the mask path of ``mode`` ("fused", "eager") for ``fused="auto"`` callers, or leave it."""
+    from spatialid.masks import fused
+
+    saved = fused.AUTO_DEVICES
+    if mode != "auto":
+        fused.AUTO_DEVICES = ("cpu", "cuda", "mps") if mode == "fused" else ()
+    try:
+        yield
+    finally:
+        fused.AUTO_DEVICES = saved
+
+
+def session(injector: IdentityInjector, embeds: torch.Tensor, variant: Variant, grid: tuple[int, int]) -> Any:
+    """The injector's ``active()`` block for ``variant`` (two identities: a second token set)."""
+    if not variant.inject:
+        return contextlib.nullcontext()
+    tokens: Any = embeds
+    if variant.people == 2:
+        tokens = [embeds, embeds.flip(1)]  # another identity of the same shape
+    return injector.active(tokens, 1.0, variant.schedule, grid)
 
 
 def time_steps(
@@ -381,8 +414,7 @@ def time_steps(
 
     def run(variant: Variant) -> tuple[float, float]:
         model = models[variant.compiled]
-        ctx = injector.active(embeds, 1.0, variant.schedule, grid) if variant.inject else contextlib.nullcontext()
-        with ctx:
+        with session(injector, embeds, variant, grid), mask_path(variant.mask):
             _sync(device)
             start, start_cpu = time.perf_counter(), time.process_time()
             model(**inputs)
@@ -420,8 +452,7 @@ def measure_memory(
     out: dict[str, dict[str, float | None]] = {}
     for v in variants:
         model = models[v.compiled]
-        ctx = injector.active(embeds, 1.0, v.schedule, grid) if v.inject else contextlib.nullcontext()
-        with ctx:
+        with session(injector, embeds, v, grid), mask_path(v.mask):
             if device.type == "cuda":
                 _sync(device)
                 torch.cuda.reset_peak_memory_stats(device)
@@ -511,7 +542,7 @@ def time_points(
                 if r:
                     samples["pulid-reference"].append((clock() - start) / inner)
                 continue
-            with injector.active(embeds, 1.0, by_name[name].schedule, grid):
+            with session(injector, embeds, by_name[name], grid), mask_path(by_name[name].mask):
                 injector.begin_call(inputs["hidden_states"], inputs["timestep"])
                 _sync(device)
                 start = clock()
@@ -523,8 +554,85 @@ def time_points(
     return samples
 
 
+def time_people(
+    models: dict[bool, Callable[..., Any]],
+    injector: IdentityInjector,
+    inputs: dict[str, Any],
+    embeds: torch.Tensor,
+    grid: tuple[int, int],
+    counts: Sequence[int],
+    preset: str,
+    repeats: int,
+    warmup: int,
+    device: torch.device,
+    timer: str,
+) -> dict[str, Any]:
+    """Steps and single injection points with 1, 2, 4 identities (several people, docs/multi-identity.md).
+
+    K people run the CA once per person (batched into one call with a shared query projection)
+    and the competing masks of ``spatialid.masks.multi``; one person is today's single path. The
+    counts are interleaved round by round like the variants; ratios are against one identity.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(5)
+    others = [torch.randn(embeds.shape, generator=gen).to(device=device, dtype=embeds.dtype) for _ in range(max(counts) - 1)]
+    people = {k: [embeds, *others[: k - 1]] for k in counts}
+    schedule = PRESETS[preset]
+    model = models[False]
+    clock = time.perf_counter if timer == "wall" else time.process_time
+    width = injector.ca_modules[0].dim
+    batch, n_tokens = inputs["hidden_states"].shape[:2]
+    image = torch.randn(batch, n_tokens, width, generator=torch.Generator().manual_seed(12)).to(device=device, dtype=embeds.dtype)
+    steps: dict[int, list[float]] = {k: [] for k in counts}
+    points: dict[int, list[float]] = {k: [] for k in counts}
+
+    def tokens(k: int) -> Any:
+        return people[k][0] if k == 1 else people[k]
+
+    for r in range(warmup + repeats):
+        shift = r % len(counts)
+        for k in list(counts[shift:]) + list(counts[:shift]):
+            with injector.active(tokens(k), 1.0, schedule, grid):
+                _sync(device)
+                start = clock()
+                model(**inputs)
+                _sync(device)
+                elapsed = clock() - start
+            with injector.active(tokens(k), 1.0, schedule, grid):
+                injector.begin_call(inputs["hidden_states"], inputs["timestep"])
+                _sync(device)
+                start_point = clock()
+                for _ in range(5):
+                    injector.inject(0, image)
+                _sync(device)
+                point = (clock() - start_point) / 5
+            if r >= warmup:
+                steps[k].append(elapsed)
+                points[k].append(point)
+    step_ms = {f"people{k}": _ms(_summary(v)) for k, v in steps.items()}
+    point_ms = {f"people{k}": _ms(_summary(v)) for k, v in points.items()}
+    base = step_ms[f"people{counts[0]}"]["median"]
+    plain_like = base - len(injector.ca_modules) * point_ms[f"people{counts[0]}"]["median"]
+    estimated = {
+        f"people{k}/people{counts[0]}": (plain_like + len(injector.ca_modules) * point_ms[f"people{k}"]["median"]) / base
+        for k in counts
+    }
+    paired = {
+        f"people{k}/people{counts[0]}": statistics.median(a / b for a, b in zip(steps[k], steps[counts[0]]))
+        for k in counts
+    }
+    return {
+        "preset": preset,
+        "step_ms": step_ms,
+        "point_ms": point_ms,
+        "ratios": {f"people{k}/people{counts[0]}": step_ms[f"people{k}"]["median"] / base for k in counts},
+        "paired_ratios": paired,
+        "estimated_ratios": estimated,
+    }
+
+
 def time_masks(
-    spec: SizeSpec, resolution: int, batch: int, device: torch.device, dtype: torch.dtype, names: Sequence[str], repeats: int
+    spec: SizeSpec, resolution: int, batch: int, device: torch.device, dtype: torch.dtype, names: Sequence[str], repeats: int,
+    measure_bytes: bool = True,
 ) -> dict[str, dict[str, float]]:
     """``schedule.mask`` alone on the real raw shape ``[B, tokens, heads * dim_head]`` (tensor t)."""
     side = resolution // 16
@@ -541,8 +649,10 @@ def time_masks(
         kwargs = {"attn_probs": probs} if schedule.needs_attention_probs else {}
         for _ in range(3):
             schedule.mask(t, raw, side, side, **kwargs)
-        with _NewBytes() as new_bytes:
-            schedule.mask(t, raw, side, side, **kwargs)
+        new_bytes = _NewBytes()
+        if measure_bytes:  # a dispatch mode: not with the compiled (fused) mask
+            with new_bytes:
+                schedule.mask(t, raw, side, side, **kwargs)
         samples = []
         for _ in range(repeats):
             _sync(device)
@@ -552,6 +662,82 @@ def time_masks(
             samples.append(time.perf_counter() - start)
         out[name] = {k: (v * 1e3 if k != "n" else v) for k, v in _summary(samples).items()}
         out[name]["allocated_kib"] = new_bytes.total / 1024
+    return out
+
+
+# aten ops that launch no kernel (views, metadata, allocation, no-op casts) when they are leaves.
+NON_KERNEL_OPS = {
+    "aten::view", "aten::reshape", "aten::expand", "aten::unsqueeze", "aten::squeeze", "aten::t", "aten::mT",
+    "aten::transpose", "aten::permute", "aten::as_strided", "aten::alias", "aten::_unsafe_view", "aten::select",
+    "aten::slice", "aten::detach", "aten::lift_fresh", "aten::empty", "aten::empty_strided", "aten::resolve_conj",
+    "aten::resolve_neg", "aten::promote_types", "aten::to", "aten::result_type", "aten::contiguous", "aten::chunk",
+    "aten::split", "aten::unbind", "aten::flip_view",
+}
+
+
+def count_kernels(fn: Callable[[], Any], device: torch.device) -> list[str]:
+    """Kernels one call of ``fn`` launches, from the torch profiler.
+
+    CUDA: the device kernels. CPU: the leaf aten ops that compute (views, allocations and no-op
+    casts left out) plus inductor's generated C++ kernels (``torch._inductor.config.cpp.
+    enable_kernel_profile`` names them in the profile); a compiled region's bookkeeping is not a kernel.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+    events = prof.events()
+    if device.type == "cuda":
+        return [e.name for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+
+    def is_kernel(name: str) -> bool:
+        return "cpp_fused" in name or "cpp_kernel" in name or (name.startswith("aten::") and name not in NON_KERNEL_OPS)
+
+    def computes_below(event: Any) -> bool:
+        return any(is_kernel(c.name) or computes_below(c) for c in event.cpu_children)
+
+    # an op that computes and calls no other computing op (mm under matmul, not matmul)
+    return [e.name for e in events if is_kernel(e.name) and not computes_below(e)]
+
+
+def count_point_ops(
+    injector: IdentityInjector,
+    transformer: torch.nn.Module,
+    inputs: dict[str, Any],
+    embeds: torch.Tensor,
+    grid: tuple[int, int],
+    names: Sequence[str],
+    device: torch.device,
+) -> dict[str, Any]:
+    """Kernels per injection point (CA + mask + update) and of the mask alone, eager vs fused.
+
+    ``fused`` compiles the mask with inductor on first use (seconds on a CPU, once per structure).
+    """
+    width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    batch, n_tokens = inputs["hidden_states"].shape[:2]
+    image = torch.randn(batch, n_tokens, width, generator=torch.Generator().manual_seed(12)).to(device=device, dtype=embeds.dtype)
+    ca = injector.ca_modules[0]
+    _, raw, probs = ca(embeds.expand(batch, -1, -1), image, return_probs=True)
+    t = inputs["timestep"].float()
+    out: dict[str, Any] = {}
+    for name in ["pulid", *names]:
+        schedule = PRESETS.get(name)
+        for mode in ("eager", "fused") if schedule is not None else ("eager",):
+            variant = Variant(name, schedule, True, mask=mode)
+            with session(injector, embeds, variant, grid), mask_path(mode):
+                injector.begin_call(inputs["hidden_states"], inputs["timestep"])
+                point = count_kernels(lambda: injector.inject(0, image), device)  # noqa: B023
+                extra = {"attn_probs": probs} if schedule is not None and schedule.needs_attention_probs else {}
+                mask = count_kernels(lambda: schedule.mask(t, raw, *grid, **extra), device) if schedule is not None else []  # noqa: B023
+            entry = out.setdefault(name, {})
+            entry[f"point_{mode}"] = len(point)
+            if schedule is not None:
+                entry[f"mask_{mode}"] = len(mask)
+                entry[f"mask_{mode}_kernels"] = mask
     return out
 
 
@@ -620,6 +806,10 @@ def _ratio_block(times: dict[str, list[float]]) -> tuple[dict[str, float], dict[
     for name in times:  # compiled / eager, when both ran
         if name.endswith(COMPILED_SUFFIX):
             add(name, name.removesuffix(COMPILED_SUFFIX))
+    for name in times:  # a modified variant over its base: paper+2id/paper, paper+fused/paper
+        plain_name = name.removesuffix(COMPILED_SUFFIX)
+        if "+" in plain_name:
+            add(name, plain_name.split("+")[0] + name[len(plain_name):])
     return ratios, paired
 
 
@@ -653,6 +843,10 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
         raise SystemExit(f"--resolution must be a multiple of 16, got {resolution}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.count_ops:  # before anything compiles: name inductor's generated C++ kernels in the profile
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp.enable_kernel_profile = True
     side = resolution // 16
     grid = (side, side)
     variants = [] if args.compile_only else make_variants(args.variants)
@@ -730,6 +924,9 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
             if "pulid-reference" in est:
                 result["estimated_ratios"]["pulid/pulid-reference"] = est["pulid"] / est["pulid-reference"]
                 result["point_ratios"] = {"pulid/pulid-reference": result["point_ms"]["pulid"]["median"] / result["point_ms"]["pulid-reference"]["median"]}
+        if args.count_ops:
+            names = [v.base for v in variants if v.inject and v.schedule is not None and "+" not in v.base]
+            result["kernels"] = count_point_ops(injector, transformer, inputs, embeds, grid, sorted(set(names)), device)
         if result["compile"]:
             from torch._dynamo.utils import counters
 
@@ -741,6 +938,11 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
                 "frames_total": counters["frames"].get("total", 0),
                 "recompiles": counters["recompiles"] if "recompiles" in counters else {},
             }
+        if args.people:
+            result["people"] = time_people(
+                models, injector, inputs, embeds, grid, args.people, args.people_preset, args.repeats, args.warmup,
+                device, timer,
+            )
         if not args.skip_memory:
             result["memory"] = measure_memory(models, injector, inputs, embeds, grid, variants, device)
             result["max_rss_mb"] = _max_rss_mb()
@@ -752,6 +954,11 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
         mask_names = mask_names or [v.base for v in variants if v.inject and v.schedule is not None]
         result["mask_ms"] = time_masks(spec, resolution, args.batch, device, dtype, mask_names, max(args.repeats, 10))
         result["mask_ms_per_step"] = {k: v["median"] * result["num_ca"] for k, v in result["mask_ms"].items()}
+        if args.count_ops:  # the fused mask (compiled once per structure above) timed the same way
+            with mask_path("fused"):
+                result["mask_ms_fused"] = time_masks(
+                    spec, resolution, args.batch, device, dtype, mask_names, max(args.repeats, 10), measure_bytes=False
+                )
         if not args.skip_idformer:
             result["idformer_ms"] = time_idformer(spec, device, dtype, max(3, min(args.repeats, 10)))
     if hasattr(os, "getloadavg"):
@@ -791,10 +998,25 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append("one injection point (CA + mask + update): " + ", ".join(
             f"{k} {v['median']:.3f} ms" for k, v in result["point_ms"].items()))
         lines.append("estimated per-step ratios from it: " + ", ".join(f"{k} {v:.4f}" for k, v in est.items()))
+    if result.get("people"):
+        people = result["people"]
+        lines.append(f"several people (preset {people['preset']}): " + ", ".join(
+            f"{k} step {v['median']:.2f} ms, point {people['point_ms'][k]['median']:.3f} ms"
+            for k, v in people["step_ms"].items()))
+        lines.append("  step ratios: " + ", ".join(f"{k} {v:.4f}" for k, v in people["ratios"].items())
+                     + " | paired: " + ", ".join(f"{k} {v:.4f}" for k, v in people["paired_ratios"].items())
+                     + " | estimated from points: " + ", ".join(f"{k} {v:.4f}" for k, v in people["estimated_ratios"].items()))
     if result.get("mask_ms"):
         lines.append("mask alone (schedule.mask, tensor t): " + ", ".join(
             f"{k} {v['median']:.3f} ms / {v['allocated_kib']:.0f} KiB" for k, v in result["mask_ms"].items())
             + f"  (x{result['num_ca']} per step)")
+    if result.get("mask_ms_fused"):
+        lines.append("mask alone, fused (compiled): " + ", ".join(
+            f"{k} {v['median']:.3f} ms" for k, v in result["mask_ms_fused"].items()))
+    if result.get("kernels"):
+        lines.append("kernels per injection point (CA + mask + update) / of the mask alone, eager -> fused: " + ", ".join(
+            f"{k} {v['point_eager']}" + (f" -> {v['point_fused']} / mask {v['mask_eager']} -> {v['mask_fused']}" if "mask_eager" in v else "")
+            for k, v in result["kernels"].items()))
     if result.get("idformer_ms"):
         lines.append(f"IDFormer forward: {result['idformer_ms']['median']:.1f} ms (min {result['idformer_ms']['min']:.1f})")
     return "\n".join(lines)
@@ -870,6 +1092,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--point-repeats", type=int, default=30,
                         help="rounds of the per-injection-point timing (0 skips it; eager only)")
     parser.add_argument("--skip-idformer", action="store_true")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="count kernels per injection point and of the mask alone (torch profiler), eager vs the "
+                             "fused mask (compiled with inductor on first use), and time the fused mask")
+    parser.add_argument("--people", type=lambda s: [int(x) for x in s.split(",") if x.strip()], default=[1, 2, 4],
+                        help="identity counts for the several-people rows, e.g. 1,2,4 (empty string: skip them)")
+    parser.add_argument("--people-preset", default="paper", help="schedule of the several-people rows (default paper)")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--json", type=Path, default=None, help="write the results here (atomic)")
     parser.add_argument("--summarize", type=Path, nargs="+", default=None, metavar="RESULT_JSON",

@@ -14,7 +14,7 @@ LAYER = {
     "_version": 0, "_lazy": 0, "defaults": 0, "errors": 0, "utils": 0,
     "models": 1, "masks": 1,
     "encoder": 2, "injection": 2,
-    "pipeline": 3,
+    "pipeline": 3, "loaders": 3.5,  # loaders/ uses the pipeline package (settings, hub errors)
     "app": 4,
     "ui": 5, "bench": 5, "evaluation": 5,
     "cli": 6,

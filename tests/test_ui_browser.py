@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -230,6 +231,14 @@ def test_generate_shows_image_masks_and_no_face_error(page: object, server: dict
     assert "portrait photo of a woman wearing a space suit" in settings
     assert '"preset": "relaxed"' in settings and "astronaut.png" in settings  # the default preset
     assert page.locator('#downloads a[download$=".png"]').count() == 2  # type: ignore[attr-defined]  # image + masks
+    # download names say what each file is, shown in full (not cut to the same prefix)
+    used = page.locator("#seed textarea, #seed input").first.input_value()  # type: ignore[attr-defined]
+    names = page.locator("#downloads a[download]").evaluate_all("as => as.map(a => a.download)")  # type: ignore[attr-defined]
+    assert names == [f"spatialid-s{used}.png", f"spatialid-s{used}_masks.png"]
+    cut = page.locator("#downloads td.filename").evaluate_all(  # type: ignore[attr-defined]
+        "tds => tds.filter(td => td.scrollWidth > td.clientWidth + 1).length"
+    )
+    assert cut == 0
     written = sorted(p.name for p in server["outputs"].rglob("*.png"))
     assert any(n.endswith("_masks.png") for n in written) and any(not n.endswith("_masks.png") for n in written)
     ARTIFACTS.mkdir(exist_ok=True)
@@ -252,6 +261,13 @@ def test_generate_shows_image_masks_and_no_face_error(page: object, server: dict
     toast.first.wait_for(state="visible")  # the red popup, top right
     page.wait_for_timeout(600)  # let the popup finish fading in before the screenshot
     page.screenshot(path=str(ARTIFACTS / "ui-error.png"), full_page=False)  # type: ignore[attr-defined]
+    # the same mistake again: still one popup (the old one goes when a run starts), not a pile
+    page.locator("#generate").click()  # type: ignore[attr-defined]
+    page.locator("#status").get_by_text("Generating").wait_for()  # type: ignore[attr-defined]
+    status.wait_for()
+    toast.first.wait_for(state="visible")
+    page.wait_for_timeout(300)
+    assert page.locator(".toast-body:visible").count() == 1  # type: ignore[attr-defined]
 
     assert page.outside_requests == []  # type: ignore[attr-defined]
     assert time.monotonic() - started < 90
@@ -281,6 +297,11 @@ def test_upload_replaces_shows_face_and_adds_same_person(page: object, photos: d
     page.locator("input[type=file][data-testid$='-upload-button']").first.set_input_files(str(photos["astronaut"]))  # type: ignore[attr-defined]
     page.wait_for_function("() => document.querySelectorAll('#id-photos a[download]').length == 2")  # type: ignore[attr-defined]
     face_check.get_by_text("2 photos of one person").wait_for()
+    # removing one from "Photos used" checks the faces again
+    page.locator("#id-photos tr.file").last.locator("button").last.click()  # type: ignore[attr-defined]
+    page.wait_for_function("() => document.querySelectorAll('#id-photos a[download]').length == 1")  # type: ignore[attr-defined]
+    face_check.get_by_text("Face found: 1 photo").wait_for()
+    page.wait_for_function("() => document.querySelectorAll('#photo-preview img').length == 2")  # type: ignore[attr-defined]
     assert page.outside_requests == []  # type: ignore[attr-defined]
 
 
@@ -317,27 +338,54 @@ def test_seed_written_back_randomize_and_reuse(page: object, photos: dict) -> No
 
 
 def test_example_click_runs_generation(page: object) -> None:
-    """One click on the astronaut example fills the form and generates (the visitor's first try)."""
-    page.locator("#examples").get_by_text("astronaut").first.click()  # type: ignore[attr-defined]
+    """One click on an example thumbnail fills photo, prompt and its tuned settings, and generates."""
+    thumbs = page.locator("#examples button.thumbnail-item")  # type: ignore[attr-defined]
+    assert thumbs.count() == 3 and page.locator("#examples img").count() == 3  # type: ignore[attr-defined]
+    assert "start step 4" in page.locator("#examples").inner_text()  # type: ignore[attr-defined]
+    thumbs.nth(1).click()  # the stylised prompt: PuLID's advice is start step 0-1
     _wait_done(page)
     assert _image_loaded(page, "#images")["w"] == 128
+    assert page.locator("#prompt textarea").input_value().startswith("oil painting")  # type: ignore[attr-defined]
+    settings = page.locator("#settings textarea").input_value()  # type: ignore[attr-defined]
+    assert '"start_step": 1' in settings and '"id_weight": 1.2' in settings
+    thumbs.nth(0).click()  # the photo: start step 4
+    page.locator("#status").get_by_text("Generating").wait_for()  # type: ignore[attr-defined]
+    _wait_done(page)
+    assert '"start_step": 4' in page.locator("#settings textarea").input_value()  # type: ignore[attr-defined]
     assert page.locator("#prompt textarea").input_value().startswith("portrait photo")  # type: ignore[attr-defined]
-    # the second example is a photo without a face: one click shows why it cannot work
-    page.locator("#examples").get_by_text("coffee cup").first.click()  # type: ignore[attr-defined]
+    # the last example is a photo without a face: one click shows why it cannot work
+    thumbs.nth(2).click()
     page.locator("#status").get_by_text("Not generated").wait_for()  # type: ignore[attr-defined]
     assert "no face found in coffee.png" in page.locator("#status").inner_text()  # type: ignore[attr-defined]
     assert page.outside_requests == []  # type: ignore[attr-defined]
 
 
-def test_compare_presets_side_by_side(page: object, photos: dict) -> None:
-    """Compare mode: PuLID and SpatialID from the same seed in one labelled picture."""
+def test_compare_presets_side_by_side(page: object, server: dict, photos: dict) -> None:
+    """Compare mode: the chosen preset first, then the compared ones, each with its image and mask row."""
+    from spatialid.app.metadata import read_image_metadata
+
+    page.locator("#preset input").fill("paper")  # type: ignore[attr-defined]
+    page.locator("#preset input").press("Enter")  # type: ignore[attr-defined]
+    page.locator("#preset-help").get_by_text("paper").first.wait_for()  # type: ignore[attr-defined]
     page.locator("#compare input[type=checkbox]").check()  # type: ignore[attr-defined]
     page.locator("#compare-presets").wait_for(state="visible")  # type: ignore[attr-defined]
+    for label in page.locator("#compare-presets label").all():  # type: ignore[attr-defined]
+        box = label.locator("input")
+        if label.inner_text().strip() in ("pulid", "relaxed"):
+            box.check()
+        else:
+            box.uncheck()
     _upload_and_generate(page, photos["astronaut"], "portrait photo, oil painting")
     _wait_done(page)
     grid = _image_loaded(page, "#comparison")
-    assert grid["w"] >= 3 * 128  # identity photo + pulid + relaxed tiles (the default comparison)
+    assert grid["w"] >= 4 * 256  # identity photo + paper + pulid + relaxed, tiles of >= 256 px
+    assert grid["h"] >= 4 * 256  # the image row, then three mask rows
     assert "preset comparison" in page.locator("#status").inner_text()  # type: ignore[attr-defined]
+    assert page.locator("#comparison [data-testid=block-label]:visible").count() == 0  # type: ignore[attr-defined]  # no label over the title
+    used = page.locator("#seed textarea, #seed input").first.input_value()  # type: ignore[attr-defined]
+    compare_png = next(server["outputs"].rglob(f"spatialid-s{used}_compare.png"))
+    meta = read_image_metadata(compare_png)
+    assert meta["presets_shown"] == ["paper", "pulid", "relaxed"]
     page.locator("#comparison").scroll_into_view_if_needed()  # type: ignore[attr-defined]
     page.screenshot(path=str(ARTIFACTS / "ui-compare.png"))  # type: ignore[attr-defined]
 
@@ -406,6 +454,110 @@ def test_queue_shows_waiting_visitor_their_place(browser: object, server: dict, 
     finally:
         for ctx in contexts:
             ctx.close()
+
+
+def test_first_screen_fits_1280x720_enter_generates(browser: object, server: dict, photos: dict) -> None:
+    """At 1280x720 the photo, prompt, preset, ID weight, seed and Generate are in view without scrolling;
+    Enter in the prompt generates, Shift+Enter starts a new line; aspect ratios set the size."""
+    context = browser.new_context(viewport={"width": 1280, "height": 720})  # type: ignore[attr-defined]
+    try:
+        pg = context.new_page()
+        pg.set_default_timeout(GENERATE_TIMEOUT_MS)
+        pg.goto(server["url"])
+        pg.wait_for_selector("#generate")
+        pg.wait_for_timeout(500)  # let the layout settle
+
+        def in_view(when: str) -> None:
+            for box in ("#id-photo", "#prompt", "#preset", "#id-weight", "#seed", "#generate", "#stop"):
+                bb = pg.locator(box).first.bounding_box()
+                assert bb is not None and bb["y"] >= 0 and bb["y"] + bb["height"] <= 720, (when, box, bb)
+            assert pg.evaluate("() => window.scrollY") == 0
+
+        in_view("fresh page")
+        assert "Shift+Enter" in pg.locator("#prompt").inner_text()
+
+        _upload(pg, photos["astronaut"])
+        prompt = pg.locator("#prompt textarea")
+        prompt.fill("portrait photo")
+        prompt.press("Shift+Enter")
+        prompt.type("studio light")
+        assert prompt.input_value() == "portrait photo\nstudio light"  # a new line, no run
+        assert "Generating" not in pg.locator("#status").inner_text()
+        prompt.press("Enter")
+        _wait_done(pg)
+        assert _image_loaded(pg, "#images")["w"] == 128
+        in_view("after a run, with the face check line and a two-line prompt")
+
+        pg.get_by_role("button", name=re.compile("^Settings")).first.click()
+        pg.locator("#aspect label").filter(has_text="3:4").click()
+        pg.wait_for_function("() => document.querySelector('#width input[type=number]').value === '112'")
+        assert pg.locator("#height input[type=number]").input_value() == "144"  # 3:4 at the default's pixels
+        pg.get_by_role("button", name=re.compile("^Settings")).first.click()  # fold it again
+        pg.evaluate("() => window.scrollTo(0, 0)")
+        pg.wait_for_timeout(300)
+        ARTIFACTS.mkdir(exist_ok=True)
+        pg.screenshot(path=str(ARTIFACTS / "ui-1280x720.png"))  # the finished page as a visitor first sees it
+    finally:
+        context.close()
+
+
+def test_stop_cancels_and_frees_the_queue(page: object, server: dict, photos: dict) -> None:
+    """Stop ends a long run between two steps, says "Stopped", and the next run starts at once."""
+    page.get_by_role("button", name=re.compile("^Settings")).first.click()  # type: ignore[attr-defined]
+    steps_box = page.locator("#steps input[type=number]")  # type: ignore[attr-defined]
+    steps_box.fill("50")
+    steps_box.press("Enter")
+    page.locator("#compare input[type=checkbox]").check()  # type: ignore[attr-defined]
+    for label in page.locator("#compare-presets label").all():  # type: ignore[attr-defined]
+        label.locator("input").check()
+    before = {p.name for p in server["outputs"].rglob("*.png")}
+    _upload_and_generate(page, photos["astronaut"], "portrait photo")
+    page.locator("#images").get_by_text(re.compile(r"denoising step")).first.wait_for()  # type: ignore[attr-defined]
+    started = time.monotonic()
+    page.locator("#stop").click()  # type: ignore[attr-defined]
+    page.locator("#status").get_by_text("Stopped").wait_for()  # type: ignore[attr-defined]
+    # the queue is free again: a small run finishes quickly (it would wait for 7 x 50 steps otherwise)
+    steps_box.fill("2")
+    steps_box.press("Enter")
+    page.locator("#compare input[type=checkbox]").uncheck()  # type: ignore[attr-defined]
+    page.locator("#generate").click()  # type: ignore[attr-defined]
+    _wait_done(page)
+    assert time.monotonic() - started < 30
+    after = {p.name for p in server["outputs"].rglob("*.png")}
+    assert all("_compare" not in n for n in after - before)  # nothing of the stopped comparison was kept
+
+
+def test_load_settings_from_png_and_history(page: object, server: dict, photos: dict, tmp_path: Path) -> None:
+    """A PNG written by spatialid dropped on "Load settings" fills the form; the tab's history does too."""
+    big = "1234567890123456789"  # a 64-bit seed no other test uses (their PNGs share --output-dir)
+    seed_box = page.locator("#seed textarea, #seed input").first  # type: ignore[attr-defined]
+    _upload(page, photos["astronaut"])
+    page.locator("#prompt textarea").fill("a knight in armour, oil painting")  # type: ignore[attr-defined]
+    page.locator("#randomize input").uncheck()  # type: ignore[attr-defined]
+    seed_box.fill(big)
+    page.locator("#generate").click()  # type: ignore[attr-defined]
+    _wait_done(page)
+    written = next(server["outputs"].rglob(f"spatialid-s{big}.png"))
+    page.locator("#history img").first.wait_for()  # type: ignore[attr-defined]
+    page.locator("#prompt textarea").fill("something else")  # type: ignore[attr-defined]
+    page.locator("#randomize input").check()  # type: ignore[attr-defined]
+
+    page.locator("#load-settings input[type=file]").set_input_files(str(written))  # type: ignore[attr-defined]
+    page.locator("#load-message").get_by_text("Loaded the settings of").wait_for()  # type: ignore[attr-defined]
+    assert page.locator("#prompt textarea").input_value() == "a knight in armour, oil painting"  # type: ignore[attr-defined]
+    assert seed_box.input_value() == big
+    assert not page.locator("#randomize input").is_checked()  # type: ignore[attr-defined]  # the loaded seed is kept
+
+    page.locator("#load-settings input[type=file]").set_input_files(str(photos["coffee"]))  # type: ignore[attr-defined]
+    page.locator("#load-message").get_by_text("No settings loaded").wait_for()  # type: ignore[attr-defined]
+    assert "coffee.png" in page.locator("#load-message").inner_text()  # type: ignore[attr-defined]
+
+    page.locator("#prompt textarea").fill("something else")  # type: ignore[attr-defined]
+    page.locator("#history button.thumbnail-item").first.click()  # type: ignore[attr-defined]
+    page.wait_for_function(  # type: ignore[attr-defined]
+        "() => document.querySelector('#prompt textarea').value === 'a knight in armour, oil painting'"
+    )
+    assert f"seed {big}" in page.locator("#history").inner_text()  # type: ignore[attr-defined]
 
 
 def _files_under(root: Path) -> list[Path]:

@@ -267,7 +267,7 @@ def test_preset_help_covers_every_preset():
 
 def test_defaults_for_tiny_and_full():
     tiny_defaults, tiny_limits = h.defaults_for(types.SimpleNamespace(is_tiny=True))
-    assert (tiny_defaults.width, tiny_defaults.height, tiny_defaults.steps) == (128, 128, 4)
+    assert (tiny_defaults.width, tiny_defaults.height, tiny_defaults.steps) == (128, 128, 8)  # all three phases
     assert tiny_limits.max_side == 512
     full = types.SimpleNamespace(is_tiny=False, default_width=896, default_height=1152, default_num_inference_steps=20)
     d, lim = h.defaults_for(full)
@@ -334,9 +334,15 @@ def test_run_generation_compare_mode(tiny_pipe, photo_dir, tmp_path, identities)
         tiny_pipe, req, tmp_path, progress=lambda d, t, s: calls.append((d, t, s)), identity_cache=identities
     )
     assert result.comparison is not None
-    assert result.comparison.size[0] >= 3 * 128  # identity photo + pulid + paper
-    assert any(p.stem.endswith("_compare") for p in result.files)
-    assert calls[-1][:2] == (4, 4) and "comparing presets" in calls[-1][2]
+    assert result.comparison.size[0] >= 3 * 256  # identity photo + paper + pulid, tiles scaled to >= 256 px
+    assert result.comparison.size[1] >= 3 * 256  # the image row, then the mask rows
+    compare_file = next(p for p in result.files if p.stem.endswith("_compare"))
+    from spatialid.app.metadata import read_image_metadata
+
+    assert read_image_metadata(compare_file)["presets_shown"] == ["paper", "pulid"]  # the chosen preset first
+    # one progress bar over the whole comparison, named by preset and step
+    assert calls[-1][:2] == (4, 4) and calls[-1][2] == "preset 2/2 (pulid): denoising step 2/2"
+    assert calls[1][2] == "preset 1/2 (paper): denoising step 1/2"
     assert "preset comparison" in result.status
 
 
@@ -516,3 +522,75 @@ def test_serve_check_args_namespace():
     from spatialid.cli.cmd_serve import _check_args
 
     _check_args(argparse.Namespace(port=7860, host="127.0.0.1", max_upload_mb=1.0))
+
+
+# ----------------------------------------------------------------------------- stop, aspect ratios, history, settings from a PNG
+
+
+def test_stop_between_steps_leaves_no_files(tiny_pipe, photo_dir, tmp_path, identities):
+    """Stop asked after the second step: the run raises between steps and its folder is gone."""
+    req = h.build_request(**_form([str(photo_dir / "astronaut.png")], steps=6, compare=True))
+    seen: list[int] = []
+    with pytest.raises(h.GenerationStopped):
+        h.run_generation(
+            tiny_pipe, req, tmp_path, progress=lambda d, t, s: seen.append(d), identity_cache=identities,
+            should_stop=lambda: len(seen) >= 3,  # "finding the face", then two steps
+        )
+    assert max(seen) == 2
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+    # the pipeline is usable at once (the injector's hooks were taken off)
+    ok = h.run_generation(tiny_pipe, h.build_request(**_form([str(photo_dir / "astronaut.png")], steps=1)), tmp_path,
+                          identity_cache=identities)
+    assert ok.image_files[0].exists()
+
+
+@pytest.mark.parametrize("ratio,base,expected", [
+    ("1:1", (128, 128), (128, 128)), ("3:4", (128, 128), (112, 144)), ("4:3", (128, 128), (144, 112)),
+    ("16:9", (1024, 1024), (1360, 768)), ("9:16", (1024, 1024), (768, 1360)),
+])
+def test_aspect_size_keeps_the_pixels_in_multiples_of_16(ratio, base, expected):
+    w, h_ = h.aspect_size(ratio, *base)
+    assert (w, h_) == expected and w % 16 == 0 and h_ % 16 == 0
+
+
+def test_aspect_size_caps_and_rejects():
+    assert max(h.aspect_size("16:9", 512, 512, max_side=512)) == 512
+    with pytest.raises(h.UIInputError, match="aspect ratio"):
+        h.aspect_size("wide", 128, 128)
+
+
+def test_history_keeps_the_last_results_newest_first(tmp_path):
+    history: list = []
+    for seed in range(10):
+        history = h.add_to_history(history, [tmp_path / f"s{seed}.png"], {"seed": seed, "seeds": [seed], "preset": "paper"})
+    assert len(history) == h.HISTORY_SIZE
+    assert history[0] == (str(tmp_path / "s9.png"), "seed 9, paper") and history[-1][1] == "seed 2, paper"
+    both = h.add_to_history([], [tmp_path / "a.png", tmp_path / "b.png"], {"seeds": [5, 6], "preset": "pulid"})
+    assert [c for _, c in both] == ["seed 6, pulid", "seed 5, pulid"]
+
+
+def test_settings_from_png_restore_the_form(tiny_pipe, photo_dir, tmp_path, identities):
+    form = _form([str(photo_dir / "astronaut.png")], prompt="a knight, oil painting", preset="pulid", id_weight=0.8,
+                 start_step=1, steps=2, guidance=3.5, width=144, height=112, seed="2680261499100305976")
+    result = h.run_generation(tiny_pipe, h.build_request(**form), tmp_path, identity_cache=identities)
+    values, message = h.settings_from_file(str(result.image_files[0]))
+    assert values == {
+        "prompt": "a knight, oil painting", "negative_prompt": "", "preset": "pulid", "id_weight": 0.8,
+        "start_step": 1, "true_cfg": 1.0, "guidance": 3.5, "steps": 2, "width": 144, "height": 112,
+        "seed": "2680261499100305976",
+    }
+    assert message.startswith("Loaded the settings of spatialid-s2680261499100305976.png")
+    # the restored values make the same request again
+    again = h.build_request(photos=form["photos"], **{k: v for k, v in values.items()})
+    assert again.settings == h.build_request(**form).settings
+    # over this server's caps: lowered, and said so
+    small = h.UILimits(max_side=128, max_steps=1)
+    capped, note = h.settings_from_file(str(result.image_files[0]), small)
+    assert capped["width"] == 128 and capped["steps"] == 1 and capped["start_step"] == 0 and "lowered" in note
+
+
+def test_settings_from_a_png_without_settings(photo_dir):
+    values, message = h.settings_from_file(str(photo_dir / "astronaut.png"))
+    assert values is None
+    assert message.startswith("**No settings loaded**: astronaut.png: PNG image without spatialid settings")
+    assert str(photo_dir) not in message and "\n" not in message

@@ -92,3 +92,42 @@ def test_mask_schedule_picture():
     assert pic.size[0] > 3 * 64
     with pytest.raises(ValueError):
         mask_schedule_picture(_img(), [])
+
+
+def test_small_mask_picture_footer_is_not_cut():
+    """A 128-px picture with a long footer: the colour-bar strip grows for the wrapped lines."""
+    frames = [MaskFrame(step=i, num_steps=8, t=1 - i / 8, phase="attention", mask=np.ones((8, 8)) * 0.5) for i in (1, 5, 7)]
+    footer = "identity mask, averaged over the injection points (4): 0 = none, 1 = full | tiny model: noise image"
+    pic = np.asarray(mask_schedule_picture(_img(128, 128), frames, footer=footer))
+    short = np.asarray(mask_schedule_picture(_img(128, 128), frames, footer="mask"))
+    assert pic.shape[0] > short.shape[0]  # more lines, more room
+    assert (pic[-3:] == 255).all()  # the last line ends inside the picture (white margin below it)
+
+
+def _step_masks(step, phase, value, points=2):
+    import torch
+
+    from spatialid.pipeline.pipeline_spatialid import StepMasks
+
+    return StepMasks(step=step, t=1 - step / 8, phase=phase, masks=torch.full((points, 1, 4, 4), value, dtype=torch.float16))
+
+
+def test_preset_comparison_picture_has_a_mask_row_per_step():
+    from spatialid.app.pictures import (
+        PresetPanel,
+        plain_preset_caption,
+        preset_comparison_picture,
+    )
+
+    spatial = [_step_masks(s, "prior" if s < 2 else ("attention" if s < 6 else "relaxed"), 0.3) for s in range(8)]
+    uniform = [_step_masks(s, "uniform", 1.0) for s in range(8)]
+    panels = [PresetPanel("paper", _img(128, 128, 50), spatial), PresetPanel("pulid", _img(128, 128, 200), uniform)]
+    pic = preset_comparison_picture(panels, reference=_img(300, 200, 0), title="t", num_steps=8)
+    w, h = pic.size
+    assert w >= 3 * 256 and h >= 4 * 256  # photo + 2 presets; image row + 3 mask rows, tiles at 256 px
+    assert plain_preset_caption("pulid") == "PuLID: identity everywhere"
+    assert plain_preset_caption("relaxed") == "SpatialID relaxed: face first, whole head late"
+    assert plain_preset_caption("my-schedule") == "my-schedule"
+    # without masks (no identity): the image row alone, the parameters in the footer
+    bare = preset_comparison_picture([PresetPanel("pulid", _img(), None)], title="t")
+    assert bare.size[1] < 2 * 256

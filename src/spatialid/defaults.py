@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 __all__ = [
     "DEFAULT_CFG_START_STEP",
+    "DEFAULT_CONTROLNET_SCALE",
+    "DEFAULT_IMG2IMG_STRENGTH",
+    "DEFAULT_INPAINT_STRENGTH",
     "DEFAULT_FLUX_MODEL",
     "DEFAULT_GUIDANCE",
     "DEFAULT_ID_WEIGHT",
@@ -19,6 +22,8 @@ __all__ = [
     "DEFAULT_START_STEP",
     "DEFAULT_TRUE_CFG",
     "DEFAULT_NOISE",
+    "IMAGE_PIPELINES",
+    "PIPELINES",
     "NOISE_MODES",
     "BENCH_PRESETS",
     "BENCH_SEED",
@@ -49,6 +54,14 @@ DEFAULT_CFG_START_STEP = 1  # PuLID-FLUX mixes the CFG branches from step 1 on
 DEFAULT_GUIDANCE = 4.0  # PuLID-FLUX's embedded guidance for FLUX.1-dev
 DEFAULT_MAX_SEQUENCE_LENGTH = 128  # T5 prompt tokens, as PuLID-FLUX's app
 BENCH_SEED = 42  # test_ibench_spatial.py: seed 42 for every image
+# other FLUX.1 pipelines (docs/pipelines.md): how much of the input image is redrawn, ControlNet weight
+DEFAULT_IMG2IMG_STRENGTH = 0.8
+DEFAULT_INPAINT_STRENGTH = 0.85  # identity repair redraws the face region almost fully
+DEFAULT_CONTROLNET_SCALE = 0.7
+# GenerationSettings.pipeline values (spatialid.loaders.names maps them to diffusers classes), and
+# those that start from an input image
+PIPELINES = ("text2image", "img2img", "inpaint", "fill", "kontext", "controlnet", "control")
+IMAGE_PIPELINES = ("img2img", "inpaint", "fill", "kontext")
 
 
 @dataclass(frozen=True)
@@ -65,7 +78,7 @@ class SizeSteps:
 # size and step count of PuLID-FLUX / SpatialID runs.
 _SIZE_STEPS: dict[str, tuple[SizeSteps, SizeSteps]] = {
     "generate": (SizeSteps(1024, 1024, 20), SizeSteps(256, 256, 6)),
-    "ui": (SizeSteps(1024, 1024, 20), SizeSteps(128, 128, 4)),
+    "ui": (SizeSteps(1024, 1024, 20), SizeSteps(128, 128, 8)),  # 8 tiny steps: the mask picture reaches all three phases
     # test_ibench_spatial.py: width 896, height 1152, 25 steps (guidance 4, start step 0,
     # id weight 1, true CFG 1, T5 length 128, as the defaults above)
     "bench": (SizeSteps(896, 1152, 25), SizeSteps(64, 64, 2)),

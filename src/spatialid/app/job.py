@@ -8,6 +8,7 @@ file atomically with its settings as PNG metadata.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,6 +56,11 @@ class GenerationJob:
     reference_image: Image.Image | None = None  # shown first in the comparison grid
     overwrite: bool = False  # replace existing files instead of picking a free numbered name
     reserved: list[Path] = field(default_factory=list, repr=False)  # placeholders this job created
+    # several people: each person's photo / identity file names, in order (the identity passed to
+    # run_job is then a list with one IdentityEmbedding per person)
+    people_files: list[list[str]] | None = None
+    save_masks: Path | None = None  # write every person's recorded masks here (.safetensors)
+    masks_from: Path | None = None  # replay the masks of such a file instead of computing them
 
 
 @dataclass
@@ -151,8 +157,40 @@ def release_outputs(job: GenerationJob) -> None:
     job.reserved = []
 
 
-def _call(pipe: Any, settings: GenerationSettings, identity: Any, masks: bool) -> Any:
-    return pipe(id_embeds=identity, return_masks=masks, **settings.pipeline_kwargs())
+def _call(pipe: Any, settings: GenerationSettings, identity: Any, masks: bool, **extra: Any) -> Any:
+    who = {"people": list(identity)} if isinstance(identity, (list, tuple)) else {"id_embeds": identity}
+    return pipe(**who, return_masks=masks, **extra, **settings.pipeline_kwargs())
+
+
+def _mask_files(job: GenerationJob) -> dict[str, Any]:
+    """The pipeline's ``save_masks`` / ``masks_from`` arguments of this job (none when unset)."""
+    files = {"save_masks": job.save_masks, "masks_from": job.masks_from}
+    return {k: v for k, v in files.items() if v is not None}
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def _progress_label(pipe: Any, label: str | None) -> Any:
+    """Name the pipeline's progress bar for one call (``preset 2/3 (pulid): denoising``), then restore it.
+
+    A comparison makes one pipeline call per preset; without this the terminal shows several bars
+    all named "denoising". Pipelines without diffusers' bar config are left alone.
+    """
+    config = getattr(pipe, "_progress_bar_config", None)
+    if label is None or not isinstance(config, dict):
+        yield
+        return
+    before = config.get("desc", _MISSING)
+    config["desc"] = label
+    try:
+        yield
+    finally:
+        if before is _MISSING:
+            config.pop("desc", None)
+        else:
+            config["desc"] = before
 
 
 def _file_settings(job: GenerationJob, settings: dict[str, Any], index: int) -> dict[str, Any]:
@@ -165,6 +203,8 @@ def _file_settings(job: GenerationJob, settings: dict[str, Any], index: int) -> 
         "source": job.identity_source,
         "files": list(job.identity_files),
     }
+    if job.people_files is not None:
+        s["people"] = [list(files) for files in job.people_files]
     return s
 
 
@@ -205,7 +245,11 @@ def _run(
     log: Callable[[str], None],
     extra_settings: dict[str, Any] | None,
 ) -> JobResult:
-    from spatialid.app.pictures import comparison_grid, fit_reference, mask_picture_for, preset_caption
+    from spatialid.app.pictures import (
+        PresetPanel,
+        mask_picture_for,
+        preset_comparison_picture,
+    )
     from spatialid.masks import resolve_preset
 
     started = time.perf_counter()
@@ -214,7 +258,10 @@ def _run(
     if job.masks and identity is None:
         log("no identity given: skipping the mask picture (nothing is injected)")
 
-    out = _call(pipe, job.settings, identity, want_masks)
+    record = want_masks or (bool(job.compare) and identity is not None)  # the comparison shows masks too
+    shown = [job.settings.preset] + [name for name in (job.compare or []) if name != job.settings.preset]
+    with _progress_label(pipe, f"preset 1/{len(shown)} ({shown[0]}): denoising" if job.compare else None):
+        out = _call(pipe, job.settings, identity, record, **_mask_files(job))
     for i, img in enumerate(out.images):
         _check_image(img, f"image {i + 1}" if len(out.images) > 1 else "image")
     base = {**out.settings, **(extra_settings or {})}
@@ -226,30 +273,40 @@ def _run(
             if not out.masks:
                 log("no injected steps were recorded: skipping the mask picture")
             else:
-                picture = mask_picture_for(img, out.masks, i, base)
+                if out.masks[0].people is not None:  # several people / regions: one colour per person
+                    from spatialid.app.people_pictures import people_mask_picture
+
+                    names = [", ".join(files) for files in (job.people_files or [])]
+                    picture = people_mask_picture(img, out.masks, i, base, names)
+                else:
+                    picture = mask_picture_for(img, out.masks, i, base)
                 mp = masks_path(path)
                 save_png_with_metadata(picture, mp, {**_file_settings(job, base, i), "kind": "mask schedule"})
                 result.masks.append(mp)
 
     if job.compare:
-        tiles: list[Image.Image] = []
-        labels: list[str] = []
-        if job.reference_image is not None:
-            tiles.append(fit_reference(job.reference_image, out.images[0].size))
-            labels.append("identity photo\n" + (job.identity_files[0] if job.identity_files else ""))
-        for name in job.compare:
-            if name == job.settings.preset:
-                img = out.images[0]
-            else:
-                img = _call(pipe, job.settings.replace(preset=name, num_images=1), identity, False).images[0]
-            tiles.append(img)
-            labels.append(preset_caption(name, resolve_preset(name)))
+        # the main preset first (its image is already drawn), then the others, each with its masks
+        main = job.settings.preset
+        panels = []
+        for number, name in enumerate(shown, start=1):
+            if name == main:
+                panels.append(PresetPanel(name, out.images[0], out.masks if record else None, resolve_preset(name)))
+                continue
+            with _progress_label(pipe, f"preset {number}/{len(shown)} ({name}): denoising"):
+                extra = _call(pipe, job.settings.replace(preset=name, num_images=1), identity, identity is not None)
+            panels.append(PresetPanel(name, extra.images[0], extra.masks, resolve_preset(name)))
         s = job.settings
-        title = f"\u201c{s.prompt}\u201d  seed {s.seed}, id weight {s.id_weight:g}, {base.get('steps')} steps"
-        grid = comparison_grid(tiles, labels, title=title, footer=base.get("note"))
+        n_steps = base.get("steps")
+        title = f"\u201c{s.prompt}\u201d  seed {s.seed}, id weight {s.id_weight:g}, {n_steps} step{'' if n_steps == 1 else 's'}"
+        reference_label = "identity photo" + (f"\n{job.identity_files[0]}" if job.identity_files else "")
+        grid = preset_comparison_picture(
+            panels, reference=job.reference_image, reference_label=reference_label, title=title,
+            footer=base.get("note"), num_steps=int(base.get("steps") or s.steps or 0) or None,
+        )
         cp = compare_path(job.out)
         save_png_with_metadata(
-            grid, cp, {**_file_settings(job, base, 0), "kind": "preset comparison", "compare": list(job.compare)}
+            grid, cp,
+            {**_file_settings(job, base, 0), "kind": "preset comparison", "compare": list(job.compare), "presets_shown": shown},
         )
         result.compare = cp
     result.seconds = time.perf_counter() - started

@@ -26,7 +26,9 @@ __all__ = [
     "ModelSpec",
     "Models",
     "OFFLOAD_MODES",
+    "check_lora_files",
     "check_quantize",
+    "compile_transformer",
     "load_pipeline",
     "quiet_third_party_logs",
     "resolve_device",
@@ -131,6 +133,14 @@ class ModelSpec:
     face_backend: str = "auto"
     # tiny model: seed of its random weights (identity files written with a seed match it)
     tiny_seed: int = 0
+    # speed: torch.compile the transformer with its hooks; a step cache "NAME[:VALUE]" (--cache)
+    compile: bool = False
+    cache: str | None = None
+    # which diffusers FLUX.1 pipeline runs (docs/pipelines.md), its ControlNet, and LoRAs
+    # (FILE_OR_HUB_ID[:SCALE], loaded with diffusers' load_lora_weights) on the shared transformer
+    pipeline: str = "text2image"
+    controlnet: str | None = None
+    loras: tuple[str, ...] = ()
 
     @property
     def is_tiny(self) -> bool:
@@ -181,11 +191,18 @@ class ModelSpec:
                     if fh.read(4) != b"GGUF":
                         raise SpatialIDError(f"{candidate} is not a GGUF file (no GGUF header); give a .gguf FLUX transformer")
 
+    def _check_pipeline(self) -> None:
+        _check_pipeline_files(self)
+
     def check(self) -> ModelSpec:
         """Everything that needs no model: quantization, offload mode, dtype name, and the device."""
         check_quantize(self.model, self.quantize)
+        from spatialid.injection.step_cache import parse_cache
+
+        parse_cache(self.cache)  # an unknown cache name fails before anything loads
         _check_local_model(self.model)
         self._check_files()
+        self._check_pipeline()
         if self.offload not in OFFLOAD_MODES:
             raise SpatialIDError(f"unknown offload mode {self.offload!r}; use one of: {', '.join(OFFLOAD_MODES)}")
         if self.dtype not in DTYPE_NAMES:
@@ -194,6 +211,77 @@ class ModelSpec:
         if self.offload != "none" and not device.startswith("cuda"):
             raise SpatialIDError(f"--offload {self.offload} moves models between CPU and GPU; it needs --device cuda")
         return self
+
+
+def _base_transformer_config(model: str) -> dict[str, Any] | None:
+    """The FLUX transformer's sizes when known without loading it (tiny, or a local diffusers folder)."""
+    import json
+    from pathlib import Path
+
+    if model == D.TINY_MODEL:
+        from spatialid.models.configs import TINY_FLUX
+
+        return {
+            "num_attention_heads": TINY_FLUX.num_attention_heads, "attention_head_dim": TINY_FLUX.attention_head_dim,
+            "joint_attention_dim": TINY_FLUX.joint_attention_dim, "pooled_projection_dim": TINY_FLUX.pooled_projection_dim,
+            "in_channels": TINY_FLUX.latent_channels * 4,
+        }
+    config = Path(model).expanduser() / "transformer" / "config.json"
+    try:
+        return json.loads(config.read_text(encoding="utf-8")) if config.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def check_lora_files(loras: Any) -> None:
+    """Each ``FILE_OR_HUB_ID[:SCALE]`` that names a local file must be a LoRA file (hub ids are checked when they load).
+
+    Shared by ``--lora`` and the web UI's LoRA list, so both refuse the same inputs before anything loads.
+    """
+    from pathlib import Path
+
+    from spatialid.loaders.names import parse_lora
+
+    for text in loras:
+        source, _ = parse_lora(text)
+        path = Path(source).expanduser()
+        local = path.exists() or source.startswith(("/", "./", "../", "~")) or path.suffix.lower() in (".safetensors", ".bin")
+        if not local:
+            continue  # a hub id: checked when it loads
+        if not path.is_file():
+            raise SpatialIDError(f"--lora {source}: no such LoRA file")
+        if path.suffix.lower() == ".safetensors":
+            from spatialid.models.checkpoint import read_safetensors_layout
+
+            try:
+                shapes, _, _ = read_safetensors_layout(path)
+            except SpatialIDError as exc:
+                raise SpatialIDError(f"--lora {source}: {exc}") from None
+            if not any("lora" in key.lower() for key in shapes):
+                raise SpatialIDError(f"--lora {source}: no LoRA weights in this file (no lora_A/lora_B or lora_down/lora_up keys)")
+
+
+def _check_pipeline_files(spec: ModelSpec) -> None:
+    """The pipeline name, the LoRA files and a local ControlNet's sizes, before any model loads."""
+    import json
+    from pathlib import Path
+
+    from spatialid.loaders.names import PIPELINE_CLASSES
+
+    if spec.pipeline not in PIPELINE_CLASSES:
+        raise SpatialIDError(f"unknown pipeline {spec.pipeline!r}; one of: {', '.join(PIPELINE_CLASSES)}")
+    check_lora_files(spec.loras)
+    if spec.pipeline == "controlnet":
+        if not spec.controlnet:
+            raise SpatialIDError("the ControlNet pipeline needs --controlnet ID")
+        config_file = Path(spec.controlnet).expanduser() / "config.json"
+        base = _base_transformer_config(spec.model)
+        if config_file.is_file() and base is not None:
+            from spatialid.loaders.names import controlnet_misfit
+
+            problems = controlnet_misfit(json.loads(config_file.read_text(encoding="utf-8")), base)
+            if problems:
+                raise SpatialIDError(f"ControlNet {spec.controlnet} does not fit this FLUX transformer ({problems})")
 
 
 def _check_local_model(model: str) -> None:
@@ -233,6 +321,7 @@ class Models:
         self._pulid: tuple[Any, Any] | None = None
         self._encoder: Any = None
         self._pipeline: Any = None
+        self.step_cache: Any = None  # the StepCache of --cache, once the pipeline is built
 
     # -------------------------------------------------------------- placement
     @property
@@ -317,10 +406,45 @@ class Models:
         _empty_cuda_cache()
 
     def pipeline(self) -> Any:
-        """The :class:`~spatialid.pipeline.SpatialIDPipeline`, on the device in the memory mode asked for."""
+        """The :class:`~spatialid.pipeline.SpatialIDPipeline`, on the device in the memory mode asked for
+        (another FLUX.1 pipeline of ``spec.pipeline`` on its components, with the spec's LoRAs)."""
         if self._pipeline is None:
-            self._pipeline = self._build_pipeline()
+            self._pipeline = self._with_pipeline_mode(self._build_pipeline())
         return self._pipeline
+
+    def _with_pipeline_mode(self, base: Any) -> Any:
+        """LoRAs on the shared transformer, then the diffusers pipeline of ``spec.pipeline`` on the same
+        components (weights read once) behind an :class:`~spatialid.loaders.runner.IdentityPipelineRunner`."""
+        spec = self.spec
+        if spec.loras:
+            from spatialid.loaders.runner import load_loras
+
+            log.info("loading LoRA(s) %s ...", ", ".join(spec.loras))
+            load_loras(base, spec.loras, **({"cache_dir": spec.cache_dir} if spec.cache_dir else {}),
+                       local_files_only=bool(spec.local_files_only))
+        if spec.pipeline == "text2image":
+            return base
+        from spatialid.loaders.runner import (
+            IdentityPipelineRunner,
+            check_controlnet_fits,
+            load_controlnet,
+            variant_pipeline,
+        )
+
+        controlnet = None
+        if spec.pipeline == "controlnet":
+            controlnet = load_controlnet(
+                spec.controlnet, torch_dtype=self.dtype, local_files_only=spec.local_files_only, cache_dir=spec.cache_dir
+            )
+            check_controlnet_fits(controlnet.config, base.transformer.config, spec.controlnet)
+            controlnet.to(self.device)
+        pipe = variant_pipeline(base, spec.pipeline, controlnet)
+        if spec.offload != "none":
+            # the variant's own offload hooks (its ControlNet included); the CA modules stay on the device
+            pipe.remove_all_hooks()
+            getattr(pipe, f"enable_{spec.offload}_cpu_offload")(device=self.device)
+            pipe._spatialid_pulid.ca_modules.to(self.device)
+        return IdentityPipelineRunner(pipe, base, spec.pipeline)
 
     def _build_pipeline(self) -> Any:
         from spatialid.pipeline.pipeline_spatialid import SpatialIDPipeline
@@ -352,7 +476,39 @@ class Models:
             pipe.enable_sequential_cpu_offload(device=self.device)
         else:
             pipe.to(self.device)
+        if spec.cache not in (None, "none"):
+            from spatialid.injection.step_cache import enable_step_cache
+
+            # before compiling: the cache's hooks are part of what gets traced
+            self.step_cache = enable_step_cache(
+                pipe.transformer, pipe.injector, spec.cache, current_timestep=lambda: pipe.current_timestep
+            )
+        if spec.compile:
+            compile_transformer(pipe.transformer, fullgraph=spec.cache in (None, "none"))
         return pipe
+
+
+def compile_transformer(transformer: Any, *, fullgraph: bool = True, backend: str | None = None, mode: str | None = None) -> Any:
+    """``torch.compile`` the transformer in place, its forward hooks (the identity injection) included.
+
+    In place (``nn.Module.compile``), so the pipeline keeps the same module, its ``cache_context``
+    and its config. ``fullgraph=True`` turns a graph break into an error instead of a silent
+    slowdown (a step cache's decision is a host read by design, so it compiles with breaks).
+    ``SPATIALID_COMPILE_BACKEND`` overrides the backend (``eager``/``aot_eager`` to debug).
+    Graphs: one per schedule structure, CFG branch and resolution; weights, identities, seeds and
+    steps reuse them. The recompile limit is raised so that switching presets and sizes in one
+    process (the web UI) keeps compiling instead of falling back to eager after 8 graphs.
+    """
+    import os
+
+    import torch
+
+    backend = backend or os.environ.get("SPATIALID_COMPILE_BACKEND", "inductor")
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), 64))
+    transformer.compile(backend=backend, mode=mode, fullgraph=fullgraph)
+    return transformer
 
 
 def load_pipeline(spec: ModelSpec) -> Any:

@@ -70,6 +70,8 @@ def format_summary(settings: Mapping[str, Any]) -> str:
         ("preset", "Preset"),
         ("id_weight", "ID weight"),
         ("start_step", "Start step"),
+        ("people", "People"),
+        ("regions", "Regions"),
         ("model", "Model"),
         ("pulid", "PuLID"),
         ("version", "spatialid"),

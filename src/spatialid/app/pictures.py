@@ -15,8 +15,12 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 __all__ = [
+    "PLAIN_PRESET_CAPTIONS",
     "MaskFrame",
+    "PresetPanel",
     "choose_mask_steps",
+    "plain_preset_caption",
+    "preset_comparison_picture",
     "fit_reference",
     "mask_picture_for",
     "preset_caption",
@@ -61,8 +65,13 @@ class MaskFrame:
         return f"step {self.step + 1}/{self.num_steps}  t={self.t:.2f}\n{self.phase}"
 
 
+#: Smallest font size in pixels: Pillow's built-in font loses the space after a digit below it
+#: (a 128-px picture once read "4injection").
+MIN_FONT = 13
+
+
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    size = max(8, int(size))
+    size = max(MIN_FONT, int(size))
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, OSError):  # Pillow < 10.1 or no FreeType: fixed bitmap font
@@ -125,7 +134,9 @@ def _colorbar(width: int, font: ImageFont.ImageFont, label: str) -> Image.Image:
     _, text_h = _text_size(probe, "0", font)
     bar_h = max(8, text_h)
     pad = max(4, text_h // 2)
-    strip = Image.new("RGB", (width, bar_h + 2 * pad + text_h + pad), _BG)
+    label = _fit_text(label, width - 2 * pad, font)
+    _, label_h = _text_size(probe, label, font)  # several lines when the picture is narrow
+    strip = Image.new("RGB", (width, bar_h + 2 * pad + label_h + pad), _BG)
     draw = ImageDraw.Draw(strip)
     low_w, _ = _text_size(draw, "0", font)
     high_w, _ = _text_size(draw, "1", font)
@@ -135,14 +146,13 @@ def _colorbar(width: int, font: ImageFont.ImageFont, label: str) -> Image.Image:
     strip.paste(Image.fromarray(gradient, mode="RGB"), (x0, pad))
     draw.text((x0 - low_w - pad, pad), "0", fill=_FG, font=font)
     draw.text((x0 + bar_w + pad, pad), "1", fill=_FG, font=font)
-    label = _fit_text(label, width - 2 * pad, font)
     lw, _ = _text_size(draw, label, font)
     draw.multiline_text(((width - lw) // 2, pad + bar_h + pad // 2), label, fill=_SUB, font=font, spacing=2)
     return strip
 
 
 def comparison_grid(
-    images: Sequence[Image.Image],
+    images: Sequence[Image.Image | None],
     labels: Sequence[str],
     *,
     title: str | None = None,
@@ -152,7 +162,8 @@ def comparison_grid(
 ) -> Image.Image:
     """Tile ``images`` side by side (``columns`` per row) with a caption under each.
 
-    All tiles are shown at the size of the first image (others are resized). Captions may hold
+    All tiles are shown at the size of the first image (others are resized; ``None`` leaves the
+    cell empty). Captions may hold
     several lines ("\\n"); long lines are wrapped to the tile width. ``title`` goes on top,
     ``footer`` (for example the seed and prompt) at the bottom, both wrapped to the grid width.
     """
@@ -163,10 +174,13 @@ def comparison_grid(
     n = len(images)
     cols = max(1, min(columns or n, n))
     rows = -(-n // cols)
-    tile_w, tile_h = images[0].size
+    first = next((img for img in images if img is not None), None)
+    if first is None:
+        raise ValueError("comparison_grid needs at least one image")
+    tile_w, tile_h = first.size
     gap = max(4, tile_w // 40) if gap is None else gap
-    font = _font(max(11, tile_w // 16))
-    title_font = _font(max(12, tile_w // 13))
+    font = _font(tile_w // 16)
+    title_font = _font(max(MIN_FONT + 1, tile_w // 13))
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
 
     captions = [_fit_text(str(lbl), tile_w - 2, font) for lbl in labels]
@@ -188,6 +202,8 @@ def comparison_grid(
         r, c = divmod(i, cols)
         x = gap + c * (tile_w + gap)
         y = title_h + gap + r * (tile_h + caption_h)
+        if img is None:  # an empty cell (e.g. under the identity photo of a comparison)
+            continue
         tile = img.convert("RGB")
         if tile.size != (tile_w, tile_h):
             tile = tile.resize((tile_w, tile_h), Image.Resampling.LANCZOS)
@@ -302,7 +318,110 @@ def mask_picture_for(image: Image.Image, masks: Sequence[Any], index: int, setti
             )
         )
     title = f"where identity goes: preset {settings.get('preset')}, id weight {settings.get('id_weight'):g}"
-    footer = f"identity mask (mean over {points} injection points): 0 = none, 1 = full"
+    footer = f"identity mask, averaged over the injection points ({points}): 0 = none, 1 = full"
     if settings.get("note"):
         footer += " | tiny model: noise image"
     return mask_schedule_picture(image, frames, title=title, footer=footer)
+
+
+# ----------------------------------------------------------------------------- preset comparison
+
+#: What each preset does, in words a visitor reads under its picture (the numbers go in the footer).
+PLAIN_PRESET_CAPTIONS: dict[str, str] = {
+    "pulid": "PuLID: identity everywhere",
+    "paper": "SpatialID: centre first, then the face only",
+    "relaxed": "SpatialID relaxed: face first, whole head late",
+    "late-floor-0.7": "SpatialID, wider start, more identity late",
+    "global-floor-0.3": "SpatialID, 30% identity everywhere",
+    "global-floor-0.5": "SpatialID, 50% identity everywhere",
+    "prior-only": "centre of the picture only",
+    "attention-only": "where the model looks, every step",
+    "no-relax": "SpatialID, the face only to the end",
+    "entropy": "SpatialID, face found by attention focus",
+}
+
+
+def plain_preset_caption(name: str) -> str:
+    """The one-line plain caption of a preset (its name for a custom schedule)."""
+    return PLAIN_PRESET_CAPTIONS.get(name, name)
+
+
+@dataclass
+class PresetPanel:
+    """One preset of a comparison: its image and the masks recorded while drawing it."""
+
+    name: str
+    image: Image.Image
+    masks: Sequence[Any] | None = None  # the pipeline's StepMasks, or None when nothing was injected
+    schedule: Any = None
+    index: int = 0  # the image's position in its batch (masks hold the whole batch)
+
+
+def _nearest(masks: Sequence[Any], step: int) -> Any:
+    return min(masks, key=lambda m: (abs(m.step - step), m.step))
+
+
+def _resized(img: Image.Image, width: int) -> Image.Image:
+    if img.size[0] == width:
+        return img.convert("RGB")
+    height = max(1, round(img.size[1] * width / img.size[0]))
+    return img.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+
+
+def preset_comparison_picture(
+    panels: Sequence[PresetPanel],
+    *,
+    reference: Image.Image | None = None,
+    reference_label: str = "identity photo",
+    title: str | None = None,
+    footer: str | None = None,
+    num_steps: int | None = None,
+    count: int = 3,
+) -> Image.Image:
+    """One column per preset: its image, then its identity mask at the same early/mid/late steps.
+
+    The same steps are drawn for every preset (chosen from the preset with the most schedule
+    phases), so a row compares where the identity went at one moment. Tiles are scaled to 256-512
+    pixels wide so the captions stay readable for the tiny model's 128-px images and the file
+    stays small for 1024-px ones. ``reference`` (the identity photo) leads in its own column.
+    """
+    if not panels:
+        raise ValueError("preset_comparison_picture needs at least one preset")
+    width = min(512, max(256, panels[0].image.size[0]))
+    recorded = [p for p in panels if p.masks]
+    steps: list[int] = []
+    if recorded:
+        richest = max(recorded, key=lambda p: len({m.phase for m in p.masks}))
+        steps = choose_mask_steps(richest.masks, count)
+    lead = 1 if reference is not None else 0
+    cols = lead + len(panels)
+    size = _resized(panels[0].image, width).size
+    tiles: list[Image.Image | None] = [None] * (cols * (1 + len(steps)))
+    labels = [""] * len(tiles)
+    if reference is not None:
+        tiles[0] = fit_reference(reference, size)
+        labels[0] = reference_label
+    for c, panel in enumerate(panels, start=lead):
+        image = _resized(panel.image, width)
+        tiles[c] = image
+        labels[c] = plain_preset_caption(panel.name)
+        for r, step in enumerate(steps, start=1):
+            if not panel.masks:
+                labels[r * cols + c] = "no mask recorded"
+                continue
+            m = _nearest(panel.masks, step)
+            tiles[r * cols + c] = heatmap_overlay(image, m.mean()[panel.index].numpy())
+            total = num_steps or (max(x.step for x in panel.masks) + 1)
+            labels[r * cols + c] = f"step {m.step + 1}/{total}: {m.phase}"
+    if all(t is None for t in tiles[cols:]):  # no masks at all: the image row alone
+        tiles, labels = tiles[:cols], labels[:cols]
+    grid = comparison_grid(tiles, labels, title=title, columns=cols)
+    parts = [f"{p.name}: {preset_caption(p.name, p.schedule).split(chr(10), 1)[-1]}" for p in panels]
+    note = "; ".join(parts) + (f" | {footer}" if footer else "")
+    if len(tiles) == cols:
+        return comparison_grid(tiles, labels, title=title, columns=cols, footer=note)
+    bar = _colorbar(grid.size[0], _font(width // 16), "identity mask: 0 = none, 1 = full. Settings: " + note)
+    out = Image.new("RGB", (grid.size[0], grid.size[1] + bar.size[1]), _BG)
+    out.paste(grid, (0, 0))
+    out.paste(bar, (0, grid.size[1]))
+    return out

@@ -15,6 +15,10 @@ Prompts are rendered exactly as the SpatialID authors' ``test_ibench_spatial.py`
 and ``ablation_study.py`` do, so the text generated and written to the results is theirs byte for
 byte: :func:`render_prompt`.
 
+Several people per image: an identities JSON with ``{"groups": [...]}`` lists groups instead of
+single photos; each group is one "identity" of the grid whose members are generated together
+(``people=`` of the pipeline), see :func:`load_identities`.
+
 IBench's identity files hold absolute paths from the machine they were made on; ``id_root`` lets a
 relocated checkout be used without editing the JSON (see :func:`resolve_photo_path`).
 """
@@ -34,6 +38,7 @@ from spatialid.errors import SpatialIDError
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "MAX_GROUP_SIZE",
     "BenchInputError",
     "check_unique_keys",
     "Identity",
@@ -49,6 +54,7 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+MAX_GROUP_SIZE = 4  # people per image (the pipeline's limit)
 
 # test_ibench_spatial.py / ablation_study.py: re.sub(r'\[.*?\]', '', prompt) -- shortest bracket
 # pair, no newline inside, replaced by nothing.
@@ -278,13 +284,33 @@ class Identity:
     gender: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
     index: int = 0
+    #: a group of people generated together (``id`` joins theirs with " + "); empty for one person
+    members: tuple[Identity, ...] = ()
+    #: per member, an optional region ``(x0, y0, x1, y1)`` in fractions of the image (groups only)
+    regions: tuple[tuple[float, float, float, float] | None, ...] = ()
+    #: the prompt indices this group is used with (None: every prompt)
+    prompt_ids: tuple[int, ...] | None = None
 
     @property
     def person(self) -> str:
         return person_word(self.gender)
 
+    @property
+    def is_group(self) -> bool:
+        return bool(self.members)
+
+    def uses_prompt(self, index: int) -> bool:
+        return self.prompt_ids is None or index in self.prompt_ids
+
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "path": str(self.path), "gender": self.gender, "index": self.index}
+        out: dict[str, Any] = {"id": self.id, "path": str(self.path), "gender": self.gender, "index": self.index}
+        if self.members:
+            out["people"] = [m.to_dict() for m in self.members]
+            if any(r is not None for r in self.regions):
+                out["regions"] = [list(r) if r is not None else None for r in self.regions]
+            if self.prompt_ids is not None:
+                out["prompt_ids"] = list(self.prompt_ids)
+        return out
 
 
 def resolve_photo_path(id_string: str, base_dir: Path, id_root: str | os.PathLike[str] | None = None) -> Path | None:
@@ -335,6 +361,8 @@ def load_identities(
         identities = [Identity(identity_key(f.name), str(f), f.resolve(), "", index=i) for i, f in enumerate(files)]
     elif path.suffix.lower() in IMAGE_SUFFIXES:
         identities = [Identity(identity_key(path.name), str(path), path.resolve(), "")]
+    elif path.suffix.lower() == ".json" and isinstance(doc := _read_json(path, "identities"), dict) and "groups" in doc:
+        identities = _load_groups(doc["groups"], path, id_root)
     elif path.suffix.lower() == ".json":
         missing: list[str] = []
         seen: set[str] = set()
@@ -370,6 +398,71 @@ def load_identities(
             "give an IBench identities .json, a folder of photos or one photo"
         )
     return identities[:limit] if limit else identities
+
+
+def _region(value: Any, where: str) -> tuple[float, float, float, float] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or len(value) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise BenchInputError(f"{where}: a region is [x0, y0, x1, y1] in fractions of the image (0-1), got {value!r}")
+    x0, y0, x1, y1 = (float(v) for v in value)
+    if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+        raise BenchInputError(f"{where}: region {value!r} needs 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
+    return (x0, y0, x1, y1)
+
+
+def _load_groups(groups: Any, path: Path, id_root: str | os.PathLike[str] | None) -> list[Identity]:
+    """``{"groups": [["a.jpg", "b.jpg"], {"people": [...], "regions": [...], "prompt_ids": [0, 2]}]}``.
+
+    A group is 2-4 people (a person: a photo path or ``{"id": path, "gender": ...}``) generated in one
+    image; ``regions`` (optional, one ``[x0, y0, x1, y1]`` or null per person) are their user regions;
+    ``prompt_ids`` (optional) the indices of the prompts file this group is used with.
+    """
+    if not isinstance(groups, list) or not groups:
+        raise BenchInputError(f'identities file {path}: "groups" must be a non-empty list of groups of people')
+    out: list[Identity] = []
+    missing: list[str] = []
+    for g, group in enumerate(groups):
+        where = f"identities file {path}: group {g}"
+        entry = {"people": group} if isinstance(group, list) else group
+        if not isinstance(entry, dict) or not isinstance(entry.get("people"), list):
+            raise BenchInputError(f'{where} must be a list of photos or {{"people": [...]}}')
+        people = entry["people"]
+        if not 2 <= len(people) <= MAX_GROUP_SIZE:
+            raise BenchInputError(f"{where} has {len(people)} people; a group has 2 to {MAX_GROUP_SIZE} (one person: list the photo outside groups)")
+        members: list[Identity] = []
+        for j, person in enumerate(people):
+            person = {"id": person} if isinstance(person, str) else person
+            if not isinstance(person, dict) or not isinstance(person.get("id"), str) or not person["id"].strip():
+                raise BenchInputError(f'{where}, person {j}: give the photo path (or {{"id": path}})')
+            gender = person.get("gender") or ""
+            found = resolve_photo_path(person["id"], path.parent, id_root)
+            if found is None:
+                missing.append(person["id"])
+                found = Path(person["id"])
+            members.append(Identity(identity_key(person["id"]), person["id"], found, str(gender), index=j))
+        if len({m.id for m in members}) != len(members):
+            raise BenchInputError(f"{where} lists the same photo twice; a group is different people")
+        regions_raw = entry.get("regions")
+        if regions_raw is not None and (not isinstance(regions_raw, list) or len(regions_raw) != len(members)):
+            raise BenchInputError(f"{where}: give one region (or null) per person in \"regions\"")
+        regions = tuple(_region(r, where) for r in regions_raw) if regions_raw else ()
+        prompt_ids = entry.get("prompt_ids")
+        if prompt_ids is not None:
+            if not isinstance(prompt_ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in prompt_ids):
+                raise BenchInputError(f'{where}: "prompt_ids" must be a list of prompt indices (from 0)')
+            prompt_ids = tuple(sorted(set(prompt_ids)))
+        group_id = " + ".join(m.id for m in members)
+        slug = "+".join(m.key.rsplit("-", 1)[0][:12] for m in members)
+        key = f"group-{slug}-{hashlib.sha1(group_id.encode('utf-8')).hexdigest()[:6]}"
+        out.append(Identity(key, group_id, members[0].path, "", index=g, members=tuple(members), regions=regions, prompt_ids=prompt_ids))
+    if missing:
+        where = f" under --id-root {id_root}" if id_root is not None else ""
+        raise BenchInputError(
+            f"{len(missing)} photos of the groups in {path} not found{where} (first: {missing[0]}); "
+            "pass --id-root with the folder that holds them"
+        )
+    return out
 
 
 def check_unique_keys(identities: Sequence[Identity]) -> None:

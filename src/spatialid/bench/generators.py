@@ -8,6 +8,7 @@ from typing import Any
 from PIL import Image
 
 from spatialid.bench.grid import BenchItem
+from spatialid.bench.results import masks_file
 from spatialid.bench.runner import BenchSettings
 
 __all__ = ["PipelineGenerator", "embedding_io"]
@@ -21,10 +22,24 @@ class PipelineGenerator:
     is the same call without identity, which the pipeline guarantees to equal plain FLUX.
     """
 
-    def __init__(self, pipe: Any, settings: BenchSettings, *, max_sequence_length: int | None = None) -> None:
+    def __init__(
+        self,
+        pipe: Any,
+        settings: BenchSettings,
+        *,
+        max_sequence_length: int | None = None,
+        out_dir: str | Path | None = None,
+    ) -> None:
         self.pipe = pipe
         self.settings = settings
         self.max_sequence_length = max_sequence_length
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+
+    def masks_path(self, item: BenchItem) -> Path | None:
+        """Where a group item with regions keeps its people's masks (eval's "mask in region" column)."""
+        if self.out_dir is None or not item.identity.is_group or not any(r is not None for r in item.identity.regions):
+            return None
+        return masks_file(self.out_dir / item.preset / "images" / item.image_name)
 
     @property
     def encoder_name(self) -> str:
@@ -43,7 +58,16 @@ class PipelineGenerator:
         if item.is_baseline:
             kwargs["preset"] = None  # no identity: the plain FLUX path
             kwargs["schedule_overrides"] = None
-        out = self.pipe(id_embeds=None if item.is_baseline else embedding, **kwargs)
+        if isinstance(embedding, list) and not item.is_baseline:  # a group: one embedding per person
+            regions = list(item.identity.regions) if any(r is not None for r in item.identity.regions) else None
+            if regions is not None:
+                regions = [r if r is not None else (0.0, 0.0, 1.0, 1.0) for r in regions]
+            target = self.masks_path(item)
+            if target is not None:
+                target.parent.mkdir(parents=True, exist_ok=True)
+            out = self.pipe(people=embedding, regions=regions, save_masks=target, **kwargs)
+        else:
+            out = self.pipe(id_embeds=None if item.is_baseline else embedding, **kwargs)
         return out.images[0]
 
 

@@ -146,7 +146,7 @@ def build_grid(
     *,
     baseline: bool = True,
 ) -> list[BenchItem]:
-    """All items in input order: identity, prompt, seed, then the baseline and the presets."""
+    """All items in input order: identity (or group of people), prompt, seed, then the baseline and the presets."""
     if not identities or not prompts or not presets or not seeds:
         raise BenchInputError("the grid is empty: need at least one identity, prompt, preset and seed")
     order = list(presets)
@@ -156,6 +156,8 @@ def build_grid(
     unit = 0
     for identity in identities:
         for prompt in prompts:
+            if not identity.uses_prompt(prompt.index):  # a group limited to some prompts
+                continue
             for seed in seeds:
                 items.extend(BenchItem(unit, identity, prompt, int(seed), preset) for preset in order)
                 unit += 1

@@ -63,6 +63,7 @@ __all__ = [
     "ibench_entry",
     "load_manifest",
     "load_preset_results",
+    "masks_file",
     "parse_path_mode",
     "read_json",
     "results_doc",
@@ -475,6 +476,12 @@ class PresetResults:
                 "gender": item.identity.gender,
                 "image": rel,
                 "id_path": self.style(str(item.identity.path)),
+                # several people in one image: each person's photo (eval matches faces to them)
+                **(
+                    {"people": [m.id for m in item.identity.members],
+                     "people_paths": [self.style(str(m.path)) for m in item.identity.members]}
+                    if item.identity.is_group else {}
+                ),
             }
         )
 
@@ -541,6 +548,11 @@ class PresetResults:
         for p in sorted(self.dir.glob(PART_GLOB)):
             with contextlib.suppress(OSError):
                 p.unlink()
+
+
+def masks_file(image: Path) -> Path:
+    """``<preset>/images/x.png`` -> ``<preset>/masks/x.safetensors`` (the people's recorded masks)."""
+    return image.parent.parent / "masks" / f"{image.stem}.safetensors"
 
 
 def load_preset_results_file(path: Path) -> tuple[dict[str, dict], dict[str, dict]]:

@@ -215,6 +215,9 @@ class EmbeddingCache:
         return self.folder / f"{identity.key}-{digest}.safetensors"
 
     def get(self, identity: Identity) -> Any:
+        """The identity's embedding; for a group of people, the list of its members' embeddings."""
+        if identity.is_group:
+            return [self.get(member) for member in identity.members]
         if identity.key in self._memory:
             return self._memory[identity.key]
         if identity.key in self._errors:
@@ -273,6 +276,10 @@ def image_metadata(item: BenchItem, settings: BenchSettings) -> dict[str, Any]:
         "identity": None if item.is_baseline else item.identity.id,
         "baseline_for": item.identity.id if item.is_baseline else None,
     }
+    if item.identity.is_group and not item.is_baseline:
+        meta["people"] = [m.id for m in item.identity.members]
+        if item.identity.regions:
+            meta["regions"] = [list(r) if r is not None else None for r in item.identity.regions]
     schedule = _schedule_dict(item.preset, settings.generation.schedule_overrides)
     if schedule is not None:
         meta["schedule"] = schedule

@@ -168,6 +168,7 @@ class HashGenerator:
 
     def __call__(self, item: BenchItem, embedding: Any) -> Image.Image:
         self.calls.append(item.key)
-        emb = "" if embedding is None else f"{float(embedding.sum()):.6f}"
+        parts = embedding if isinstance(embedding, list) else [] if embedding is None else [embedding]  # a group: one per person
+        emb = "|".join(f"{float(e.sum()):.6f}" for e in parts)
         rng = np.random.default_rng(_digest(item.prompt_text, item.seed, item.preset, emb))
         return Image.fromarray(rng.integers(0, 256, (self.size, self.size, 3), dtype=np.uint8))

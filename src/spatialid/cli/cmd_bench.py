@@ -15,6 +15,7 @@ from spatialid import defaults as D
 from spatialid.cli.options import (
     add_model_arguments,
     add_sampling_arguments,
+    add_speed_arguments,
     model_spec,
     sampling_settings,
 )
@@ -35,7 +36,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "noise by design (random weights)."
         ),
     )
-    p.add_argument("--ids", required=True, help="identities: IBench identities .json, a folder of photos, or one photo")
+    p.add_argument(
+        "--ids", required=True,
+        help="identities: IBench identities .json, a folder of photos, or one photo; several people per image: "
+        'a .json with {"groups": [["a.jpg", "b.jpg"], ...]} (see docs/multi-identity.md)',
+    )
     p.add_argument("--prompts", required=True, help="prompts: IBench prompts .json or a .txt with one prompt per line")
     p.add_argument(
         "--presets", default=",".join(D.BENCH_PRESETS),
@@ -78,6 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_arguments(p)
+    add_speed_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -91,6 +97,7 @@ def _positive(name: str, value: int | None) -> None:
 def prepare(args: argparse.Namespace):
     """Validate everything that needs no model: returns (settings, identities, prompts, presets, seeds, shard)."""
     from spatialid.bench.datasets import (
+        BenchInputError,
         check_unique_keys,
         load_identities,
         load_prompts,
@@ -115,6 +122,14 @@ def prepare(args: argparse.Namespace):
     identities = load_identities(args.ids, id_root=args.id_root, limit=args.limit_ids)
     check_unique_keys(identities)
     prompts = load_prompts(args.prompts, limit=args.limit_prompts, ids=parse_prompt_ids(args.prompt_ids))
+    known = {p.index for p in prompts}
+    for ident in identities:
+        unknown = sorted(set(ident.prompt_ids or ()) - known)
+        if unknown:
+            raise BenchInputError(
+                f"group {ident.index} of {args.ids} asks for prompt {unknown[0]}, which is not among the prompts used "
+                f"({len(prompts)} from {args.prompts}); fix its \"prompt_ids\""
+            )
     quantize = getattr(args, "quantize", "none")
     settings = BenchSettings(
         model=args.model,
@@ -232,7 +247,7 @@ def _run_locked(args: argparse.Namespace, out, proc, settings, identities, promp
     if not pending:
         update_manifest(out, **manifest_args, write=rank == 0)
         return 0, f"bench: nothing to do, all {len(items)} items of {where} are already in {out}", grid, settings
-    generator = _build_generator(args, settings, proc.device)
+    generator = _build_generator(args, settings, proc.device, out)
     update_manifest(out, **manifest_args, write=rank == 0)
     from spatialid.bench.generators import embedding_io
     from spatialid.bench.runner import EmbeddingCache
@@ -261,7 +276,7 @@ def _auto_dtype_name(device: str | None, process_device: str | None) -> str:
     return dtype_name(resolve_dtype("auto", resolve_device(device)))
 
 
-def _build_generator(args: argparse.Namespace, settings, process_device: str | None = None):
+def _build_generator(args: argparse.Namespace, settings, process_device: str | None = None, out=None):
     from spatialid.app.loading import Models
     from spatialid.bench.generators import PipelineGenerator
 
@@ -270,4 +285,4 @@ def _build_generator(args: argparse.Namespace, settings, process_device: str | N
         spec = spec.replace(device=process_device)  # accelerate launch: this process's GPU
     pipe = Models(spec.check()).pipeline()
     pipe.set_progress_bar_config(disable=True)  # the bench shows one bar over images
-    return PipelineGenerator(pipe, settings)
+    return PipelineGenerator(pipe, settings, out_dir=out)

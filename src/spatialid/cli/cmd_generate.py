@@ -16,7 +16,11 @@ from pathlib import Path
 from spatialid import defaults as D
 from spatialid.cli.options import (
     add_model_arguments,
+    add_people_arguments,
+    add_pipeline_arguments,
     add_sampling_arguments,
+    add_speed_arguments,
+    check_pipeline_arguments,
     model_spec,
     sampling_settings,
 )
@@ -99,7 +103,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="PRESETS",
         help="also write <out>_compare.png: the same seed and prompt under these comma-separated presets, e.g. pulid,paper,relaxed",
     )
+    add_people_arguments(p)
+    add_pipeline_arguments(p)
     add_model_arguments(p)
+    add_speed_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -175,8 +182,19 @@ def apply_from_png(args: argparse.Namespace) -> dict | None:
             setattr(args, name, float(value))
     if "model" not in given and meta.get("model"):
         args.model = str(meta["model"])
+    people = meta.get("people") or []
+    if people and not (getattr(args, "people", None) or getattr(args, "people_embeds", None)):
+        log.warning("%s was made with %d people (%s): give them again (--person / --person-embeds, --region) to "
+                    "reproduce it", args.from_png, len(people), "; ".join(", ".join(map(str, p)) for p in people))
+    stored_pipeline = meta.get("pipeline")
+    if stored_pipeline not in (None, "text2image") and not (
+        getattr(args, "init_image", None) or getattr(args, "control_image", None)
+    ):
+        inputs = ", ".join(str(meta[k]) for k in ("init_image", "inpaint_mask", "control_image") if meta.get(k))
+        log.warning("%s was made with the %s pipeline from %s: give its inputs again (see `spatialid info`) to "
+                    "reproduce it", args.from_png, stored_pipeline, inputs or "input pictures")
     files = (meta.get("identity") or {}).get("files") or []
-    if files and not (args.id_images or args.id_embeds):
+    if files and not people and not (args.id_images or args.id_embeds):
         log.warning("%s was made with the identity of %s: give it again (--id / --id-embeds) to reproduce it",
                     args.from_png, ", ".join(map(str, files)))
     return meta
@@ -200,6 +218,72 @@ def check_presets(names: list[str]) -> None:
     for n in names:
         if n not in PRESETS:
             raise SpatialIDError(f"unknown preset {n!r}; valid presets: {', '.join(PRESETS)}")
+
+
+def _check_people_inputs(args: argparse.Namespace) -> list | None:
+    """Validate --person/--person-embeds/--region/--save-masks/--masks-from without loading a model.
+
+    Returns the people (see ``options.people_inputs``); every problem is a one-line error.
+    """
+    from spatialid.cli.options import people_inputs
+    from spatialid.errors import InputImageError, SpatialIDError
+
+    people = people_inputs(args)
+    if people and (args.id_images or args.id_embeds):
+        raise SpatialIDError("give --person/--person-embeds (several people) or --id/--id-embeds (one person), not both")
+    count = len(people) if people else (1 if args.id_images or args.id_embeds else 0)
+    regions = getattr(args, "regions", None)
+    if regions:
+        if count == 0:
+            raise SpatialIDError("--region needs an identity: give --id PHOTO or one --person per region")
+        if len(regions) != count:
+            raise SpatialIDError(f"{len(regions)} --region for {count} person(s); give one --region per person, in order")
+        from spatialid.pipeline.people import parse_box
+
+        for i, region in enumerate(regions, 1):
+            try:
+                box = parse_box(region)
+            except ValueError as exc:
+                raise SpatialIDError(f"--region {region}: {exc}") from None
+            if box is None:
+                if "," in region and not Path(region).exists():
+                    raise SpatialIDError(f"--region {region}: give four fractions x0,y0,x1,y1 or a mask picture")
+                from spatialid.utils.images import load_image
+
+                load_image(region)  # a missing or broken mask picture fails now
+    for flag, value in (("--save-masks", getattr(args, "save_masks", None)), ("--masks-from", getattr(args, "masks_from", None))):
+        if value is None:
+            continue
+        if count == 0:
+            raise SpatialIDError(f"{flag} needs an identity (--id, --id-embeds, --person or --person-embeds)")
+        if not value.lower().endswith(".safetensors"):
+            raise SpatialIDError(f"{flag} {value}: the mask file must end in .safetensors")
+    if getattr(args, "save_masks", None):
+        from spatialid.utils.io import check_writable
+
+        check_writable(Path(args.save_masks).expanduser())
+    if getattr(args, "masks_from", None):
+        from spatialid.pipeline.people import load_mask_file
+
+        masks, _ = load_mask_file(args.masks_from)
+        if masks.ndim == 6 and masks.shape[2] != count:
+            raise SpatialIDError(
+                f"--masks-from {args.masks_from} holds masks of {masks.shape[2]} person(s) but {count} are given"
+            )
+    for kind, paths in people or []:
+        if kind == "photos":
+            from spatialid.utils.images import load_image
+
+            for path in paths:
+                load_image(path)
+        else:
+            p = Path(paths[0])
+            if not p.is_file():
+                raise InputImageError(f"{p}: identity file not found (write one with `spatialid encode --id PHOTO --out {p}`)")
+            from spatialid.encoder.embedding import IdentityEmbedding
+
+            IdentityEmbedding.load(p)
+    return people
 
 
 def _check_identity_inputs(args: argparse.Namespace) -> None:
@@ -246,6 +330,11 @@ def build_jobs(args: argparse.Namespace, *, tiny: bool) -> list:
     prompts = read_prompts(args.prompts) if getattr(args, "prompts", None) else None
     if prompts is None and args.prompt is None:
         raise SpatialIDError("give --prompt TEXT, --prompts FILE or --from-png IMAGE")
+    from spatialid.cli.options import people_inputs
+
+    people = people_inputs(args)
+    people_files = [[Path(p).name for p in paths] for _, paths in people] if people else None
+    regions = getattr(args, "regions", None)
     settings = sampling_settings(
         args,
         "generate",
@@ -256,6 +345,8 @@ def build_jobs(args: argparse.Namespace, *, tiny: bool) -> list:
         seed=args.seed,
         num_images=args.num_images,
         max_sequence_length=args.max_sequence_length,
+        people=people_files,
+        regions=list(regions) if regions else None,
     ).with_seed().check()
     compare = parse_compare(args.compare)
     check_presets([settings.preset, *(compare or [])])
@@ -269,10 +360,20 @@ def build_jobs(args: argparse.Namespace, *, tiny: bool) -> list:
             masks=args.masks,
             compare=compare,
             identity_files=identity_files,
-            identity_source="image" if args.id_images else ("embeds" if args.id_embeds else None),
+            identity_source="image" if args.id_images else ("embeds" if args.id_embeds else ("people" if people else None)),
             overwrite=args.overwrite,
+            people_files=people_files,
+            save_masks=_numbered(args.save_masks, i) if getattr(args, "save_masks", None) and prompts else (
+                Path(args.save_masks).expanduser() if getattr(args, "save_masks", None) else None),
+            masks_from=Path(args.masks_from).expanduser() if getattr(args, "masks_from", None) else None,
         ))
     return jobs
+
+
+def _numbered(path: str, index: int) -> Path:
+    """``masks.safetensors`` -> ``masks-p<index>.safetensors`` (one mask file per prompt of --prompts)."""
+    p = Path(path).expanduser()
+    return p.with_name(f"{p.stem}-p{index}{p.suffix}")
 
 
 def build_job(args: argparse.Namespace, *, tiny: bool):
@@ -286,6 +387,42 @@ def _unused_settings_warnings(args: argparse.Namespace, settings) -> None:
         log.warning("--negative-prompt does nothing without --true-cfg > 1 (true CFG is off)")
 
 
+def _encode_people(people: list, encode) -> list:
+    """One IdentityEmbedding per person, in order (photos encoded with ``encode``, identity files read)."""
+    from spatialid.encoder.embedding import IdentityEmbedding
+    from spatialid.utils.images import load_image
+
+    identities = []
+    for kind, paths in people:
+        if kind == "embeds":
+            identities.append(IdentityEmbedding.load(paths[0]))
+        else:
+            photos = [load_image(p) for p in paths]
+            identities.append(encode(photos if len(photos) > 1 else photos[0]))
+    return identities
+
+
+def _pipeline_record(settings) -> dict:
+    """The pipeline fields as the image's metadata shows them: file names, LoRAs as NAME:SCALE."""
+    from spatialid.loaders.names import parse_lora
+
+    def name(path: str | None) -> str | None:
+        return Path(path).name if path else None
+
+    loras = None
+    if settings.loras:
+        loras = [f"{name(src) if Path(src).expanduser().is_file() else src}:{scale:g}"
+                 for src, scale in map(parse_lora, settings.loras)]
+    return {
+        "pipeline": settings.pipeline,
+        "init_image": name(settings.init_image),
+        "inpaint_mask": name(settings.inpaint_mask),
+        "control_image": name(settings.control_image),
+        "controlnet": settings.controlnet,
+        "loras": loras,
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     import time
 
@@ -294,10 +431,12 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     apply_from_png(args)
+    check_pipeline_arguments(args)  # img2img / inpainting / Kontext / ControlNet flags, before the settings
     spec = model_spec(args)
     jobs = build_jobs(args, tiny=spec.is_tiny)
     job = jobs[0]
     _unused_settings_warnings(args, job.settings)
+    people = _check_people_inputs(args)  # first: --person with --id is refused before any photo is read
     _check_identity_inputs(args)
     for each in jobs:
         check_outputs(each, reserve=False)  # writable? (the names are claimed when the images exist)
@@ -322,6 +461,12 @@ def run(args: argparse.Namespace) -> int:
             identity = models.encoder().encode(photos if len(photos) > 1 else photos[0])
             models.release_encoder()
 
+    people_ids = None
+    if people and not spec.is_tiny and any(kind == "photos" for kind, _ in people):
+        # as for --id: a photo without a face fails before FLUX loads
+        people_ids = _encode_people(people, models.encoder().encode)
+        models.release_encoder()
+
     pipe = models.pipeline()
     pipe.set_progress_bar_config(disable=bool(args.quiet), desc="denoising", leave=True)
 
@@ -334,10 +479,19 @@ def run(args: argparse.Namespace) -> int:
         from spatialid.encoder.embedding import IdentityEmbedding
 
         identity = IdentityEmbedding.load(args.id_embeds)
+    elif people:
+        identity = people_ids if people_ids is not None else _encode_people(people, pipe.encode_identity)
+        first_photos = next((paths for kind, paths in people if kind == "photos"), None)
+        if first_photos:
+            from spatialid.utils.images import load_image
+
+            for each in jobs:
+                each.reference_image = load_image(first_photos[0])
     else:
         log.warning("no --id photo given: generating without identity (plain FLUX)")
 
     extra = {"device": models.device, "quantization": None if spec.quantize in (None, "none") else spec.quantize}
+    extra.update(_pipeline_record(job.settings))
     count = 0
     for each in jobs:
         result = run_job(pipe, each, identity, log=lambda m: log.warning("%s", m), extra_settings=extra)

@@ -31,6 +31,14 @@ _ORDER = (
     "width",
     "height",
     "identity",
+    "pipeline",
+    "init_image",
+    "strength",
+    "inpaint_mask",
+    "control_image",
+    "controlnet",
+    "controlnet_scale",
+    "loras",
     "model",
     "pulid",
     "version",
@@ -99,11 +107,21 @@ def reproduce_command(settings: Mapping[str, Any]) -> str:
         argv.extend(["--quantize", str(s["quantization"])])
     identity = s.get("identity") or {}
     files = [str(f) for f in identity.get("files") or []]
-    if identity.get("source") == "embeds" and files:
+    people = s.get("people") or []
+    if people:  # several people: --person photos first, then --person-embeds files, in stored order
+        for names in people:
+            if not any(str(n).lower().endswith(".safetensors") for n in names):
+                argv.extend(["--person", ",".join(map(str, names)) or "PHOTO"])
+        for names in people:
+            if any(str(n).lower().endswith(".safetensors") for n in names):
+                argv.extend(["--person-embeds", str(names[0])])
+    elif identity.get("source") == "embeds" and files:
         argv.extend(["--id-embeds", files[0]])
     else:
         for f in files:
             argv.extend(["--id", f])
+    for region in s.get("regions") or []:
+        argv.extend(["--region", ",".join(f"{float(v):g}" for v in region) if isinstance(region, list) else str(region)])
     argv.append(f"--prompt={s.get('prompt', '')}")  # "=": a prompt starting with "-" stays a value
     add("--preset", "preset")
     overrides = s.get("schedule_overrides") or {}
@@ -124,7 +142,41 @@ def reproduce_command(settings: Mapping[str, Any]) -> str:
         add("--cfg-start-step", "cfg_start_step")
     add("--noise", "noise")
     add("--max-sequence-length", "max_sequence_length")
+    argv.extend(_pipeline_flags(s))
     return " ".join(shlex.quote(a) for a in argv)
+
+
+# pipeline inputs stored by `generate` (docs/pipelines.md), as (metadata key, flag)
+_PIPELINE_FLAGS = (
+    ("init_image", "--init-image"), ("strength", "--strength"), ("inpaint_mask", "--inpaint-mask"),
+    ("control_image", "--control-image"), ("controlnet", "--controlnet"), ("controlnet_scale", "--controlnet-scale"),
+)
+
+
+def _pipeline_flags(s: Mapping[str, Any]) -> list[str]:
+    """The flags of the stored pipeline and its inputs (file names, given again like the identity)."""
+    argv: list[str] = []
+    if s.get("pipeline") == "kontext":
+        argv.append("--kontext")
+    for key, flag in _PIPELINE_FLAGS:
+        if s.get(key) not in (None, ""):
+            value = s[key]
+            argv.extend([flag, f"{value:g}" if isinstance(value, float) else str(value)])
+    for lora in s.get("loras") or []:
+        argv.extend(["--lora", str(lora)])
+    return argv
+
+
+def _pipeline_lines(s: Mapping[str, Any]) -> list[str]:
+    """Summary lines of a pipeline other than text-to-image, and of LoRAs."""
+    lines = []
+    mode = s.get("pipeline")
+    if mode not in (None, "text2image"):
+        parts = [f"{key.replace('_', ' ')} {s[key]}" for key, _ in _PIPELINE_FLAGS if s.get(key) not in (None, "")]
+        lines.append(f"pipeline  {mode}" + (f": {', '.join(parts)}" if parts else ""))
+    if s.get("loras"):
+        lines.append(f"loras     {', '.join(map(str, s['loras']))}")
+    return lines
 
 
 def format_summary(settings: Mapping[str, Any]) -> str:
@@ -144,14 +196,24 @@ def format_summary(settings: Mapping[str, Any]) -> str:
             if files else "none: plain FLUX"
         ),
     ]
+    people = s.get("people") or []
+    if people:
+        regions = s.get("regions") or []
+        lines[2] = f"identity  {len(people)} people (preset {s.get('preset')}, id weight {s.get('id_weight')})"
+        for k, names in enumerate(people):
+            where = regions[k] if k < len(regions) else "automatic layout"
+            if isinstance(where, list):
+                where = "box " + ",".join(f"{float(v):g}" for v in where)
+            lines.append(f"person {k + 1}  {', '.join(map(str, names)) or '-'} ({where})")
     if float(s.get("true_cfg") or 1) > 1:
         lines.append(f"true cfg  {s.get('true_cfg')}, negative prompt: {s.get('negative_prompt') or '-'}")
+    lines.extend(_pipeline_lines(s))
     if s.get("kind"):
         lines.append(f"kind      {s['kind']}")
     lines.append("")
     lines.append("reproduce (or: spatialid generate --from-png FILE):")
     lines.append("  " + reproduce_command(s))
-    if files:
+    if files or people:
         lines.append("  (the identity " + ("photos are" if identity.get("source") != "embeds" else "file is")
                      + " not stored in the image: give the same file(s) again)")
     return "\n".join(_safe(line) for line in lines)

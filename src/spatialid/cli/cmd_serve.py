@@ -18,7 +18,7 @@ import logging
 import sys
 from collections.abc import Iterator
 
-from spatialid.cli.options import add_model_arguments, model_spec
+from spatialid.cli.options import add_model_arguments, add_speed_arguments, model_spec
 from spatialid.ui.network import check_port_free, host_warning, parse_auth
 
 __all__ = ["register", "run"]
@@ -69,6 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="delete served outputs and uploads after this many hours (default 1; also when a visitor's tab closes, and at exit)",
     )
     add_model_arguments(p)
+    add_speed_arguments(p)
     p.set_defaults(func=run)
 
 

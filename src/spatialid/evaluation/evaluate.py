@@ -88,6 +88,7 @@ class EvalItem:
     prompt: str
     baseline: Path | None = None  # same prompt and seed without identity: background columns
     without_id: Path | None = None  # IBench's imagewithoutid: CLIP-I, AntiFaceSim, FID
+    people: tuple[Path, ...] = ()  # several people in one image: each person's photo (multi-person columns)
 
 
 @dataclass
@@ -231,6 +232,25 @@ def _reference_path(entry: dict, manifest: dict | None, base: Path, id_root: str
     return None
 
 
+def _people_paths(entry: dict, manifest: dict | None, base: Path, id_root: str | None) -> tuple[Path, ...]:
+    """Each person's photo of a several-people entry (the manifest's paths, else found like ``id``)."""
+    people = entry.get("people")
+    if not isinstance(people, list) or not people:
+        return ()
+    recorded = (manifest or {}).get("identities", {}).get(entry.get("identity_key", ""), {}).get("people") or []
+    out = []
+    for j, id_string in enumerate(people):
+        known = recorded[j].get("path") if j < len(recorded) and isinstance(recorded[j], dict) else None
+        if known and Path(known).is_file():
+            out.append(Path(known))
+            continue
+        found = resolve_photo_path(str(id_string), base, id_root)
+        if found is None:
+            raise BenchStateError(f"photo {id_string} of a group entry not found; pass --id-root with its folder")
+        out.append(found)
+    return tuple(out)
+
+
 def _entry_image(value: Any, base: Path, image_root: str | None, what: str, source: Path) -> Path | None:
     """An IBench entry's image path: as written, relative to ``base`` or the cwd, or under ``image_root``."""
     if value is None or value == "":
@@ -310,7 +330,12 @@ def expected_units(manifest: dict[str, Any]) -> list[str]:
     if not isinstance(prompt_ids, list):
         prompt_ids = sorted(int(k) for k in (manifest.get("prompts") or {}))
     seeds = [int(s) for s in manifest.get("seeds") or []]
-    return [f"{k}/p{int(i):03d}/s{s}" for k in id_keys for i in prompt_ids for s in seeds]
+
+    def used(key: str, index: int) -> bool:  # a group of people may be limited to some prompts
+        only = idents[key].get("prompt_ids") if isinstance(idents[key], dict) else None
+        return not isinstance(only, list) or int(index) in only
+
+    return [f"{k}/p{int(i):03d}/s{s}" for k in id_keys for i in prompt_ids if used(k, i) for s in seeds]
 
 
 def collect_items(
@@ -383,6 +408,7 @@ def collect_sources(
                     EvalItem(
                         preset, key, unit, _image_path(e, path / preset), _reference_path(e, manifest, path, id_root),
                         str(e.get("id", "")), e.get("prompt", ""), baselines.get(unit), without,
+                        _people_paths(e, manifest, path, id_root),
                     )
                 )
     missing_refs = sorted({it.identity for it in items if it.reference is None})
@@ -478,6 +504,57 @@ class _Scorer:
                 self.m.face.fallback = saved
         return self._ref_face[path]
 
+    @staticmethod
+    def _mask_inside(item: EvalItem) -> list[float]:
+        """Share of each person's recorded mask inside their region (bench groups with regions)."""
+        from spatialid.app.metadata import read_png_metadata
+        from spatialid.bench.results import masks_file
+        from spatialid.evaluation.multi_person import mask_share_inside
+        from spatialid.pipeline.people import load_mask_file, regions_tensor
+
+        path = masks_file(item.image)
+        if not path.is_file():
+            return []
+        try:
+            regions = read_png_metadata(item.image).get("regions")
+            if not regions:
+                return []
+            masks, _ = load_mask_file(path)
+            rows, cols = masks.shape[-2:]
+            boxes = [r if r is not None else (0.0, 0.0, 1.0, 1.0) for r in regions]
+            grid = regions_tensor(boxes, len(boxes), int(rows), int(cols)).reshape(len(boxes), int(rows), int(cols))
+            return mask_share_inside(masks.numpy(), grid.numpy())
+        except SpatialIDError as exc:
+            log.warning("mask in region of %s not scored: %s", item.key, exc)
+            return []
+
+    def _people_columns(self, item: EvalItem, image: Image.Image) -> dict[str, Any]:
+        """Several people: faces matched to the people (Hungarian), per-person FaceSim and leakage."""
+        import numpy as np
+
+        from spatialid.evaluation.multi_person import score_people
+
+        refs = [self.ref_face(p) for p in item.people]
+        if any(r is None for r in refs):
+            return {"people_ref_faces": sum(r is not None for r in refs)}
+        faces = self.m.face.analyze_all(np.asarray(image.convert("RGB")))
+        scores = score_people(
+            np.stack([f.embedding for f in faces]) if faces else np.zeros((0, len(refs[0].embedding))),
+            np.stack([r.embedding for r in refs]),
+            boxes=[f.box for f in faces],
+        )
+        inside = self._mask_inside(item)
+        if inside:
+            scores.mask_inside = inside
+        return {
+            **({"mask_in_region": float(np.nanmean(inside))} if inside and not all(math.isnan(v) for v in inside) else {}),
+            "person_face_sim": scores.mean_facesim,
+            "identity_leakage": scores.mean_leakage,
+            "people_found": float(sum(i is not None for i in scores.face_index)) / len(refs),
+            "people_swapped": 1.0 if scores.swapped else 0.0,
+            "people": scores.to_dict(),
+        }
+
     def score(self, item: EvalItem) -> dict[str, Any] | None:
         """The item's row, or None when its own image cannot be read (``bad`` says why)."""
         try:
@@ -530,6 +607,8 @@ class _Scorer:
                 other = self.face(without_id)
                 row["anti_face_sim"] = cosine(other.embedding, ref_emb) if other is not None else math.nan
                 row["without_id_face_source"] = other.source if other is not None else "none"
+        if item.people and self.m.face is not None and hasattr(self.m.face, "analyze_all"):
+            row.update(self._people_columns(item, image))
         if self.m.quality is not None:
             from spatialid.evaluation.quality import IBENCH_VALUE_RANGE
 

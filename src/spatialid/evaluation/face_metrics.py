@@ -134,6 +134,12 @@ class DlibFaceEmbedder:
         with Image.open(path) as img:
             return self.analyze(np.asarray(img.convert("RGB")))
 
+    def analyze_all(self, rgb: np.ndarray) -> list[FaceResult]:
+        """Every detected face, highest score first (several people in one image; no fallback)."""
+        img = np.ascontiguousarray(rgb, dtype=np.uint8)
+        faces = sorted(self.analyzer.detect(img), key=lambda f: -float(f.score))
+        return [FaceResult(f.box, self.analyzer.descriptor(img, f), True, float(f.score)) for f in faces]
+
     def analyze(self, rgb: np.ndarray) -> FaceResult | None:
         import dlib
 
@@ -260,6 +266,19 @@ class ArcFaceEmbedder:
         box = center_box(w, h)
         crop = Image.fromarray(img).crop(tuple(int(v) for v in box)).resize((112, 112))
         return FaceResult(box, self._embed(np.asarray(crop)), False)
+
+    def analyze_all(self, rgb: np.ndarray) -> list[FaceResult]:
+        """Every detected face, highest score first (several people in one image; no fallback)."""
+        img = np.ascontiguousarray(np.asarray(rgb)[:, :, ::-1], dtype=np.uint8)
+        bboxes, kpss = self.detector.detect(img, max_num=0, metric="default")
+        bboxes = np.asarray(bboxes).reshape(-1, 5)
+        size = int(self.recognizer.input_size[0])
+        out = []
+        for i in sorted(range(len(bboxes)), key=lambda j: -float(bboxes[j, 4])):
+            crop = self.align(img, landmark=np.asarray(kpss[i]), image_size=size)
+            box = tuple(float(v) for v in bboxes[i, :4])
+            out.append(FaceResult(box, self._embed(crop), True, float(bboxes[i, 4])))  # type: ignore[arg-type]
+        return out
 
     def analyze_path(self, path: str | os.PathLike[str]) -> FaceResult | None:
         """The face of an image file read as IBench reads it: ``cv2.imread`` (BGR)."""

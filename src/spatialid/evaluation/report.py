@@ -78,6 +78,16 @@ METRICS: tuple[Metric, ...] = (
     Metric("face_det", "Face det.", True, "face", desc="share of images with a detected face"),
     Metric("anti_face_sim", "AntiFaceSim", False, "face", ranked=False,
            desc="IBench AntiFaceSim: FaceSim of the image without identity (a reference level for FaceSim; not ranked)"),
+    Metric("person_face_sim", "Person FaceSim", True, "face",
+           desc="several people per image: detected faces matched to the people (Hungarian on cosine), mean cosine of "
+                "each person's face to their photo (not IBench's)"),
+    Metric("identity_leakage", "ID leakage", False, "face",
+           desc="several people per image: mean cosine of each person's matched face to the OTHER people's photos"),
+    Metric("people_found", "People found", True, "face", desc="share of the people that got a detected face"),
+    Metric("mask_in_region", "Mask in region", True, "face",
+           desc="groups with regions: share of each person's injection mask (all steps and points) inside their region"),
+    Metric("people_swapped", "Swapped", False, "face",
+           desc="share of images whose matched faces are not in the people's left-to-right order"),
     Metric("iq", "IQ", True, "quality", desc="IBench ImagingQuality: the IQ network fed 0-255 pixel values, / 100"),
     Metric("iq_01", "IQ-01", True, "quality", desc="the same network fed [0, 1] pixel values (its intended input), / 100"),
     Metric("aesthetic", "Aesthetic", True, "aesthetic",
@@ -508,6 +518,7 @@ def _plots(data: ReportData, folder: Path) -> list[str]:
     if {"face_sim", "clip_t"} <= keys:
         fig, ax = plt.subplots(figsize=(5.5, 4.5))
         any_point = False
+        placed: list[tuple[str, float, float]] = []
         for i, p in enumerate(data.presets):
             fs, ct = data.summaries[p]["face_sim"], data.summaries[p]["clip_t"]
             if not (math.isfinite(fs.mean) and math.isfinite(ct.mean)):
@@ -519,7 +530,9 @@ def _plots(data: ReportData, folder: Path) -> list[str]:
                 yerr=ct.half_width if math.isfinite(ct.half_width) else None,
                 fmt="o", capsize=3, color=colors(i % 10), label=_preset_label(p),
             )
-            ax.annotate(p, (fs.mean, ct.mean), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            placed.append((p, fs.mean, ct.mean))
+        ax.autoscale_view()
+        _annotate_apart(fig, ax, placed)
         if not any_point:
             ax.text(0.5, 0.5, "no preset has both FaceSim and CLIP-T", ha="center", va="center", transform=ax.transAxes)
         else:
@@ -533,6 +546,56 @@ def _plots(data: ReportData, folder: Path) -> list[str]:
         plt.close(fig)
         written.append(path)
     return [str(p) for p in written]
+
+
+#: Where a point's label may go, in points from the point (right-up first, then around it).
+_LABEL_SPOTS = ((5, 5), (5, -11), (-5, 5), (-5, -11), (0, 12), (0, -18), (12, 0), (-12, 0), (10, 16), (-10, -24))
+
+
+def label_positions(points: Sequence[tuple[float, float]], sizes: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Offsets (from :data:`_LABEL_SPOTS`) so that no two label boxes overlap where avoidable.
+
+    ``points`` are display positions and ``sizes`` the labels' (width, height), both in points.
+    Greedy: each label takes the first spot that overlaps no label placed before it (the
+    least-overlapping spot when all do), so close presets on the trade-off plot stay readable.
+    """
+    boxes: list[tuple[float, float, float, float]] = []
+    chosen: list[tuple[float, float]] = []
+
+    def box(x: float, y: float, dx: float, dy: float, w: float, h: float) -> tuple[float, float, float, float]:
+        left = x + dx if dx >= 0 else x + dx - w
+        left = left - w / 2 if dx == 0 else left
+        return left, y + dy, left + w, y + dy + h
+
+    def overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+        return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+    for (x, y), (w, h) in zip(points, sizes):
+        best, best_cost = _LABEL_SPOTS[0], math.inf
+        for dx, dy in _LABEL_SPOTS:
+            candidate = box(x, y, dx, dy, w, h)
+            cost = sum(overlap(candidate, other) for other in boxes)
+            if cost < best_cost:
+                best, best_cost = (dx, dy), cost
+            if cost == 0:
+                break
+        boxes.append(box(x, y, *best, w, h))
+        chosen.append(best)
+    return chosen
+
+
+def _annotate_apart(fig: Any, ax: Any, placed: Sequence[tuple[str, float, float]], fontsize: float = 8) -> None:
+    """Label each point with its preset name, the labels moved apart (:func:`label_positions`)."""
+    if not placed:
+        return
+    to_points = 72.0 / fig.dpi
+    points = [tuple(v * to_points for v in ax.transData.transform((x, y))) for _, x, y in placed]
+    sizes = [(0.6 * fontsize * len(name), fontsize * 1.2) for name, _, _ in placed]  # a font's usual box
+    for (name, x, y), (dx, dy) in zip(placed, label_positions(points, sizes)):
+        ax.annotate(
+            name, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize,
+            ha="left" if dx > 0 else ("right" if dx < 0 else "center"),
+        )
 
 
 def _save_fig(fig: Any, path: Path) -> None:

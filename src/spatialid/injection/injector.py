@@ -23,6 +23,15 @@ context is set does the injector fall back to counting calls (see :mod:`spatiali
 hooks are thin wrappers around the public per-call API, :meth:`IdentityInjector.begin_call` and
 :meth:`IdentityInjector.inject`, which tools (the step-cost benchmark) drive directly.
 
+Several people
+--------------
+``id_embeds`` may hold one token tensor per person. Each injection point then runs the CA for
+all K identities in one call (:meth:`PerceiverAttentionCA.forward_people`: the image tokens are
+projected to queries once) and adds ``w * sum_k M_k * CA(Z_k, h)``, with per-person masks that
+compete so that ``sum_k M_k <= 1`` (:mod:`spatialid.masks.multi`). ``regions`` bound each
+person's mask (also for one person), ``mask_source`` replays recorded masks. One identity with no
+region and no mask source keeps the single-identity code path, bit for bit.
+
 Cost and ``torch.compile``
 --------------------------
 Per injection point the spatial path adds only the mask (about 25 small kernels on ``[B, N]``
@@ -57,10 +66,16 @@ from spatialid.injection.calls import (
 if TYPE_CHECKING:  # pragma: no cover
     from spatialid.masks.schedule import SpatialSchedule
 
-EmbedsSource = Union[torch.Tensor, Callable[[TransformerCall], Union[torch.Tensor, None]]]
+#: Identity tokens: one person's ``[B|1, n, dim]``, a list of them (one per person), or a callable
+#: returning either (or None) per transformer call.
+PeopleTokens = Union[torch.Tensor, Sequence[torch.Tensor]]  # noqa: UP007 (a runtime alias)
+EmbedsSource = Union[PeopleTokens, Callable[[TransformerCall], Union[PeopleTokens, None]]]  # noqa: UP007
+#: Recorded masks to use instead of computing them: ``fn(call, point) -> [K, B, N] | None``.
+MaskSource = Callable[[TransformerCall, int], Union[torch.Tensor, None]]  # noqa: UP007
 
 __all__ = [
-    "EmbedsSource", "IdentityInjector", "InjectionRecord", "InjectionSession", "injection_points", "snap_to_schedule",
+    "EmbedsSource", "IdentityInjector", "InjectionRecord", "InjectionSession", "MaskSource", "PeopleTokens",
+    "injection_points", "snap_to_schedule",
 ]
 
 
@@ -102,7 +117,9 @@ class InjectionRecord:
     t: float
     point: int
     phase: str
-    mask: torch.Tensor  # float16 on CPU, [B, rows * cols]
+    # on CPU in the session's record_dtype (float16 by default): [B, rows * cols] for one identity
+    # without region; [K, B, rows * cols] (one mask per person) on the multi-identity path
+    mask: torch.Tensor
 
 
 @dataclass
@@ -120,12 +137,22 @@ class InjectionSession:
     # the current call (set by begin_call) and the counter that numbers calls into steps/branches
     call: TransformerCall | None = None
     _counter: CallCounter = field(default_factory=CallCounter)
+    # image tokens being generated: the first ``generated_tokens`` of the image stream get identity
+    # (FLUX.1 Kontext appends its context image's tokens after them); None = all of them
+    generated_tokens: int | None = None
+    # Several people / regions (see spatialid.masks.multi): upper bounds [K, rows, cols] in [0, 1]
+    # (also for one person), recorded masks to replay, and the dtype recorded masks are kept in.
+    regions: torch.Tensor | None = None
+    mask_source: MaskSource | None = None
+    record_dtype: torch.dtype = torch.float16
     # id_weight != 0, and id_weight as a 0-d float32 tensor on the CA modules' device: the hooks
     # read these instead of the float so that torch.compile does not specialise on its value.
     _enabled: bool = True
     _weight: torch.Tensor | None = None
     # per-call state, set by begin_call
     _embeds: torch.Tensor | None = None
+    _people: torch.Tensor | None = None  # [K, B, n, dim] on the multi-identity path, else None
+    _layouts: dict[Any, Any] = field(default_factory=dict)  # (K, rows, cols, device) -> masks.multi.Layout
     _t: torch.Tensor | None = None
     _t_float: float | None = None
 
@@ -176,6 +203,9 @@ class IdentityInjector:
         self.points = points
         self._session: InjectionSession | None = None
         self._handles: list[Any] = []
+        # Set by a step cache (spatialid.injection.step_cache): True when a point's residual is
+        # already part of the block output (a cached step reuses the last computed residual).
+        self.skip_point: Callable[[int], bool] | None = None
         # Observes diffusers' cache context ("cond"/"uncond"); None without diffusers' hook system.
         self._probe: Any = attach_context_probe(transformer)
         self._handles.append(transformer.register_forward_pre_hook(self._on_transformer_call, with_kwargs=True))
@@ -203,6 +233,10 @@ class IdentityInjector:
         record_masks: bool = False,
         calls_per_step: int = 1,
         sigmas: torch.Tensor | Callable[[], torch.Tensor | None] | None = None,
+        generated_tokens: int | None = None,
+        regions: torch.Tensor | None = None,
+        mask_source: MaskSource | None = None,
+        record_dtype: torch.dtype = torch.float16,
     ) -> Iterator[InjectionSession]:
         """Inject identity into every transformer call made inside the ``with`` block.
 
@@ -226,6 +260,20 @@ class IdentityInjector:
                 ``timestep`` argument is rounded to the latents' dtype (bfloat16 moves 0.7009 to
                 0.6992, into another phase), so it is snapped to the nearest of these times
                 (:func:`snap_to_schedule`).
+            generated_tokens: only the first this many image tokens receive identity (and form
+                ``grid``); the rest pass unchanged (FLUX.1 Kontext's context-image tokens). None = all.
+            regions: upper bounds of each person's mask, ``[K, rows, cols]`` in [0, 1] on the
+                token grid (``spatialid.masks.multi.box_region`` / ``region_from_mask``), in the
+                order of the people; also for one identity (e.g. an inpainting mask). Outside its
+                region a person's residual is exactly zero; a region is also the early prior.
+            mask_source: ``fn(call, point) -> [K, B, N] masks | None``: use these (recorded)
+                masks for that call and point instead of computing them.
+            record_dtype: dtype of recorded masks (float32 to replay them bit for bit).
+
+        ``id_embeds`` may also be a list of tensors (or a callable returning one), one per person.
+        With one identity, no region and no ``mask_source`` the single-identity code path runs
+        (bit-identical to before); several identities, regions or a mask source select the
+        multi-identity path (:mod:`spatialid.masks.multi`).
         """
         if not self.attached:
             raise RuntimeError("this IdentityInjector was detached; create a new one")
@@ -238,10 +286,18 @@ class IdentityInjector:
             if rows < 1 or cols < 1:
                 raise ValueError(f"grid must be two positive integers (rows, cols), got {grid!r}")
             grid = (rows, cols)
-        if not callable(id_embeds) and not isinstance(id_embeds, torch.Tensor):
-            raise TypeError("id_embeds must be a tensor [B, n, dim] or a callable returning one (or None)")
+        if isinstance(id_embeds, (list, tuple)):
+            if not id_embeds or not all(isinstance(e, torch.Tensor) and e.ndim == 3 for e in id_embeds):
+                raise ValueError("id_embeds as a list needs one tensor [B, n_tokens, dim] per person")
+        elif not callable(id_embeds) and not isinstance(id_embeds, torch.Tensor):
+            raise TypeError("id_embeds must be a tensor [B, n, dim], a list of them, or a callable returning one (or None)")
         if isinstance(id_embeds, torch.Tensor) and id_embeds.ndim != 3:
             raise ValueError(f"id_embeds must have shape [B, n_tokens, dim], got {tuple(id_embeds.shape)}")
+        if regions is not None:
+            if not isinstance(regions, torch.Tensor) or regions.ndim != 3:
+                raise ValueError("regions must be a tensor [persons, rows, cols] of upper bounds in [0, 1]")
+            if grid is not None and tuple(regions.shape[1:]) != grid:
+                raise ValueError(f"regions are on a {tuple(regions.shape[1:])} grid but grid is {grid}")
         session = InjectionSession(
             id_embeds=id_embeds,
             id_weight=float(id_weight),
@@ -250,6 +306,10 @@ class IdentityInjector:
             record_masks=record_masks,
             sigmas=sigmas,
             _counter=CallCounter(calls_per_step),
+            generated_tokens=None if generated_tokens is None else int(generated_tokens),
+            regions=regions,
+            mask_source=mask_source,
+            record_dtype=record_dtype,
         )
         session._enabled = session.id_weight != 0.0
         device = next(self.ca_modules.parameters()).device
@@ -263,7 +323,8 @@ class IdentityInjector:
         finally:
             if self._probe is not None:
                 self._probe.unsubscribe(session._counter)
-            session._embeds = session._t = session._weight = None
+            session._embeds = session._t = session._weight = session._people = None
+            session._layouts.clear()
             self._session = None
 
     def begin_call(self, hidden_states: torch.Tensor | None, timestep: Any = None) -> TransformerCall:
@@ -291,19 +352,27 @@ class IdentityInjector:
             call = counter.next(probe.name, probe.step_index)
         session.call = call
         embeds = session.id_embeds(call) if callable(session.id_embeds) else session.id_embeds
+        session._people = None
         if embeds is None or not session._enabled:
             session._embeds = None
             return call
         if hidden_states is None:
             raise RuntimeError("IdentityInjector could not find hidden_states in the transformer call")
-        if embeds.ndim != 3:
-            raise ValueError(f"identity tokens must be [B, n_tokens, dim], got {tuple(embeds.shape)}")
+        people = list(embeds) if isinstance(embeds, (list, tuple)) else [embeds]
         batch = hidden_states.shape[0]
-        if embeds.shape[0] not in (1, batch):
-            raise ValueError(
-                f"identity tokens have batch {embeds.shape[0]} but the transformer batch is {batch}; "
-                "give one embedding per sample or a single one for all"
-            )
+        for person in people:
+            if person.ndim != 3:
+                raise ValueError(f"identity tokens must be [B, n_tokens, dim], got {tuple(person.shape)}")
+            if person.shape[0] not in (1, batch):
+                raise ValueError(
+                    f"identity tokens have batch {person.shape[0]} but the transformer batch is {batch}; "
+                    "give one embedding per sample or a single one for all"
+                )
+        if len(people) > 1 and any(p.shape[1:] != people[0].shape[1:] for p in people):
+            raise ValueError("every person's identity tokens must have the same [n_tokens, dim]")
+        if session.regions is not None and session.regions.shape[0] != len(people):
+            raise ValueError(f"{session.regions.shape[0]} regions for {len(people)} identities; give one region per person")
+        embeds = people[0]
         param = next(self.ca_modules.parameters())
         if param.device != hidden_states.device:
             # No moving here: the CA modules are placed by whoever owns them (SpatialIDPipeline
@@ -314,6 +383,10 @@ class IdentityInjector:
                 f"itself), or injector.ca_modules.to({str(hidden_states.device)!r}) when driving IdentityInjector directly"
             )
         session._embeds = embeds.to(device=param.device, dtype=param.dtype).expand(batch, -1, -1)
+        if len(people) > 1 or session.regions is not None or session.mask_source is not None:
+            session._people = torch.stack(
+                [p.to(device=param.device, dtype=param.dtype).expand(batch, -1, -1) for p in people]
+            )
         if session._weight.device != param.device:
             session._weight = session._weight.to(param.device)
 
@@ -349,7 +422,10 @@ class IdentityInjector:
             raise RuntimeError("IdentityInjector.inject() needs an active() block and begin_call()")
         if session._embeds is None:
             return image_tokens
-        return self._inject(point, image_tokens, session)
+        n = session.generated_tokens
+        if n is not None and image_tokens.shape[1] > n:  # context tokens after the generated ones stay as they are
+            return torch.cat([self._inject_any(point, image_tokens[:, :n], session), image_tokens[:, n:]], dim=1)
+        return self._inject_any(point, image_tokens, session)
 
     def detach(self) -> None:
         """Remove every hook (the context probe too); the transformer is the plain model again."""
@@ -381,6 +457,8 @@ class IdentityInjector:
             session = self._session
             if session is None or session._embeds is None:
                 return None
+            if self.skip_point is not None and self.skip_point(point):  # already in a step cache's output
+                return None
             if not (isinstance(output, tuple) and len(output) == 2):
                 raise RuntimeError(
                     "FLUX blocks must return (encoder_hidden_states, hidden_states); this diffusers "
@@ -390,6 +468,11 @@ class IdentityInjector:
             return text, self.inject(point, image)
 
         return hook
+
+    def _inject_any(self, point: int, image: torch.Tensor, session: InjectionSession) -> torch.Tensor:
+        if session._people is not None:
+            return self._inject_people(point, image, session)
+        return self._inject(point, image, session)
 
     def _inject(self, point: int, image: torch.Tensor, session: InjectionSession) -> torch.Tensor:
         ca = self.ca_modules[point]
@@ -420,10 +503,65 @@ class IdentityInjector:
             t = session._t_float if session._t_float is not None else float("nan")
             phase = schedule.phase(t) if math.isfinite(t) else "unknown"
             call = session.call
-            mask_cpu = mask.detach()[..., 0].to("cpu", torch.float16)
+            mask_cpu = mask.detach()[..., 0].to("cpu", session.record_dtype)
             session.records.append(InjectionRecord(call.index, call.step, call.branch, t, point, phase, mask_cpu))
         # image + (w * M) * delta: the weight scales the small [B, N, 1] mask, then one fused pass.
         return torch.addcmul(image, mask.to(image.dtype) * weight, delta.to(image.dtype))
+
+    def _inject_people(self, point: int, image: torch.Tensor, session: InjectionSession) -> torch.Tensor:
+        """``h + w * sum_k M_k * CA(Z_k, h)`` with competing per-person masks (:mod:`spatialid.masks.multi`)."""
+        from spatialid.masks import multi
+
+        ca = self.ca_modules[point]
+        people = session._people  # [K, B, n, dim]
+        count = people.shape[0]
+        latents = image.to(people.dtype)
+        schedule = session.schedule
+        rows, cols = self._grid(session, image.shape[1])
+        want_probs = schedule is not None and schedule.needs_attention_probs
+        probs = None
+        if count == 1:
+            # the very call the single-identity path makes, so a replay gets the same residual bits
+            if want_probs:
+                delta, raw, probs = ca(people[0], latents, return_probs=True)
+                probs = probs.unsqueeze(0)
+            else:
+                delta, raw = ca(people[0], latents, return_raw=True)
+            deltas, raws = delta.unsqueeze(0), raw.unsqueeze(0)
+        elif want_probs:
+            deltas, raws, probs = ca.forward_people(people, latents, return_probs=True)
+        else:
+            deltas, raws = ca.forward_people(people, latents)
+        call = session.call
+        masks = session.mask_source(call, point) if session.mask_source is not None and call is not None else None
+        if masks is not None:
+            masks = masks.to(device=image.device, dtype=torch.float32)
+        elif count == 1 and session.regions is None:
+            # one person, no region (a replay's negative branch): the single-identity schedule mask
+            if schedule is None:
+                masks = torch.ones(1, image.shape[0], image.shape[1], device=image.device, dtype=raws.dtype)
+            else:
+                single = schedule.mask(session._t, raws[0], rows, cols, attn_probs=None if probs is None else probs[0])
+                masks = single[..., 0].unsqueeze(0)
+        else:
+            key = (count, rows, cols, image.device)
+            people_layout = session._layouts.get(key)
+            if people_layout is None:  # host work once per session and grid, not per step
+                sigma = schedule.center_sigma if schedule is not None else 0.3
+                people_layout = multi.layout(count, rows, cols, sigma, session.regions, image.device)
+                session._layouts[key] = people_layout
+            masks = multi.multi_masks(schedule, session._t, raws, rows, cols, people_layout, attn_probs=probs)
+            masks = masks.to(raws.dtype)  # the precision the single-identity masks have
+        if session.record_masks:
+            t = session._t_float if session._t_float is not None else float("nan")
+            phase = "uniform" if schedule is None else (schedule.phase(t) if math.isfinite(t) else "unknown")
+            mask_cpu = masks.detach().to("cpu", session.record_dtype)
+            session.records.append(InjectionRecord(call.index, call.step, call.branch, t, point, phase, mask_cpu))
+        weighted = masks.to(image.dtype).unsqueeze(-1) * session._weight  # [K, B, N, 1]
+        out = image
+        for k in range(count):  # K is static: unrolled under torch.compile
+            out = torch.addcmul(out, weighted[k], deltas[k].to(image.dtype))
+        return out
 
     @staticmethod
     def _grid(session: InjectionSession, num_tokens: int) -> tuple[int, int]:

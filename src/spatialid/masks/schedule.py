@@ -34,6 +34,8 @@ from spatialid.masks.extractor import (
     norm_mask,
     refine_mask,
 )
+from spatialid.masks.fused import fused_mask as _fused_mask
+from spatialid.masks.fused import use_fused as _use_fused
 
 __all__ = [
     "SOURCES",
@@ -191,6 +193,7 @@ class SpatialSchedule:
         cols: int,
         *,
         attn_probs: torch.Tensor | None = None,
+        fused: bool | str = "auto",
     ) -> torch.Tensor:
         """Injection mask ``[B, rows*cols, 1]`` in ``ca_raw``'s dtype and device.
 
@@ -205,6 +208,9 @@ class SpatialSchedule:
             rows, cols: the image-token grid.
             attn_probs: ``[B, heads, rows*cols, n_id]`` attention probabilities over identity
                 tokens; required when ``source == "entropy"`` (see :attr:`needs_attention_probs`).
+            fused: for a tensor ``t``, compute the mask with the compiled few-kernel path of
+                :mod:`spatialid.masks.fused` (True), this eager reference (False), or the fused
+                path where it is faster: on CUDA ("auto", the default).
         """
         if ca_raw.dim() != 3:
             raise ValueError(f"ca_raw must be [B, N, D], got shape {tuple(ca_raw.shape)}")
@@ -222,6 +228,10 @@ class SpatialSchedule:
                     f"attn_probs must be [{batch}, heads, {n_tokens}, n_id], got {shape}"
                 )
 
+        if isinstance(t, torch.Tensor) and _use_fused(fused, ca_raw.device):
+            if t.dim() > 1 or (t.dim() == 1 and t.shape[0] not in (1, batch)):
+                raise ValueError(f"t must be a number, a 0-d tensor or a tensor of shape [{batch}], got shape {tuple(t.shape)}")
+            return _fused_mask(self, t, ca_raw, rows, cols, attn_probs)
         if isinstance(t, torch.Tensor):
             out = self._mask_tensor_t(t, ca_raw, rows, cols, attn_probs)
         else:

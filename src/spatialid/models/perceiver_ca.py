@@ -147,3 +147,41 @@ class PerceiverAttentionCA(SafetensorsModelMixin, ConfigMixin):
         if return_raw:
             return out, raw
         return out
+
+    def forward_people(
+        self, id_tokens: torch.Tensor, latents: torch.Tensor, return_probs: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """K identities against the same image tokens in one pass: ``id_tokens`` is ``[K, B, n, kv_dim]``.
+
+        The image tokens are normalised and projected to queries once (the expensive part of
+        the CA on 4096 tokens), the K identities' keys/values in one matmul, then one attention
+        and one output projection over a ``K * B`` batch. Returns ``(out [K, B, N, dim],
+        raw [K, B, N, inner])`` and, with ``return_probs=True``, ``probs [K, B, heads, N, n]``.
+        """
+        if id_tokens.ndim != 4:
+            raise ValueError(f"forward_people needs id_tokens [K, B, n, {self.kv_dim}], got {tuple(id_tokens.shape)}")
+        count = id_tokens.shape[0]
+        self._check_inputs(id_tokens[0], latents)
+        out_dtype = latents.dtype
+        w_dtype = self.to_q.weight.dtype
+        b, n, _ = latents.shape
+        h, d = self.heads, self.dim_head
+        q = self.to_q(self.norm2(latents.to(w_dtype))).view(b, n, h, d).transpose(1, 2)  # [B, H, N, D]
+        ids = id_tokens.to(w_dtype).expand(count, b, -1, -1).reshape(count * b, id_tokens.shape[2], self.kv_dim)
+        kv = self.to_kv(self.norm1(ids))  # [K*B, n, 2*inner]
+        k, v = kv.view(count * b, kv.shape[1], 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        k, v = k.contiguous(), v.contiguous()
+        q = q.unsqueeze(0).expand(count, -1, -1, -1, -1).reshape(count * b, h, n, d)  # the K copies of q
+        scale = d**-0.5
+        probs = None
+        if return_probs:
+            probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)).float() * scale, dim=-1)
+            attn = torch.matmul(probs.to(v.dtype), v)
+        else:
+            attn = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        raw = attn.transpose(1, 2).reshape(count * b, n, self.inner_dim)
+        out = self.to_out(raw).to(out_dtype).view(count, b, n, self.dim)
+        raw = raw.view(count, b, n, self.inner_dim)
+        if probs is not None:
+            return out, raw, probs.view(count, b, h, n, probs.shape[-1])
+        return out, raw

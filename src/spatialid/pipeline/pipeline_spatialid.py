@@ -98,7 +98,9 @@ class StepMasks:
     step: int  # 0-based denoising step
     t: float  # the sigma FluxPipeline passed to the transformer
     phase: str  # schedule phase at t ("prior", "attention", "relaxed"; "uniform" without schedule)
-    masks: torch.Tensor  # float16 CPU [num_points, batch, rows, cols]
+    masks: torch.Tensor  # float16 CPU [num_points, batch, rows, cols] (all people together)
+    # several people or regions: each person's mask, float32 CPU [num_points, persons, batch, rows, cols]
+    people: torch.Tensor | None = None
 
     def mean(self) -> torch.Tensor:
         """Mask averaged over injection points, float32 ``[batch, rows, cols]``."""
@@ -767,6 +769,10 @@ class SpatialIDPipeline(FluxPipeline):
         return_masks: bool = False,
         cfg_start_step: int = D.DEFAULT_CFG_START_STEP,
         uncond_id_embeds: torch.Tensor | None = None,
+        people: Sequence[Any] | None = None,
+        regions: Sequence[Any] | None = None,
+        save_masks: str | os.PathLike[str] | None = None,
+        masks_from: str | os.PathLike[str] | None = None,
         max_sequence_length: int | None = None,
         schedule_overrides: dict[str, float] | None = None,
         noise: str = D.DEFAULT_NOISE,
@@ -791,6 +797,19 @@ class SpatialIDPipeline(FluxPipeline):
             seed: image ``i`` of the batch uses a CPU generator seeded ``seed + i``; ignored when
                 ``generator`` is given; drawn at random (and reported in ``settings``) when both are None.
             return_masks: record the masks of every step and return them as ``output.masks``.
+            people: several people in one image, one entry per person (docs/multi-identity.md): a
+                photo, a list of photos of that person, an ``IdentityEmbedding``, a
+                ``.safetensors`` identity file or a tokens tensor; up to 4, spread left to right
+                in this order unless ``regions`` say where. Not together with ``id_image`` /
+                ``id_embeds`` (photos of ONE person).
+            regions: one region per person (or one for ``id_image``), in order: a box
+                ``(x0, y0, x1, y1)`` / ``"x0,y0,x1,y1"`` in fractions of width and height, a mask
+                picture (white = the person's place) or an ``[H, W]`` tensor in [0, 1]. A region
+                is the person's early prior and an upper bound of their mask at every step.
+            save_masks: write every person's mask of every injected step (positive branch) to
+                this ``.safetensors`` file (``spatialid.pipeline.people``); implies recording.
+            masks_from: replay the masks of such a file instead of computing them (same people,
+                size, steps and batch); the negative CFG branch still computes its own.
             schedule_overrides: schedule fields set on top of ``preset`` (``early``, ``late``,
                 ``late_floor``, ``center_sigma``, ``global_floor``).
             noise: ``"diffusers"`` (FluxPipeline's initial noise from CPU generators seeded
@@ -835,14 +854,34 @@ class SpatialIDPipeline(FluxPipeline):
         if noise not in D.NOISE_MODES:
             raise SpatialIDError(f"noise must be one of {', '.join(D.NOISE_MODES)}, got {noise!r}")
         use_true_cfg = float(true_cfg) > 1.0
-        identity_given = id_image is not None or id_embeds is not None
+        if people is not None:
+            from spatialid.pipeline.people import check_people_count
+
+            if id_image is not None or id_embeds is not None:
+                raise SpatialIDError("give people=[...] (several people) or id_image/id_embeds (one person), not both")
+            if isinstance(people, (str, os.PathLike)) or not isinstance(people, Sequence):
+                raise SpatialIDError("people must be a list with one entry per person (a photo, a list of photos or an embedding)")
+            check_people_count(len(people))
+        identity_given = id_image is not None or id_embeds is not None or bool(people)
         if identity_given and self.injector is None:
             raise SpatialIDError(
                 "this pipeline has no PuLID modules; build it with SpatialIDPipeline.from_pretrained(...) or .tiny()"
             )
-        tokens, uncond, identity_info = self._resolve_identity(
-            id_image, id_embeds, uncond_id_embeds, need_uncond=use_true_cfg and float(id_weight) > 0
-        )
+        need_uncond = use_true_cfg and float(id_weight) > 0
+        people_info: list[dict[str, Any]] | None = None
+        if people:
+            from spatialid.pipeline.people import split_person
+
+            resolved = [self._resolve_identity(*split_person(p), uncond_id_embeds, need_uncond=need_uncond) for p in people]
+            tokens = [r[0] for r in resolved]
+            uncond = [r[1] for r in resolved] if need_uncond else None
+            people_info = [r[2] for r in resolved]
+            identity_info = {"source": "people", "people": people_info}
+        else:
+            tokens, uncond, identity_info = self._resolve_identity(id_image, id_embeds, uncond_id_embeds, need_uncond=need_uncond)
+        persons = len(tokens) if isinstance(tokens, list) else (1 if tokens is not None else 0)
+        if (regions is not None or masks_from is not None) and persons == 0:
+            raise SpatialIDError("regions and masks_from need an identity (id_image, id_embeds or people)")
 
         batch = 1 if isinstance(prompt, str) or prompt is None else len(prompt)
         total = batch * int(num_images_per_prompt)
@@ -861,6 +900,20 @@ class SpatialIDPipeline(FluxPipeline):
         cols = width // (self.vae_scale_factor * 2)
         calls_per_step = 2 if use_true_cfg else 1
         inject = tokens is not None and float(id_weight) > 0.0
+        region_grid = None
+        if regions is not None:
+            from spatialid.pipeline.people import regions_tensor
+
+            region_grid = regions_tensor(regions, persons, rows, cols)
+        mask_source = None
+        if masks_from is not None and inject:
+            from spatialid.pipeline.people import mask_source_for
+
+            mask_source = mask_source_for(
+                masks_from, points=len(self.injector.points), persons=persons, batch=total, rows=rows, cols=cols,
+                steps=range(int(start_step), steps),
+            )
+        recording = return_masks or save_masks is not None
 
         call_kwargs: dict[str, Any] = dict(
             prompt=prompt,
@@ -901,9 +954,12 @@ class SpatialIDPipeline(FluxPipeline):
                     id_weight=float(id_weight),
                     schedule=schedule,
                     grid=(rows, cols),
-                    record_masks=return_masks,
+                    record_masks=recording,
                     calls_per_step=calls_per_step,
                     sigmas=lambda: getattr(self.scheduler, "sigmas", None),  # the phase from the float time
+                    regions=region_grid,
+                    mask_source=mask_source,
+                    record_dtype=torch.float32 if save_masks is not None else torch.float16,
                 ) as session:
                     out = super().__call__(**call_kwargs)
                 records = session.records
@@ -913,9 +969,15 @@ class SpatialIDPipeline(FluxPipeline):
             if warmup is not None:
                 warmup.remove()
 
+        if save_masks is not None:
+            from spatialid.pipeline.people import save_mask_file
+
+            save_mask_file(save_masks, records or [], rows, cols)
         masks = _collect_masks(records, calls_per_step, rows, cols) if return_masks and records is not None else None
         if return_masks and masks is None:
             masks = []
+        from spatialid.pipeline.people import describe_region, region_list
+
         record = GenerationSettings(
             prompt=prompt,
             negative_prompt=negative_prompt if use_true_cfg else None,
@@ -933,6 +995,8 @@ class SpatialIDPipeline(FluxPipeline):
             max_sequence_length=max_len,
             schedule_overrides=dict(schedule_overrides) if schedule_overrides else None,
             noise=noise,
+            people=[list((info or {}).get("files") or []) for info in people_info] if people_info else None,
+            regions=[describe_region(r) for r in region_list(regions)] if regions is not None else None,
         )
         settings = {
             "version": __version__,
@@ -941,6 +1005,7 @@ class SpatialIDPipeline(FluxPipeline):
             "schedule": schedule.to_dict() if schedule is not None else None,
             "identity": identity_info,
             "identity_injected": bool(inject),
+            **({"masks_from": Path(masks_from).name} if masks_from is not None else {}),
             "offload": self._offload_mode,
             **(self.model_info or {}),
         }
@@ -966,13 +1031,20 @@ def _collect_masks(records: Sequence[Any], calls_per_step: int, rows: int, cols:
     result = []
     for step in sorted(by_step):
         recs = sorted(by_step[step], key=lambda r: r.point)
-        stack = torch.stack([r.mask.to(torch.float16) for r in recs])  # [P, B, N]
+        people = None
+        if recs[0].mask.dim() == 3:  # the multi-identity path: [K, B, N] per point
+            per_person = torch.stack([r.mask.float() for r in recs])  # [P, K, B, N]
+            people = per_person.reshape(*per_person.shape[:3], rows, cols)
+            stack = per_person.sum(dim=1).clamp_(max=1.0).to(torch.float16)  # [P, B, N]
+        else:
+            stack = torch.stack([r.mask.to(torch.float16) for r in recs])  # [P, B, N]
         result.append(
             StepMasks(
                 step=step,
                 t=float(recs[0].t),
                 phase=str(recs[0].phase),
                 masks=stack.reshape(stack.shape[0], stack.shape[1], rows, cols),
+                people=people,
             )
         )
     return result

@@ -180,6 +180,21 @@ class GenerationSettings:
     max_sequence_length: int | None = None
     schedule_overrides: Mapping[str, float] | None = None  # --early, --late-floor, ... on top of the preset
     noise: str = D.DEFAULT_NOISE  # "diffusers" or "reference" (BFL/PuLID's initial noise)
+    # Several people (docs/multi-identity.md): each person's photo / identity file names, in order
+    # (metadata only: the identities themselves travel beside the record), and one region per
+    # person (a box [x0, y0, x1, y1] in fractions, or a mask picture's path or name).
+    people: Sequence[Sequence[str]] | None = None
+    regions: Sequence[Any] | None = None
+    # which diffusers FLUX.1 pipeline, and its inputs (docs/pipelines.md): files by path here, by
+    # name in the image's metadata; LoRAs (FILE_OR_HUB_ID[:SCALE]) load with the models
+    pipeline: str = "text2image"  # text2image, img2img, inpaint, fill, kontext, controlnet, control
+    init_image: str | None = None
+    strength: float | None = None
+    inpaint_mask: str | None = None
+    control_image: str | None = None
+    controlnet: str | None = None
+    controlnet_scale: float | None = None
+    loras: Sequence[str] | None = None
 
     def replace(self, **changes: Any) -> GenerationSettings:
         return dataclasses.replace(self, **changes)
@@ -225,6 +240,21 @@ class GenerationSettings:
             raise GenerationSettingsError(f"max sequence length must be between 1 and {MAX_SEQUENCE_LENGTH}, got {n}")
         if self.noise not in D.NOISE_MODES:
             raise GenerationSettingsError(f"noise must be one of {', '.join(D.NOISE_MODES)}, got {self.noise!r}")
+        if self.strength is not None and not 0.0 < _finite("strength", self.strength) <= 1.0:
+            raise GenerationSettingsError(f"strength must be in (0, 1] (the share of the input image redrawn), got {self.strength:g}")
+        if self.pipeline != "text2image":
+            if self.pipeline not in D.PIPELINES:
+                raise GenerationSettingsError(f"unknown pipeline {self.pipeline!r}; one of: {', '.join(D.PIPELINES)}")
+            if self.pipeline in D.IMAGE_PIPELINES and not self.init_image:
+                raise GenerationSettingsError(f"the {self.pipeline} pipeline needs an input image")
+        if self.people is not None and not 1 <= len(self.people) <= 4:
+            raise GenerationSettingsError(f"between 1 and 4 people per image, got {len(self.people)}")
+        if self.regions is not None:
+            count = len(self.people) if self.people else 1
+            if len(self.regions) != count:
+                raise GenerationSettingsError(
+                    f"{len(self.regions)} region(s) for {count} person(s); give one --region per person, in order"
+                )
         if self.schedule_overrides:
             from spatialid.masks.schedule import apply_overrides, resolve_preset
 
@@ -250,12 +280,30 @@ class GenerationSettings:
             "max_sequence_length": self.max_sequence_length,
             "schedule_overrides": dict(self.schedule_overrides) if self.schedule_overrides else None,
             "noise": self.noise,
+            **({"regions": list(self.regions)} if self.regions is not None else {}),
+            **self.pipeline_inputs(),
         }
+
+    def pipeline_inputs(self) -> dict[str, Any]:
+        """The per-call inputs of a pipeline other than text-to-image (none for text-to-image)."""
+        if self.pipeline == "text2image":
+            return {}
+        names = ("init_image", "strength", "inpaint_mask", "control_image", "controlnet_scale")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
     def to_dict(self) -> dict[str, Any]:
         """The record as PNG-metadata keys (JSON-ready)."""
         data = dataclasses.asdict(self)
         data["schedule_overrides"] = dict(self.schedule_overrides) if self.schedule_overrides else None
+        data["loras"] = list(self.loras) if self.loras else None
+        # several people only: a one-person record keeps exactly its earlier keys
+        for key in ("people", "regions"):
+            if data[key] is None:
+                del data[key]
+        if self.people is not None:
+            data["people"] = [list(p) for p in self.people]
+        if self.regions is not None:
+            data["regions"] = [list(r) if isinstance(r, (list, tuple)) else r for r in self.regions]
         return data
 
     @classmethod

@@ -51,9 +51,20 @@ _OFFLINE_ENV = {
 }
 
 CSS = """
-#tiny-notice { border-left: 4px solid #f59e0b; padding: 0.4em 0.8em; background: rgba(245,158,11,0.08); }
+#tiny-notice { border-left: 4px solid #f59e0b; padding: 0.2em 0.6em; background: rgba(245,158,11,0.08); font-size: 0.85em; }
 #status { min-height: 1.6em; }
+#page-title h2 { margin: 0; }
+#photo-help, #face-check { font-size: 0.85em; line-height: 1.3; }
+#photo-help p, #face-check p { margin: 0; }
+#downloads .file-name, #downloads td { white-space: nowrap; }
 """
+
+#: Seconds an error popup stays: one at a time, never a pile over the status line.
+TOAST_SECONDS = 6
+
+# Runs in the browser when a run starts: the previous run's popups go (the status line keeps the
+# last message), so popups never pile up. Passes the event's inputs through unchanged.
+_CLOSE_TOASTS = "(...args) => { document.querySelectorAll('.toast-close').forEach((b) => b.click()); return args; }"
 
 
 for _key, _value in _OFFLINE_ENV.items():
@@ -99,6 +110,44 @@ def _upload_paths(photos: Any) -> list[str]:
     return paths
 
 
+class _Stops:
+    """Which running generation a Stop click is meant for.
+
+    Each run gets a number; Stop marks the session's running number, and the run's step callback
+    asks for its own number. A flag per session would be cleared by the next run's start while
+    the stopped run's thread is still finishing its step (Gradio cannot kill a running thread).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._next = 0
+        self._running: dict[str, int] = {}
+        self._asked: set[int] = set()
+
+    def begin(self, session: str) -> int:
+        with self._lock:
+            self._next += 1
+            self._running[session] = self._next
+            return self._next
+
+    def stop(self, session: str) -> bool:
+        """Ask the session's running generation to stop; False when none is running."""
+        with self._lock:
+            run = self._running.get(session)
+            if run is not None:
+                self._asked.add(run)
+            return run is not None
+
+    def asked(self, run: int) -> bool:
+        return run in self._asked
+
+    def end(self, session: str, run: int) -> None:
+        with self._lock:
+            self._asked.discard(run)
+            if self._running.get(session) == run:
+                del self._running[session]
+
+
 def _generate_fn(
     pipe: Any,
     *,
@@ -108,6 +157,8 @@ def _generate_fn(
     errors: dict[str, str],
     identities: h.IdentityCache,
     seeds: dict[str, int],
+    stops: _Stops,
+    history: dict[str, list[tuple[str, str]]],
 ) -> Any:
     """The Generate event: validate, run, map the result onto the output components.
 
@@ -138,6 +189,7 @@ def _generate_fn(
             progress((done, total), desc=desc, unit="steps")
 
         key = _session_key(request)
+        run_id = stops.begin(_session(request))
         try:
             out_root = files.session_dir(key)  # random name, deleted when the session ends
             files.note_uploads(key, _upload_paths(photos) if photos else [])
@@ -146,14 +198,23 @@ def _generate_fn(
                 guidance, width, height, seed, num_images, compare, compare_presets, limits=limits,
             )
             result = h.run_generation(
-                pipe, req, out_root, progress=report, lock=lock, identity_cache=identities
+                pipe, req, out_root, progress=report, lock=lock, identity_cache=identities,
+                should_stop=lambda: stops.asked(run_id),
             )
             files.archive(result.files)  # --output-dir: a kept copy, never served
             seeds[_session(request)] = int(result.settings.get("seed", req.settings.seed))
+            history[_session(request)] = h.add_to_history(
+                history.get(_session(request), []), result.image_files, result.settings
+            )
+        except h.GenerationStopped:
+            errors[_session(request)] = "stopped"
+            raise gr.Error("Stopped.", title="Stopped", duration=2, visible=False, print_exception=False) from None
         except SpatialIDError as exc:
             message = " ".join(str(exc).split())
             errors[_session(request)] = message
-            raise gr.Error(message, title="Cannot generate", print_exception=False) from None
+            raise gr.Error(message, title="Cannot generate", duration=TOAST_SECONDS, print_exception=False) from None
+        finally:
+            stops.end(_session(request), run_id)
         compare_file = next((p for p in result.files if p.stem.endswith("_compare")), None)
         mask_file = next((p for p in result.files if p.stem.endswith("_masks")), None)
         face_file = None
@@ -163,7 +224,8 @@ def _generate_fn(
             atomic_save_image(result.aligned_face, face_file, format="PNG")
         return (
             [(str(p), c) for p, c in zip(result.image_files, result.captions)],
-            gr.update(value=str(compare_file) if compare_file else None, visible=compare_file is not None),
+            gr.update(visible=compare_file is not None),
+            str(compare_file) if compare_file else None,
             str(mask_file) if mask_file else None,
             str(face_file) if face_file else None,
             [str(p) for p in result.files],
@@ -174,12 +236,21 @@ def _generate_fn(
     return on_generate
 
 
-def _example_rows(example_dir: Path) -> tuple[list[list[Any]], list[str]]:
+def _example_rows(example_dir: Path, steps: int) -> list[tuple[str, str, str, float, int]]:
+    """One row per example: photo, prompt, preset, id weight, start step (kept below the form's steps)."""
     from spatialid.ui.examples import EXAMPLES, write_example_photos
 
     paths = write_example_photos(example_dir)
-    rows = [[str(paths[e.name]), e.prompt] for e in EXAMPLES]
-    return rows, [e.label for e in EXAMPLES]
+    return [
+        (str(paths[e.photo]), e.prompt, e.preset, e.id_weight, min(e.start_step, max(0, steps - 1)))
+        for e in EXAMPLES
+    ]
+
+
+def _example_labels() -> list[str]:
+    from spatialid.ui.examples import EXAMPLES
+
+    return [f"{e.label}, start step {e.start_step}" for e in EXAMPLES]
 
 
 def build_app(
@@ -235,101 +306,83 @@ def _build(
     defaults: GenerationSettings,
     queue_size: int,
 ) -> Any:
-    example_rows, example_labels = _example_rows(Path(example_dir) if example_dir is not None else files.examples_dir)
+    example_rows = _example_rows(Path(example_dir) if example_dir is not None else files.examples_dir, defaults.steps)
     tiny = bool(getattr(pipe, "is_tiny", False))
     model_label = model_name or (getattr(pipe, "model_info", None) or {}).get("model", "FLUX.1")
     gpu_lock = threading.Lock()
     errors: dict[str, str] = {}  # session -> last error message, for the status line
     identities = h.IdentityCache(maxsize=8)
     presets = h.preset_choices()
+    ready = "Upload a photo, write a prompt, press **Generate** (or Enter in the prompt)."
 
     with gr.Blocks(title="SpatialID", analytics_enabled=False) as demo:
         gr.Markdown(
-            "# SpatialID\n"
-            "Put a person into a FLUX.1 picture from one photo (PuLID-FLUX), and **see where the identity "
-            "goes**: SpatialID confines it to the face region over the denoising steps. "
-            f"Model: `{model_label}`."
+            f"## SpatialID <small>put a person into a FLUX.1 picture from one photo, and see where the identity "
+            f"goes (model `{model_label}`)</small>",
+            elem_id="page-title",
         )
-        if tiny:
-            gr.Markdown(h.TINY_NOTICE, elem_id="tiny-notice")
         with gr.Row(equal_height=False):
+            # the left column keeps everything a first run needs above the fold of a 1280x720 screen
             with gr.Column(scale=5):
-                gr.Markdown(
-                    f"**Identity: one person.** Every photo here must show the **same person** (1-{limits.max_photos} "
-                    "photos, averaged into one identity). Dropping a new photo on the box **replaces** the set; "
-                    f"JPEG, PNG or WebP, max {limits.max_upload_mb:g} MB each.",
-                    elem_id="photo-help",
-                )
                 with gr.Row(equal_height=False):
                     photo = gr.Image(
                         label="Identity photo (drop a new one to replace)", type="filepath", sources=["upload"],
-                        format="png", height=200, elem_id="id-photo",
+                        format="png", height=150, elem_id="id-photo",
                     )
                     preview = gr.Gallery(
-                        label="Photos used and the face the encoder found", columns=3, height=200,
+                        label="Photos used and the face found", columns=3, height=150,
                         object_fit="contain", interactive=False, format="png", elem_id="photo-preview",
                     )
+                gr.Markdown(
+                    f"The **same person** in every photo (1-{limits.max_photos}, averaged); a new photo **replaces** "
+                    f"the set. Max {limits.max_upload_mb:g} MB.",
+                    elem_id="photo-help",
+                )
                 face_check = gr.Markdown("", elem_id="face-check")
-                add_photo = gr.UploadButton(
-                    "+ Add another photo of the same person", file_types=["image"], file_count="single",
-                    size="sm", elem_id="add-photo",
-                )
-                photos = gr.File(
-                    label="Photos used (all of one person)", file_count="multiple", file_types=["image"],
-                    interactive=False, elem_id="id-photos", height=100,
-                )
                 prompt = gr.Textbox(
-                    label="Prompt",
+                    label="Prompt (Enter generates, Shift+Enter starts a new line)",
                     placeholder="portrait photo of a woman in a space suit, studio light",
-                    lines=2,
+                    lines=1,
+                    max_lines=4,
                     elem_id="prompt",
                 )
-                preset = gr.Dropdown(
-                    presets,
-                    value=defaults.preset,
-                    label="Where the identity goes (preset)",
-                    elem_id="preset",
-                )
-                preset_text = gr.Markdown(h.preset_help(defaults.preset), elem_id="preset-help")
-                compare = gr.Checkbox(
-                    value=False,
-                    label="Compare presets: also draw the same seed with other presets, side by side",
-                    elem_id="compare",
-                )
-                compare_presets = gr.CheckboxGroup(
-                    presets,
-                    value=list(D.BENCH_PRESETS),
-                    label="Presets to compare",
-                    visible=False,
-                    elem_id="compare-presets",
-                )
-                generate = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Row(equal_height=True):
-                    seed = gr.Textbox(
-                        value="random", label="Seed", info=f"0 to {h.MAX_SEED} (the CLI's range); the used seed shows here",
-                        elem_id="seed", scale=3,
-                    )
-                    randomize = gr.Checkbox(value=True, label="Randomize", info="a new seed each run", elem_id="randomize", scale=1)
-                    reuse_seed = gr.Button("Reuse last seed", size="sm", elem_id="reuse-seed", scale=1)
-                examples = gr.Examples(
-                    examples=example_rows,
-                    inputs=[photo, prompt],
-                    example_labels=example_labels,
-                    label="Examples: one click runs them (photos from scikit-image)",
-                    cache_examples=False,
-                    elem_id="examples",
-                )
-                with gr.Accordion("Settings", open=False):
-                    negative_prompt = gr.Textbox(
-                        label="Negative prompt (used when true CFG > 1)", lines=1, elem_id="negative-prompt"
+                    preset = gr.Dropdown(
+                        presets, value=defaults.preset, label="Where the identity goes (preset)", elem_id="preset",
+                        scale=3,
                     )
                     id_weight = gr.Slider(
                         0, 3, value=defaults.id_weight, step=0.05, label="ID weight",
-                        info="identity strength; 0 = plain FLUX", elem_id="id-weight",
+                        elem_id="id-weight", scale=2,
                     )
+                with gr.Row(equal_height=False):
+                    seed = gr.Textbox(
+                        value="random", label="Seed (the used one shows here)", max_lines=1,
+                        placeholder="random, or 0 to 2**63 - 1 (the CLI's range)", elem_id="seed", scale=3,
+                    )
+                    randomize = gr.Checkbox(value=True, label="Randomize", elem_id="randomize", scale=1, min_width=100)
+                    reuse_seed = gr.Button("Reuse last seed", size="sm", elem_id="reuse-seed", scale=1, min_width=100)
+                with gr.Row(equal_height=True):
+                    generate = gr.Button("Generate", variant="primary", elem_id="generate", scale=3)
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop", scale=1, min_width=80)
+                preset_text = gr.Markdown(h.preset_help(defaults.preset), elem_id="preset-help")
+                compare = gr.Checkbox(
+                    value=False,
+                    label="Compare presets: also draw the same seed with other presets, side by side, with their masks",
+                    elem_id="compare",
+                )
+                compare_presets = gr.CheckboxGroup(
+                    presets, value=list(D.BENCH_PRESETS), label="Presets to compare (the chosen preset comes first)",
+                    visible=False, elem_id="compare-presets",
+                )
+                with gr.Accordion("Settings", open=False):
                     start_step = gr.Slider(
                         0, limits.max_steps - 1, value=defaults.start_step, step=1, label="Start step",
-                        info="first step with identity; 0 = all (PuLID suggests 4 for photos)", elem_id="start-step",
+                        info="first step with identity; 0 = all (PuLID: 4 for photos, 0-1 for stylised prompts)",
+                        elem_id="start-step",
+                    )
+                    negative_prompt = gr.Textbox(
+                        label="Negative prompt (used when true CFG > 1)", lines=1, elem_id="negative-prompt"
                     )
                     true_cfg = gr.Slider(
                         1, 10, value=defaults.true_cfg, step=0.1, label="True CFG",
@@ -337,54 +390,90 @@ def _build(
                     )
                     steps = gr.Slider(1, limits.max_steps, value=defaults.steps, step=1, label="Steps", elem_id="steps")
                     guidance = gr.Slider(0, MAX_GUIDANCE, value=defaults.guidance, step=0.1, label="Guidance", elem_id="guidance")
+                    aspect = gr.Radio(
+                        list(h.ASPECT_RATIOS), value=None, label="Aspect ratio (width:height, about the default's pixels)",
+                        elem_id="aspect",
+                    )
                     with gr.Row():
                         width = gr.Slider(64, limits.max_side, value=defaults.width, step=16, label="Width", elem_id="width")
                         height = gr.Slider(64, limits.max_side, value=defaults.height, step=16, label="Height", elem_id="height")
                     num_images = gr.Slider(
                         1, limits.max_images, value=defaults.num_images, step=1, label="Images", elem_id="num-images"
                     )
+                examples = gr.Gallery(
+                    value=[(row[0], label) for row, label in zip(example_rows, _example_labels())],
+                    label="Examples (scikit-image's photos): a click fills the form with tuned settings and runs it",
+                    columns=len(example_rows), height=170, object_fit="cover", allow_preview=False,
+                    interactive=False, format="png", buttons=[], elem_id="examples",
+                )
+                add_photo = gr.UploadButton(
+                    "+ Add another photo of the same person", file_types=["image"], file_count="single",
+                    size="sm", elem_id="add-photo",
+                )
+                photos = gr.File(
+                    label="Photos used (all of one person; remove one with its x)", file_count="multiple",
+                    file_types=["image"], interactive=True, elem_id="id-photos", height=120,
+                )
+                load_png = gr.File(
+                    label="Load settings from a PNG written by SpatialID (drop it here)", file_count="single",
+                    file_types=[".png", ".jpg", ".jpeg", ".webp"], elem_id="load-settings", height=90,
+                )
+                load_message = gr.Markdown("", elem_id="load-message")
             with gr.Column(scale=7):
-                status = gr.Markdown("Upload a photo, write a prompt, press **Generate**.", elem_id="status")
+                if tiny:
+                    gr.Markdown(h.TINY_NOTICE, elem_id="tiny-notice")
+                status = gr.Markdown(ready, elem_id="status")
                 gallery = gr.Gallery(
                     label="Images", columns=2, fit_columns=False, height="auto", object_fit="contain", format="png",
-                    interactive=False,
-                    elem_id="images",
+                    interactive=False, elem_id="images",
                 )
-                comparison = gr.Image(
-                    label="Preset comparison (same seed)", type="filepath", format="png",
-                    interactive=False, visible=False, elem_id="comparison",
-                )
+                with gr.Column(visible=False, elem_id="comparison-box") as comparison_box:
+                    gr.Markdown(
+                        "**Preset comparison** (same seed and prompt): each preset's image, then where its identity "
+                        "went at an early, a middle and a late step. The numbers are in the picture's footer."
+                    )
+                    comparison = gr.Image(
+                        show_label=False, type="filepath", format="png", interactive=False, elem_id="comparison",
+                    )
                 gr.Markdown(
                     "**Where the identity went.** The final image, then the identity mask at an early, a middle "
                     "and a late denoising step drawn over it (yellow = full identity, dark = none). With the pulid "
                     "preset it is uniform; SpatialID starts from a centred blob, follows the face, then relaxes."
                 )
                 mask_picture = gr.Image(
-                    label="Identity masks",
-                    type="filepath", format="png", interactive=False, elem_id="mask-picture",
+                    show_label=False, type="filepath", format="png", interactive=False, elem_id="mask-picture",
                 )
-                with gr.Row():
-                    aligned_face = gr.Image(
-                        label="Aligned face the encoder used", type="pil", format="png", interactive=False,
-                        height=200, elem_id="aligned-face",
-                    )
-                    downloads = gr.File(
-                        label="PNG downloads (settings inside: `spatialid info FILE`)", file_count="multiple",
-                        interactive=False, elem_id="downloads", height=200,
-                    )
+                aligned_face = gr.Image(
+                    label="Aligned face the encoder used", type="pil", format="png", interactive=False,
+                    height=160, elem_id="aligned-face",
+                )
+                downloads = gr.File(
+                    label="Downloads: the image, its masks (_masks) and the comparison (_compare); settings inside "
+                    "(`spatialid info FILE`)",
+                    file_count="multiple", interactive=False, elem_id="downloads",
+                )
                 settings = gr.Textbox(
                     label="Settings", lines=6, max_lines=24, interactive=False, buttons=["copy"], elem_id="settings"
+                )
+                history_gallery = gr.Gallery(
+                    label=f"This tab's last {h.HISTORY_SIZE} results (click one to load its settings)", columns=8,
+                    fit_columns=False,
+                    height=130, object_fit="contain", interactive=False, allow_preview=False, format="png",
+                    buttons=[], elem_id="history",
                 )
 
         inputs = [
             photos, prompt, negative_prompt, preset, id_weight, start_step, true_cfg, steps,
             guidance, width, height, seed, num_images, compare, compare_presets,
         ]
-        outputs = [gallery, comparison, mask_picture, aligned_face, downloads, settings, status]
+        outputs = [gallery, comparison_box, comparison, mask_picture, aligned_face, downloads, settings, status]
 
         seeds: dict[str, int] = {}  # session -> seed of its last successful run
+        stops = _Stops()  # which running generation a Stop click is for
+        history: dict[str, list[tuple[str, str]]] = {}  # session -> its last results, newest first
         on_generate = _generate_fn(
-            pipe, limits=limits, files=files, lock=gpu_lock, errors=errors, identities=identities, seeds=seeds
+            pipe, limits=limits, files=files, lock=gpu_lock, errors=errors, identities=identities, seeds=seeds,
+            stops=stops, history=history,
         )
         event_args = dict(
             fn=on_generate,
@@ -393,54 +482,66 @@ def _build(
             concurrency_id="gpu",
             concurrency_limit=1,
             show_progress="full",
-            show_progress_on=[gallery, mask_picture],
+            show_progress_on=[gallery],  # one bar for the whole run (all presets of a comparison)
         )
         failed: set[str] = set()  # sessions whose result area shows an error (cleared when the input changes)
         private = dict(queue=False, api_visibility="private")
 
         def start(seed_value: Any, random_on: Any) -> tuple:
             """A run starts: the previous run's result goes, so the page never mixes two runs."""
-            return (None, gr.update(value=None, visible=False), None, None, None, "",
+            return (None, gr.update(visible=False), None, None, None, None, "",
                     _working(), h.seed_for_run(seed_value, random_on))
 
-        def succeeded(request: gr.Request) -> Any:
+        def succeeded(request: gr.Request) -> tuple:
             failed.discard(_session(request))
             used = seeds.get(_session(request))
-            return gr.skip() if used is None else str(used)
+            return (gr.skip() if used is None else str(used)), history.get(_session(request), [])
 
-        def failed_status(request: gr.Request) -> str:
+        def failed_status(request: gr.Request) -> Any:
+            if errors.get(_session(request)) == "stopped":
+                errors.pop(_session(request), None)
+                return gr.skip()  # the Stop button has already written the status line
             failed.add(_session(request))
             return _failed(errors)(request)
 
+        runs: list[Any] = []
+
         def chain(trigger: Any, **extra: Any) -> None:
             """clear the result area -> generate -> the used seed back in the box, or the error in the status line."""
-            run = trigger(start, [seed, randomize], outputs + [seed], **private).then(**event_args, **extra)
-            run.success(succeeded, None, seed, **private)
+            run = trigger(start, [seed, randomize], outputs + [seed], js=_CLOSE_TOASTS, **private).then(**event_args, **extra)
+            run.success(succeeded, None, [seed, history_gallery], **private)
             run.failure(failed_status, None, status, **private)
+            runs.append(run)
 
         chain(generate.click, api_name="generate")
         chain(prompt.submit, api_visibility="private")
+        def pick_example(evt: gr.SelectData) -> tuple:
+            if not isinstance(evt.index, int) or not 0 <= evt.index < len(example_rows):
+                return (gr.skip(),) * 6
+            path, text, name, weight, first_step = example_rows[evt.index]
+            return path, [path], text, name, weight, first_step
+
         chain(
-            examples.load_input_event.then(
-                lambda p: ([p] if p else [], [], ""), photo, [photos, preview, face_check], **private
-            ).then,
+            examples.select(pick_example, None, [photo, photos, prompt, preset, id_weight, start_step], **private).then,
             api_visibility="private",
         )
 
+        def stop_run(request: gr.Request) -> str:
+            """Stop: the running step finishes, then the run ends and frees the GPU for the next in line."""
+            stops.stop(_session(request))  # a queued run is taken off the queue by `cancels`
+            return "**Stopped**: nothing was written. Change the settings and press **Generate** again."
+
+        stop.click(stop_run, None, status, cancels=runs, **private)
+
         def show_faces(current: Any) -> tuple:
             return h.preview_identity(pipe, current, cache=identities, limits=limits, lock=gpu_lock)
-
-        preview_args = dict(
-            fn=show_faces, inputs=photos, outputs=[preview, face_check], concurrency_id="faces",
-            concurrency_limit=1, show_progress="minimal", api_visibility="private",
-        )
 
         def clear_error(request: gr.Request) -> tuple:
             """The input changed after a failed run: the old error and its badges go."""
             if _session(request) not in failed:
                 return (gr.skip(),) * 3
             failed.discard(_session(request))
-            return None, None, "Upload a photo, write a prompt, press **Generate**."
+            return None, None, ready
 
         def hold(chosen: list[str], request: gr.Request) -> list[str]:
             """Register the photos with the session now: uploads are shared by content hash, and another
@@ -454,22 +555,61 @@ def _build(
         def add_one(current: Any, new: Any, request: gr.Request) -> list[str]:
             return hold(h.photo_set(current, new, add=True), request)
 
+        def keep_listed(current: Any, request: gr.Request) -> None:
+            """Photos dropped straight on the "Photos used" list belong to this session too."""
+            hold(h.photo_set(current, None, add=True), request)
+
         stale = [gallery, mask_picture, status]
-        photo.upload(replace_photo, photo, photos, **private).then(**preview_args)
-        photo.clear(lambda: ([], [], ""), None, [photos, preview, face_check], **private)
-        add_photo.upload(add_one, [photos, add_photo], photos, **private).then(**preview_args)
-        for event in (photo.upload, photo.clear, add_photo.upload, prompt.input):
+        photo.upload(replace_photo, photo, photos, **private)
+        photo.clear(list, None, photos, **private)
+        add_photo.upload(add_one, [photos, add_photo], photos, **private)
+        photos.upload(keep_listed, photos, None, **private)
+        # every change of the list (upload, replace, add, a photo removed with its x): check the faces again
+        photos.change(
+            show_faces, photos, [preview, face_check], concurrency_id="faces", concurrency_limit=1,
+            show_progress="minimal", api_visibility="private",
+        )
+        for event in (photo.upload, photo.clear, add_photo.upload, photos.delete, prompt.input):
             event(clear_error, None, stale, **private)
+
+        restored = [prompt, negative_prompt, preset, id_weight, start_step, true_cfg, guidance, steps, width, height, seed]
+
+        def fill_form(values: dict[str, Any] | None, message: str) -> tuple:
+            if values is None:
+                return (*([gr.skip()] * len(restored)), gr.skip(), message)
+            return (*(values[key] for key in h._RESTORED), False, message)  # a loaded seed is meant to be reused
+
+        def load_settings(file: Any, request: gr.Request) -> tuple:
+            """Fill the form from the dropped file, then empty the box for the next one."""
+            if not file:
+                return (*([gr.skip()] * len(restored)), gr.skip(), "", gr.skip())
+            files.note_uploads(_session_key(request), _upload_paths(file))
+            return (*fill_form(*h.settings_from_file(file, limits)), None)
+
+        def from_history(evt: gr.SelectData, request: gr.Request) -> tuple:
+            items = history.get(_session(request), [])
+            if not isinstance(evt.index, int) or not 0 <= evt.index < len(items):
+                return (*([gr.skip()] * len(restored)), gr.skip(), "")
+            return fill_form(*h.settings_from_file(items[evt.index][0], limits))
+
+        load_png.upload(load_settings, load_png, [*restored, randomize, load_message, load_png], **private)
+        history_gallery.select(from_history, None, [*restored, randomize, load_message], **private)
 
         def reuse(request: gr.Request) -> tuple:
             used = seeds.get(_session(request))
             if used is None:
-                gr.Info("No run yet in this tab: generate once, then its seed can be reused.")
+                gr.Info("No run yet in this tab: generate once, then its seed can be reused.", duration=TOAST_SECONDS)
                 return gr.skip(), gr.skip()
             return str(used), False
 
+        def sized(ratio: Any) -> tuple:
+            if not ratio:
+                return gr.skip(), gr.skip()
+            return h.aspect_size(str(ratio), defaults.width, defaults.height, max_side=limits.max_side)
+
         reuse_seed.click(reuse, None, [seed, randomize], **private)
         seed.input(lambda: False, None, randomize, **private)  # typing a seed means "use this one"
+        aspect.change(sized, aspect, [width, height], **private)
         preset.change(h.preset_help, preset, preset_text, queue=False, api_visibility="private")
         compare.change(
             lambda on: gr.update(visible=bool(on)), compare, compare_presets, queue=False, api_visibility="private"
@@ -482,6 +622,7 @@ def _build(
                 files.end_session(key)
                 failed.discard(key)
                 seeds.pop(key, None)
+                history.pop(key, None)
 
         demo.unload(on_unload)
 

@@ -24,23 +24,45 @@ __all__ = ["EXAMPLES", "ExamplePhoto", "default_cache_dir", "write_example_photo
 
 @dataclass(frozen=True)
 class ExamplePhoto:
-    """One clickable example: a skimage picture, the prompt to go with it, and what it shows."""
+    """One clickable example: a skimage picture, the prompt to go with it, and settings tuned for it.
 
-    name: str  # skimage.data function name, also the file stem
+    The start step follows PuLID's advice: 4 for photo-realistic prompts (the layout settles
+    before the identity comes in, so the picture stays natural), 0-1 for stylised ones (the style
+    needs the identity from the start to carry the face).
+    """
+
+    photo: str  # skimage.data function name, also the file stem
     prompt: str
-    label: str  # shown in the examples row
+    label: str  # what the example shows
+    preset: str = "relaxed"
+    id_weight: float = 1.0
+    start_step: int = 4
+
+    @property
+    def name(self) -> str:  # the photo file's stem (several examples may share a photo)
+        return self.photo
 
 
 EXAMPLES: tuple[ExamplePhoto, ...] = (
     ExamplePhoto(
-        name="astronaut",
+        photo="astronaut",
         prompt="portrait photo of a woman wearing a space suit, studio light",
-        label="astronaut (a face: works)",
+        label="astronaut, photo (a face: works)",
+        start_step=4,
     ),
     ExamplePhoto(
-        name="coffee",
+        photo="astronaut",
+        prompt="oil painting portrait of a woman, impressionist, thick brush strokes",
+        label="astronaut, stylised",
+        id_weight=1.2,
+        start_step=1,
+    ),
+    ExamplePhoto(
+        photo="coffee",
         prompt="portrait photo of a person reading a book in a cafe",
         label="coffee cup (no face: shows the error)",
+        preset="paper",
+        start_step=4,
     ),
 )
 
@@ -85,11 +107,13 @@ def write_example_photos(cache_dir: str | os.PathLike[str] | None = None) -> dic
     folder = folder.parent.resolve() / folder.name  # an absolute path; the folder itself is not followed
     paths: dict[str, Path] = {}
     for example in EXAMPLES:
-        path = folder / f"{example.name}.png"
+        if example.photo in paths:
+            continue
+        path = folder / f"{example.photo}.png"
         if not _plain_file(path):
             if os.path.lexists(path) and not os.path.isdir(path):
                 os.unlink(path)  # a symlink or an empty file: never written through
-            array = getattr(skimage.data, example.name)()
+            array = getattr(skimage.data, example.photo)()
             atomic_save_image(Image.fromarray(array).convert("RGB"), path, format="PNG")
-        paths[example.name] = path
+        paths[example.photo] = path
     return paths

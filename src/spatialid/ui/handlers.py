@@ -31,14 +31,19 @@ from spatialid.errors import FaceNotFoundError, InputImageError, SpatialIDError
 from spatialid.pipeline.settings import GenerationSettings
 
 __all__ = [
+    "ASPECT_RATIOS",
+    "HISTORY_SIZE",
     "PLAIN_PRESET_TEXT",
     "TINY_NOTICE",
     "GenerationRequest",
     "IdentityCache",
     "GenerationResult",
+    "GenerationStopped",
     "ProgressFn",
     "UIInputError",
     "UILimits",
+    "add_to_history",
+    "aspect_size",
     "build_request",
     "collect_photos",
     "compare_list",
@@ -52,6 +57,7 @@ __all__ = [
     "request_cost",
     "run_generation",
     "seed_for_run",
+    "settings_from_file",
     "settings_text",
 ]
 
@@ -87,6 +93,10 @@ PLAIN_PRESET_TEXT: dict[str, str] = {
 
 class UIInputError(SpatialIDError, ValueError):
     """A form value in the web UI is missing or out of range (shown as a one-line popup)."""
+
+
+class GenerationStopped(SpatialIDError):
+    """The visitor pressed Stop: the run ended between two denoising steps and wrote nothing."""
 
 
 #: Default ``--max-cost``: one request may cost this many default requests (the full comparison of
@@ -227,6 +237,83 @@ def seed_for_run(seed: Any, randomize: Any) -> str:
     done by writing ``random`` there rather than by an extra input.
     """
     return "random" if randomize else ("" if seed is None else str(seed).strip())
+
+
+#: The aspect-ratio buttons, width:height.
+ASPECT_RATIOS = ("1:1", "3:4", "4:3", "9:16", "16:9")
+
+
+def aspect_size(ratio: str, base_width: int, base_height: int, *, max_side: int | None = None) -> tuple[int, int]:
+    """Width and height for ``ratio`` ("3:4") with about the pixels of the model's default size.
+
+    Keeping the pixel count keeps the cost (and FLUX's sweet spot) of the default; both sides are
+    multiples of 16 (FLUX's patch), at least 64 and at most ``max_side``.
+    """
+    from spatialid.pipeline.settings import MIN_SIZE, SIZE_MULTIPLE
+
+    try:
+        a, b = (float(x) for x in str(ratio).split(":"))
+        if a <= 0 or b <= 0:
+            raise ValueError
+    except ValueError:
+        raise UIInputError(f"aspect ratio must look like 3:4, got {ratio!r}") from None
+    area = float(base_width) * float(base_height)
+    width, height = math.sqrt(area * a / b), math.sqrt(area * b / a)
+    top = max_side or max(width, height)
+
+    def snap(v: float) -> int:
+        v = min(v, top)
+        return int(max(MIN_SIZE, SIZE_MULTIPLE * round(v / SIZE_MULTIPLE)))
+
+    return snap(width), snap(height)
+
+
+#: The form fields a PNG's settings fill in, in the order of :func:`settings_from_file`'s dict.
+_RESTORED = ("prompt", "negative_prompt", "preset", "id_weight", "start_step", "true_cfg", "guidance", "steps", "width", "height", "seed")
+
+
+def settings_from_file(path: Any, limits: UILimits = UILimits()) -> tuple[dict[str, Any] | None, str]:
+    """The form values stored in one of our images, and a one-line message for the page.
+
+    Returns ``(None, message)`` when the file carries no spatialid settings. Values over this
+    server's caps are lowered to the cap (and the message says so), so the form stays usable.
+    """
+    from spatialid.app.metadata import read_image_metadata
+
+    where = _path_of(path)
+    try:
+        data = read_image_metadata(where)
+    except SpatialIDError as exc:
+        return None, f"**No settings loaded**: {_short(str(exc), [where])}"
+    values = {key: data.get(key) for key in _RESTORED}
+    if not values["prompt"] or values["seed"] is None:
+        return None, f"**No settings loaded**: {where.name} has spatialid metadata but no prompt or seed"
+    if values["preset"] not in preset_choices():
+        values["preset"] = D.DEFAULT_PRESET
+    values["negative_prompt"] = values["negative_prompt"] or ""
+    lowered = []
+    for key, cap in (("steps", limits.max_steps), ("width", limits.max_side), ("height", limits.max_side)):
+        if values[key] is not None and int(values[key]) > cap:
+            lowered.append(f"{key} {values[key]} -> {cap}")
+            values[key] = cap
+    if values["start_step"] is not None and values["steps"] is not None:
+        values["start_step"] = min(int(values["start_step"]), int(values["steps"]) - 1)
+    values["seed"] = str(values["seed"])
+    line = f"Loaded the settings of {where.name}: preset {values['preset']}, seed {values['seed']}"
+    if lowered:
+        line += f" (over this server's caps, lowered: {', '.join(lowered)})"
+    return values, line + "."
+
+
+#: How many results the session history keeps (newest first).
+HISTORY_SIZE = 8
+
+
+def add_to_history(history: Sequence[tuple[str, str]], image_files: Sequence[Path], settings: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The tab's last results, newest first: ``(image path, "seed N, preset P")``, at most :data:`HISTORY_SIZE`."""
+    seeds = settings.get("seeds") or [settings.get("seed")] * len(image_files)
+    new = [(str(p), f"seed {s}, {settings.get('preset')}") for p, s in zip(image_files, seeds)]
+    return (new[::-1] + list(history))[:HISTORY_SIZE]
 
 
 def photo_set(current: Any, new: Any, *, add: bool) -> list[str]:
@@ -522,21 +609,38 @@ class _StepCounter:
     the counter keeps a running total over all of them so the bar moves from 0 to 100 % once.
     """
 
-    def __init__(self, pipe: Any, progress: ProgressFn | None, total: int) -> None:
+    def __init__(
+        self,
+        pipe: Any,
+        progress: ProgressFn | None,
+        total: int,
+        *,
+        calls: int = 1,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> None:
         self.pipe = pipe
         self.progress = progress
         self.total = max(1, total)
+        self.expected_calls = max(1, calls)
+        self.should_stop = should_stop
         self.done = 0
         self.calls = 0
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
         call_no = self.calls
-        if self.progress is not None:
+        steps = int(kwargs.get("num_inference_steps") or 0)
+        if self.progress is not None or self.should_stop is not None:
             def on_step_end(pipeline: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+                # raising here ends the run between two steps (diffusers calls this after each one)
+                if self.should_stop is not None and self.should_stop():
+                    raise GenerationStopped("stopped by the visitor")
                 self.done = min(self.total, self.done + 1)
-                label = "denoising" if call_no == 1 else f"comparing presets ({kwargs.get('preset')})"
-                self.progress(self.done, self.total, label)
+                label = f"denoising step {step + 1}/{steps or '?'}"
+                if self.expected_calls > 1:  # one bar over the whole comparison, named by preset
+                    label = f"preset {min(call_no, self.expected_calls)}/{self.expected_calls} ({kwargs.get('preset')}): {label}"
+                if self.progress is not None:
+                    self.progress(self.done, self.total, label)
                 return callback_kwargs
 
             kwargs["callback_on_step_end"] = on_step_end
@@ -599,14 +703,18 @@ def run_generation(
     progress: ProgressFn | None = None,
     lock: threading.Lock | None = None,
     identity_cache: IdentityCache | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> GenerationResult:
     """Encode the photos, generate, write PNGs (with the CLI's metadata) and the pictures.
 
     Files go to a fresh folder under ``out_root`` per request, so two visitors never overwrite each
     other's downloads. ``lock`` serialises pipeline use when several events share one model;
-    ``identity_cache`` skips the encoder when the same photos come again.
+    ``identity_cache`` skips the encoder when the same photos come again. ``should_stop`` is
+    asked after every denoising step: when it says yes the run raises :class:`GenerationStopped`
+    and its folder is deleted (no half-finished set of files is left).
     """
-    from spatialid.app.job import GenerationJob, run_job
+    import shutil
+
     from spatialid.utils.images import load_image
 
     started = time.perf_counter()
@@ -618,7 +726,33 @@ def run_generation(
     reference = load_image(request.photos[0])
 
     guard = lock if lock is not None else threading.Lock()
+    try:
+        result, identity, messages = _generate_locked(
+            pipe, request, out, names, reference, guard, progress, identity_cache, should_stop
+        )
+    except GenerationStopped:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return _result(result, identity, messages, started)
+
+
+def _generate_locked(
+    pipe: Any,
+    request: GenerationRequest,
+    out: Path,
+    names: list[str],
+    reference: Image.Image,
+    guard: threading.Lock,
+    progress: ProgressFn | None,
+    identity_cache: IdentityCache | None,
+    should_stop: Callable[[], bool] | None,
+) -> tuple[Any, Any, list[str]]:
+    """The part of a run that holds the GPU lock: encode (or reuse) the identity, then run the job."""
+    from spatialid.app.job import GenerationJob, run_job
+
     with guard:
+        if should_stop is not None and should_stop():
+            raise GenerationStopped("stopped by the visitor")
         if progress is not None:
             progress(0, request.total_steps, "finding the face")
         cache = identity_cache if identity_cache is not None else IdentityCache(maxsize=1)
@@ -634,10 +768,14 @@ def run_generation(
         )
         model_info = getattr(pipe, "model_info", None) or {}
         extra = {"device": _pipe_device(pipe), "quantization": model_info.get("quantization"), "interface": "web"}
-        counter = _StepCounter(pipe, progress, request.total_steps)
+        calls = 1 + sum(1 for name in request.compare if name != request.settings.preset)
+        counter = _StepCounter(pipe, progress, request.total_steps, calls=calls, should_stop=should_stop)
         messages: list[str] = []
         result = run_job(counter, job, identity, log=messages.append, extra_settings=extra)
+    return result, identity, messages
 
+
+def _result(result: Any, identity: Any, messages: list[str], started: float) -> GenerationResult:
     from spatialid.app.metadata import read_png_metadata
 
     images = [_open(p) for p in result.images]

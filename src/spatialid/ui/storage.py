@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -219,16 +220,25 @@ class ServeFiles:
         if uploads:
             # Later, not now: another visitor may be uploading the same photo (same content-hashed
             # path) this moment, before their upload event has registered it.
-            timer = threading.Timer(_UPLOAD_GRACE_S, self._remove_unheld_uploads, [uploads])
+            timer = threading.Timer(_UPLOAD_GRACE_S, self._remove_unheld_uploads, [uploads, time.time()])
             timer.daemon = True
             timer.start()
 
-    def _remove_unheld_uploads(self, uploads: set[Path]) -> None:
+    def _remove_unheld_uploads(self, uploads: set[Path], ended: float = math.inf) -> None:
+        """Delete the uploads nobody holds, except those written again after the session ``ended``.
+
+        Gradio moves every new upload onto its content-hashed name, so a file newer than the end
+        is another visitor's upload of the same photo whose upload event has not registered it
+        yet; deleting it would break their page (the retention sweep takes it if nobody claims it).
+        """
         with self._lock:
             if self.closed:
                 return
             held = set().union(*(s.uploads for s in self._sessions.values())) if self._sessions else set()
         for path in uploads - held:
+            with contextlib.suppress(OSError):
+                if path.stat().st_mtime > ended:
+                    continue
             self._remove_upload(path)
 
     def _remove_upload(self, path: Path) -> None:

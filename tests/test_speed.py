@@ -1,0 +1,247 @@
+"""Speed paths (issue 16), checked for behaviour, never timed:
+
+* the fused mask (``spatialid.masks.fused``) equals the eager reference on odd grids, batch 2,
+  every preset and phase, float32 and bfloat16, and ``SpatialSchedule.mask`` dispatches to it;
+* step caches (``--cache``) keep the identity: First Block Cache skips steps, a cached step adds
+  no second identity residual, a change of phase or of injection forces a full step;
+* ``--compile`` compiles the transformer with its hooks, with no graph break and no recompile
+  across seeds, weights and identities (tiny model, dynamo's eager backend: fast on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import pytest
+import torch
+
+from spatialid.errors import SpatialIDError
+from spatialid.injection.step_cache import (
+    CACHE_NAMES,
+    CacheSpec,
+    enable_step_cache,
+    parse_cache,
+)
+from spatialid.masks import PRESETS, SpatialSchedule, fused
+from spatialid.models.configs import TINY_PULID
+
+SPATIAL = {name: s for name, s in PRESETS.items() if s is not None}
+# every phase: prior (> early), attention, relaxed (<= late), the boundaries themselves, mixed batch
+TIMES = ([0.9, 0.95], [0.5, 0.4], [0.2, 0.0], [0.7, 0.3], [0.8, 0.1], [0.5])
+
+
+# ---------------------------------------------------------------------------------------------
+# fused mask
+
+
+def _inputs(rows: int, cols: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.randn(2, rows * cols, 24, generator=g).to(dtype)
+    probs = torch.softmax(torch.randn(2, 3, rows * cols, 5, generator=g), dim=-1)
+    return raw, probs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grid", [(1, 1), (3, 5), (7, 7)])
+def test_fused_mask_equals_eager_reference(grid, dtype):
+    rows, cols = grid
+    maths = fused.FusedMask(compile=False)  # the fused maths itself, without compiling it
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for seed, (name, schedule) in enumerate(SPATIAL.items()):
+        raw, probs = _inputs(rows, cols, dtype, seed)
+        extra = {"attn_probs": probs} if schedule.needs_attention_probs else {}
+        for times in TIMES:
+            t = torch.tensor(times, dtype=dtype)
+            want = schedule.mask(t, raw, rows, cols, fused=False, **extra)
+            got = maths(schedule, t, raw, rows, cols, extra.get("attn_probs"))
+            assert got.shape == want.shape == (2, rows * cols, 1) and got.dtype == want.dtype == dtype
+            torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=tol, msg=f"{name} t={times}")
+
+
+def test_fused_mask_compiles_fullgraph_and_matches(monkeypatch):
+    """The compiled callable (aot_eager here: inductor's graph, without the C++ build) is one graph."""
+    maths = fused.FusedMask(compile=True, backend="aot_eager")
+    for name in ("paper", "entropy", "prior-only"):
+        schedule = PRESETS[name]
+        raw, probs = _inputs(3, 5, torch.float32, 1)
+        t = torch.tensor([0.9, 0.2])
+        want = schedule.mask(t, raw, 3, 5, fused=False, attn_probs=probs)
+        torch.testing.assert_close(maths(schedule, t, raw, 3, 5, probs), want, rtol=0, atol=1e-5)
+    # presets of one structure share a compiled callable (their constants are tensors)
+    before = len(maths._fns)
+    maths(PRESETS["relaxed"], torch.tensor([0.5, 0.5]), _inputs(3, 5, torch.float32, 2)[0], 3, 5)
+    assert len(maths._fns) == before
+
+
+def test_mask_dispatch(monkeypatch):
+    calls = []
+
+    def spy(schedule, t, ca_raw, rows, cols, attn_probs=None):  # type: ignore[no-untyped-def]
+        calls.append(rows)
+        return fused.FusedMask(compile=False)(schedule, t, ca_raw, rows, cols, attn_probs)
+
+    monkeypatch.setattr("spatialid.masks.schedule._fused_mask", spy)
+    schedule, (raw, _) = SpatialSchedule(), _inputs(3, 5, torch.float32, 0)
+    t = torch.tensor([0.5, 0.5])
+    schedule.mask(t, raw, 3, 5)  # "auto" on the CPU: eager
+    schedule.mask(0.5, raw, 3, 5, fused=True)  # a float t has one phase: eager, no tensor maths
+    assert calls == []
+    schedule.mask(t, raw, 3, 5, fused=True)
+    assert calls == [3]
+    assert fused.use_fused("auto", torch.device("cuda")) and not fused.use_fused("auto", torch.device("cpu"))
+    with pytest.raises(ValueError, match="fused must be"):
+        schedule.mask(t, raw, 3, 5, fused="yes")
+    with pytest.raises(ValueError, match="shape"):
+        schedule.mask(torch.zeros(3), raw, 3, 5, fused=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# step caches
+
+
+def test_parse_cache():
+    assert parse_cache(None) is None and parse_cache("none") is None
+    assert parse_cache("fbc") == CacheSpec("fbc", CACHE_NAMES["fbc"][1])
+    assert parse_cache("FBC:0.12") == CacheSpec("fbc", 0.12)
+    assert parse_cache("taylorseer:3") == CacheSpec("taylorseer", 3.0)
+    for bad, why in [("teacache", "fbc"), ("fbc:x", "not a number"), ("pab:1.5", "whole"), ("fbc:-1", ">= 0")]:
+        with pytest.raises(SpatialIDError, match=why):
+            parse_cache(bad)
+
+
+def test_cli_refuses_unknown_cache_before_loading(tmp_path, capsys):
+    from spatialid.cli.main import main
+
+    assert main(["generate", "--model", "tiny", "--cache", "teacache", "-p", "x", "-o", str(tmp_path / "a.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fbc" in err[0] and "taylorseer" in err[0] and "pab" in err[0]
+    assert not list(tmp_path.iterdir())
+
+
+def test_speed_flags_reach_the_model_spec():
+    from spatialid.cli.options import (
+        add_model_arguments,
+        add_speed_arguments,
+        model_spec,
+    )
+
+    p = argparse.ArgumentParser()
+    add_model_arguments(p)
+    add_speed_arguments(p)
+    spec = model_spec(p.parse_args(["--model", "tiny", "--compile", "--cache", "fbc:0.2"]))
+    assert spec.compile and spec.cache == "fbc:0.2"
+    assert not model_spec(p.parse_args(["--model", "tiny"])).compile
+    with pytest.raises(SpatialIDError, match="unknown --cache"):
+        spec.replace(cache="nope").check()
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    from spatialid.pipeline.pipeline_spatialid import SpatialIDPipeline
+
+    pipe = SpatialIDPipeline.tiny(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _tokens(seed: int = 1) -> torch.Tensor:
+    shape = (1, TINY_PULID.idformer.num_queries, TINY_PULID.ca.kv_dim)
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _generate(pipe, **overrides) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    kwargs = {"prompt": "a person", "id_embeds": _tokens(), "preset": "paper", "num_inference_steps": 10,
+              "height": 64, "width": 64, "seed": 3, "output_type": "np"}
+    return torch.from_numpy(pipe(**{**kwargs, **overrides}).images)
+
+
+def _phase_changes(pipe, schedule: SpatialSchedule) -> int:  # type: ignore[no-untyped-def]
+    phases = [schedule.phase(float(s)) for s in pipe.scheduler.sigmas[:-1]]
+    return sum(a != b for a, b in itertools.pairwise(phases))
+
+
+@torch.no_grad()
+def test_first_block_cache_skips_steps_and_keeps_the_identity(tiny_pipe):
+    pipe = tiny_pipe
+    plain_id, plain_none = _generate(pipe), _generate(pipe, id_weight=0.0)
+    effect = plain_id - plain_none
+    cache = enable_step_cache(pipe.transformer, pipe.injector, "fbc:0.3")
+    try:
+        cached_id, cached_none = _generate(pipe), _generate(pipe, id_weight=0.0)
+        assert cache.cached > 0  # steps were skipped
+        cached_effect = cached_id - cached_none
+        cosine = torch.nn.functional.cosine_similarity(cached_effect.flatten(), effect.flatten(), dim=0)
+        assert cosine > 0.95
+        assert 0.8 < cached_effect.abs().mean() / effect.abs().mean() < 1.25
+        # without the gate a cached step adds every point's residual a second time
+        pipe.injector.skip_point = None
+        doubled = _generate(pipe) - cached_none
+        assert (doubled - effect).abs().mean() > 2 * (cached_effect - effect).abs().mean()
+    finally:
+        cache.disable()
+    assert pipe.injector.skip_point is None
+    torch.testing.assert_close(_generate(pipe), plain_id)  # disabled: the uncached output again
+
+
+@torch.no_grad()
+def test_first_block_cache_recomputes_when_the_injection_changes(tiny_pipe):
+    """With a threshold no step reaches, only the forced full steps run: the first one and one per
+    change of schedule phase; start_step adds one (identity switched on)."""
+    pipe = tiny_pipe
+    cache = enable_step_cache(pipe.transformer, pipe.injector, "fbc:1e9")
+    try:
+        _generate(pipe)
+        assert cache.computed == 1 + _phase_changes(pipe, PRESETS["paper"])
+        cache.computed = cache.cached = 0
+        _generate(pipe, preset="pulid", start_step=3)
+        assert cache.computed == 2 and cache.cached == 8
+        cache.computed = cache.cached = 0
+        _generate(pipe, true_cfg=2.0, cfg_start_step=0, uncond_id_embeds=torch.zeros_like(_tokens()))  # two branches
+        assert cache.computed == 2 * (1 + _phase_changes(pipe, PRESETS["paper"]))
+    finally:
+        cache.disable()
+
+
+@torch.no_grad()
+def test_attention_caches_keep_the_identity(tiny_pipe):
+    pipe = tiny_pipe
+    effect = _generate(pipe, num_inference_steps=6) - _generate(pipe, num_inference_steps=6, id_weight=0.0)
+    for name in ("taylorseer:2", "pab:2"):
+        cache = enable_step_cache(pipe.transformer, pipe.injector, name, current_timestep=lambda: pipe.current_timestep)
+        try:
+            got = _generate(pipe, num_inference_steps=6) - _generate(pipe, num_inference_steps=6, id_weight=0.0)
+        finally:
+            cache.disable()
+        assert torch.nn.functional.cosine_similarity(got.flatten(), effect.flatten(), dim=0) > 0.95, name
+
+
+# ---------------------------------------------------------------------------------------------
+# --compile
+
+
+@torch.no_grad()
+def test_compiled_pipeline_no_graph_breaks_no_recompiles(monkeypatch):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from spatialid.app.loading import Models, ModelSpec
+    from spatialid.pipeline.pipeline_spatialid import SpatialIDPipeline
+
+    monkeypatch.setenv("SPATIALID_COMPILE_BACKEND", "eager")  # tracing as inductor sees it, no C++ build
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        pipe = Models(ModelSpec(model="tiny", device="cpu", compile=True)).pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        reference = SpatialIDPipeline.tiny(seed=0)
+        reference.set_progress_bar_config(disable=True)
+        _generate(pipe, num_inference_steps=4)  # first generation: compiles
+        assert sum(counters["graph_break"].values()) == 0
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            _generate(pipe, num_inference_steps=4, id_embeds=_tokens(5), seed=5, id_weight=0.6)
+            kwargs = {"num_inference_steps": 4, "id_embeds": _tokens(6), "seed": 6, "id_weight": 1.4}
+            got = _generate(pipe, **kwargs)
+        torch.testing.assert_close(got, _generate(reference, **kwargs), rtol=1e-4, atol=1e-4)
+    finally:
+        torch._dynamo.reset()

@@ -1,0 +1,233 @@
+"""The web UI's several people, img2img / inpainting and LoRA inputs (spatialid.ui.people), without a server."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from spatialid.app.job import GenerationJob, run_job
+from spatialid.app.metadata import read_png_metadata
+from spatialid.ui import handlers as h
+from spatialid.ui import people as P
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import skimage.data
+
+    folder = tmp_path_factory.mktemp("people")
+    astronaut = skimage.data.astronaut()
+    Image.fromarray(astronaut).save(folder / "astronaut.png")
+    Image.fromarray(np.ascontiguousarray(astronaut[:, ::-1])).save(folder / "mirrored.png")
+    Image.fromarray(skimage.data.coffee()).save(folder / "coffee.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    import torch
+
+    from spatialid.pipeline.pipeline_spatialid import SpatialIDPipeline
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    pipe = SpatialIDPipeline.tiny(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _settings(photo: Path, **overrides):
+    values = dict(steps=3, width=128, height=128, seed="5")
+    values.update(overrides)
+    return h.build_request([str(photo)], "two friends", limits=h.UILimits(max_side=512), **values).settings
+
+
+# ----------------------------------------------------------------------------- form values
+
+
+@pytest.mark.parametrize("text,expected", [("", None), (None, None), ("  ", None), ("0,0,0.5,1", (0.0, 0.0, 0.5, 1.0)),
+                                           (" 0.5 , 0, 1, 1 ", (0.5, 0.0, 1.0, 1.0))])
+def test_parse_region(text, expected):
+    assert P.parse_region(text, 1) == expected
+
+
+@pytest.mark.parametrize("text,pattern", [("0,0,0.5", "four fractions"), ("left", "four fractions"),
+                                          ("0.6,0,0.5,1", "region of person 2"), ("0,0,2,1", "region of person 2")])
+def test_parse_region_rejects_in_one_line(text, pattern):
+    with pytest.raises(h.UIInputError, match=pattern) as err:
+        P.parse_region(text, 2)
+    assert "\n" not in str(err.value)
+
+
+def test_one_person_without_extras_is_the_plain_path(photo_dir):
+    inputs = P.build_inputs([photo_dir / "astronaut.png"], others=[([str(photo_dir / "mirrored.png")], "0,0,1,1")])
+    assert inputs == P.PictureInputs()  # the hidden slot of person 2 is ignored (people_count 1)
+    settings = _settings(photo_dir / "astronaut.png")
+    assert inputs.apply(settings) is settings
+    assert inputs.mode == "text2image" and P.extra_metadata(settings) == {}
+
+
+def test_two_people_with_regions(photo_dir):
+    inputs = P.build_inputs(
+        [photo_dir / "astronaut.png"], first_region="0,0,0.5,1", people_count=2,
+        others=[([str(photo_dir / "mirrored.png")], "0.5,0,1,1"), (None, "")],
+    )
+    assert inputs.several and inputs.names == (("astronaut.png",), ("mirrored.png",))
+    assert inputs.regions == ((0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0))
+    settings = inputs.apply(_settings(photo_dir / "astronaut.png"))
+    assert settings.people == [["astronaut.png"], ["mirrored.png"]]
+    assert settings.regions == [[0.0, 0.0, 0.5, 1.0], [0.5, 0.0, 1.0, 1.0]]
+    settings.check()
+
+
+def test_one_person_with_a_region(photo_dir):
+    inputs = P.build_inputs([photo_dir / "astronaut.png"], first_region="0.25,0,0.75,1")
+    assert not inputs.several and inputs.regions == ((0.25, 0.0, 0.75, 1.0),)
+    assert inputs.apply(_settings(photo_dir / "astronaut.png")).people is None
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(people_count=2, others=[(None, "")]), "person 2 has no photo"),
+    (dict(people_count=2, others=[(["notes.txt"], "")]), "person 2: notes.txt is not a photo"),
+    (dict(people_count=2, first_region="0,0,0.5,1", others=[("MIRRORED", "")]), "person 2 has no region but person 1 has one"),
+    (dict(people_count=5), "between 1 and 4 people"),
+    (dict(people_count="two"), "number of people"),
+])
+def test_people_form_errors(photo_dir, kwargs, pattern):
+    others = [tuple(str(photo_dir / "mirrored.png") if v == "MIRRORED" else v for v in o) for o in kwargs.pop("others", [])]
+    with pytest.raises(h.UIInputError, match=pattern):
+        P.build_inputs([photo_dir / "astronaut.png"], others=others, **kwargs)
+
+
+def test_init_image_is_img2img_with_strength(photo_dir, tmp_path):
+    inputs = P.build_inputs([photo_dir / "astronaut.png"], init_image=str(photo_dir / "coffee.png"), strength=0.6, folder=tmp_path)
+    assert inputs.mode == "img2img" and inputs.strength == 0.6 and inputs.inpaint_mask is None
+    assert inputs.init_image == tmp_path / "init-image.png" and inputs.init_image.is_file()
+    settings = inputs.apply(_settings(photo_dir / "astronaut.png"))
+    assert (settings.pipeline, settings.strength) == ("img2img", 0.6)
+    settings.check()
+    assert P.extra_metadata(settings)["init_image"] == "init-image.png"
+    default = P.build_inputs([photo_dir / "astronaut.png"], init_image=str(photo_dir / "coffee.png"), folder=tmp_path)
+    assert default.strength == 0.8  # the CLI's img2img default
+
+
+def test_painted_layer_becomes_the_inpainting_mask(photo_dir, tmp_path):
+    layer = np.zeros((256, 256, 4), dtype=np.uint8)  # the editor's brush layer, smaller than the picture
+    layer[32:96, 64:128, 3] = 255
+    editor = {"background": str(photo_dir / "astronaut.png"), "layers": [layer], "composite": None}
+    inputs = P.build_inputs([photo_dir / "astronaut.png"], init_image=editor, folder=tmp_path)
+    assert inputs.mode == "inpaint" and inputs.strength == 0.85
+    mask = np.asarray(Image.open(inputs.inpaint_mask))
+    assert mask.shape == (512, 512) and mask[128, 200] == 255 and mask[400, 400] == 0
+    empty = {"background": str(photo_dir / "astronaut.png"), "layers": [np.zeros((512, 512, 4), np.uint8)]}
+    assert P.build_inputs([photo_dir / "astronaut.png"], init_image=empty, folder=tmp_path).mode == "img2img"
+
+
+def test_picture_input_errors(photo_dir, tmp_path):
+    small = tmp_path / "small-mask.png"
+    Image.new("L", (64, 64), 255).save(small)
+    black = tmp_path / "black.png"
+    Image.new("L", (512, 512), 0).save(black)
+    init = str(photo_dir / "astronaut.png")
+    cases = [
+        (dict(init_image=init, mask_upload=str(small)), "the inpainting mask is 64x64 but the init image is 512x512"),
+        (dict(init_image=init, mask_upload=str(black)), "black everywhere"),
+        (dict(mask_upload=str(small)), "needs an init image"),
+        (dict(init_image=init, strength=0), r"strength must be in \(0, 1\]"),
+        (dict(init_image=init, strength="x"), "strength must be a number"),
+        (dict(init_image=init, people_count=2, others=[([str(photo_dir / "mirrored.png")], "")]), "text-to-image only"),
+    ]
+    for kwargs, pattern in cases:
+        with pytest.raises(h.UIInputError, match=pattern):
+            P.build_inputs([photo_dir / "astronaut.png"], folder=tmp_path, **kwargs)
+
+
+def test_lora_lines_checked_like_the_cli(tmp_path):
+    from safetensors.torch import save_file
+    import torch
+
+    good = tmp_path / "style.safetensors"
+    save_file({"transformer.x.lora_A.weight": torch.zeros(2, 2)}, str(good))
+    plain = tmp_path / "plain.safetensors"
+    save_file({"weight": torch.zeros(2, 2)}, str(plain))
+    assert P.parse_lora_lines(f"\n# mine\n{good}:0.7\nuser/flux-lora\n") == (f"{good}:0.7", "user/flux-lora")
+    assert P.parse_lora_lines("") == ()
+    for text, pattern in [
+        (f"{tmp_path}/missing.safetensors", "LoRA .*missing.safetensors: no such LoRA file"),
+        (str(plain), "no LoRA weights in this file"),
+        (f"{good}:9", "scale must be between -4 and 4"),
+        ("\n".join(["a/b"] * 5), "at most 4"),
+    ]:
+        with pytest.raises(h.UIInputError, match=pattern) as err:
+            P.parse_lora_lines(text)
+        assert "--lora" not in str(err.value)
+
+
+def test_lora_metadata_names_files(tmp_path):
+    good = tmp_path / "style.safetensors"
+    good.write_bytes(b"")
+    settings = h.GenerationSettings(prompt="x", loras=[f"{good}:0.5", "user/lora"])
+    assert P.extra_metadata(settings)["loras"] == ["style.safetensors:0.5", "user/lora:1"]
+
+
+# ----------------------------------------------------------------------------- generation (tiny model)
+
+
+def test_two_people_generate_mask_picture_and_metadata(tiny_pipe, photo_dir, tmp_path):
+    cache = h.IdentityCache()
+    inputs = P.build_inputs(
+        [photo_dir / "astronaut.png"], people_count=2, others=[([str(photo_dir / "mirrored.png")], "")]
+    )
+    settings = inputs.apply(_settings(photo_dir / "astronaut.png"))
+    identity = P.identity_for(tiny_pipe, [photo_dir / "astronaut.png"], inputs, cache)
+    assert isinstance(identity, list) and len(identity) == 2
+    job = GenerationJob(
+        settings=settings, out=tmp_path / "two.png", masks=True, identity_files=["astronaut.png"],
+        identity_source="people", people_files=[list(n) for n in inputs.names],
+    )
+    result = run_job(tiny_pipe, job, identity, extra_settings=P.extra_metadata(settings))
+    meta = read_png_metadata(result.images[0])
+    assert meta["people"] == [["astronaut.png"], ["mirrored.png"]]
+    assert meta["identity"]["source"] == "people" and len(meta["identity"]["people"]) == 2
+    assert result.masks and read_png_metadata(result.masks[0])["kind"] == "mask schedule"
+    assert P.identity_for(tiny_pipe, [photo_dir / "astronaut.png"], inputs, cache) is not None
+    assert cache.hits == 2  # each person's encoding is reused
+
+
+def test_no_face_names_the_person(tiny_pipe, photo_dir):
+    inputs = P.build_inputs([photo_dir / "astronaut.png"], people_count=2, others=[([str(photo_dir / "coffee.png")], "")])
+    with pytest.raises(h.SpatialIDError, match="person 2: no face found in coffee.png"):
+        P.identity_for(tiny_pipe, [photo_dir / "astronaut.png"], inputs, h.IdentityCache())
+
+
+def test_img2img_runs_on_the_loaded_components(tiny_pipe, photo_dir, tmp_path):
+    cache = h.IdentityCache()
+    inputs = P.build_inputs([photo_dir / "astronaut.png"], init_image=str(photo_dir / "coffee.png"), strength=0.5, folder=tmp_path)
+    runner = P.pipeline_for(tiny_pipe, inputs)
+    assert runner is P.pipeline_for(tiny_pipe, inputs)  # built once per mode
+    assert runner.pipe.transformer is tiny_pipe.transformer  # shared, not copied
+    settings = inputs.apply(_settings(photo_dir / "astronaut.png"))
+    steps: list[int] = []
+    job = GenerationJob(settings=settings, out=tmp_path / "i2i.png", masks=True, identity_files=["astronaut.png"], identity_source="image")
+    identity = P.identity_for(tiny_pipe, [photo_dir / "astronaut.png"], inputs, cache)
+
+    def counted(*args, **kwargs):
+        kwargs["callback_on_step_end"] = lambda pipe, step, t, kw: (steps.append(step), kw)[1]
+        return runner(*args, **kwargs)
+
+    result = run_job(counted, job, identity, extra_settings=P.extra_metadata(settings))
+    meta = read_png_metadata(result.images[0])
+    assert (meta["pipeline"], meta["strength"], meta["init_image"]) == ("img2img", 0.5, "init-image.png")
+    assert steps  # the step callback reaches diffusers' pipeline (progress and Stop in the web UI)
+    assert Image.open(result.images[0]).size == (128, 128)
+
+
+def test_person_check_lines(tiny_pipe, photo_dir):
+    cache = h.IdentityCache()
+    assert P.person_check(tiny_pipe, [str(photo_dir / "mirrored.png")], 2, cache=cache) == "Person 2: face found (1 photo)."
+    line = P.person_check(tiny_pipe, [str(photo_dir / "coffee.png")], 3, cache=cache)
+    assert line.startswith("Person 3: **No usable face**") and "coffee.png" in line
+    assert P.person_check(tiny_pipe, None, 2, cache=cache) == ""
