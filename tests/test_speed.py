@@ -245,3 +245,38 @@ def test_compiled_pipeline_no_graph_breaks_no_recompiles(monkeypatch):
         torch.testing.assert_close(got, _generate(reference, **kwargs), rtol=1e-4, atol=1e-4)
     finally:
         torch._dynamo.reset()
+
+
+def test_cli_generate_with_cache(tmp_path, capsys):
+    """`spatialid generate --cache fbc:X` end to end on the tiny model (the flag reaches the pipeline)."""
+    from spatialid.cli.main import main
+    from spatialid.encoder.embedding import IdentityEmbedding
+
+    g = torch.Generator().manual_seed(0)
+    shape = (1, TINY_PULID.idformer.num_queries, TINY_PULID.ca.kv_dim)
+    emb = IdentityEmbedding(tokens=torch.randn(shape, generator=g), uncond_tokens=torch.randn(shape, generator=g))
+    path = emb.save(tmp_path / "me.safetensors")
+    out = tmp_path / "a.png"
+    argv = ["generate", "--model", "tiny", "--device", "cpu", "--id-embeds", str(path), "-p", "x", "--seed", "1",
+            "--steps", "4", "--size", "64x64", "--cache", "fbc:0.5", "-o", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert out.is_file()
+
+
+def test_bench_records_the_cache_and_refuses_to_mix_runs(tmp_path, capsys):
+    """A step cache changes the images: bench.json records it and a resume without it is refused."""
+    import json
+
+    from spatialid.bench.samples import write_sample_inputs
+    from spatialid.cli.main import main
+
+    ids, prompts = write_sample_inputs(tmp_path / "in")
+    out = tmp_path / "bench"
+    base = ["bench", "--model", "tiny", "--ids", str(ids), "--prompts", str(prompts), "--limit-ids", "1",
+            "--limit-prompts", "1", "--presets", "paper", "--out", str(out), "--no-progress", "--device", "cpu"]
+    assert main([*base, "--cache", "fbc:0.5"]) == 0
+    assert json.loads((out / "bench.json").read_text())["settings"]["extra"]["cache"] == "fbc:0.5"
+    capsys.readouterr()
+    assert main(base) == 2  # the same folder without the cache: other images, refused in one line
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other settings" in err[0]

@@ -560,6 +560,56 @@ def test_load_settings_from_png_and_history(page: object, server: dict, photos: 
     assert f"seed {big}" in page.locator("#history").inner_text()  # type: ignore[attr-defined]
 
 
+def test_two_people_generate_with_their_mask_picture(page: object, photos: dict, tmp_path: Path) -> None:
+    """Add a person, check their face on upload, generate: one colour per person in the mask picture, both in the settings."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    mirrored = tmp_path / "mirrored.png"
+    Image.fromarray(np.ascontiguousarray(skimage.data.astronaut()[:, ::-1])).save(mirrored)
+    _upload(page, photos["astronaut"])
+    page.locator("#people-box").get_by_text("Several people").first.click()  # type: ignore[attr-defined]
+    page.locator("#add-person").click()  # type: ignore[attr-defined]
+    page.locator("#person-2-photos input[type=file]").set_input_files(str(mirrored))  # type: ignore[attr-defined]
+    page.locator("#person-2-check").get_by_text("Person 2: face found (1 photo)").wait_for()  # type: ignore[attr-defined]
+    page.locator("#prompt textarea").fill("two astronauts side by side")  # type: ignore[attr-defined]
+    page.locator("#generate").click()  # type: ignore[attr-defined]
+    _wait_done(page)
+    masks = _image_loaded(page, "#mask-picture")
+    assert masks["w"] > 128  # final image + one tile per phase, one colour per person
+    settings = page.locator("#settings textarea").input_value()  # type: ignore[attr-defined]
+    assert '"people"' in settings and "astronaut.png" in settings and "mirrored.png" in settings
+    assert '"source": "people"' in settings
+    page.locator("#remove-person-2").click()  # type: ignore[attr-defined]
+    page.locator("#person-2").first.wait_for(state="hidden")  # type: ignore[attr-defined]
+    assert page.outside_requests == []  # type: ignore[attr-defined]
+
+
+def test_img2img_from_an_init_image_with_strength(page: object, photos: dict) -> None:
+    """An init image in "Edit a picture / LoRA" with a strength: the img2img pipeline runs and says so in the settings."""
+    _upload(page, photos["astronaut"])
+    page.locator("#edit-box").get_by_text("Edit a picture / LoRA").first.click()  # type: ignore[attr-defined]
+    page.locator("#init-image").get_by_text("Upload an image").wait_for()  # type: ignore[attr-defined]  # the editor is ready
+    with page.expect_file_chooser() as chooser:  # type: ignore[attr-defined]  # as a visitor: click, pick the file
+        page.locator("#init-image").get_by_text("Upload an image").click()  # type: ignore[attr-defined]
+    chooser.value.set_files(str(photos["coffee"]))
+    page.wait_for_function(  # type: ignore[attr-defined]  # the editor shows the picture (its upload prompt goes)
+        "() => !document.querySelector('#init-image').innerText.includes('Upload an image')"
+    )
+    strength = page.locator("#strength input[type=number]")  # type: ignore[attr-defined]
+    strength.fill("0.6")
+    strength.press("Enter")
+    page.locator("#prompt textarea").fill("portrait in a coffee shop")  # type: ignore[attr-defined]
+    page.locator("#generate").click()  # type: ignore[attr-defined]
+    _wait_done(page)
+    assert _image_loaded(page, "#images")["w"] == 128
+    settings = page.locator("#settings textarea").input_value()  # type: ignore[attr-defined]
+    assert '"pipeline": "img2img"' in settings and '"strength": 0.6' in settings
+    assert '"init_image": "init-image.png"' in settings
+    assert page.outside_requests == []  # type: ignore[attr-defined]
+
+
 def _files_under(root: Path) -> list[Path]:
     """Files below ``root``; folders the server deletes meanwhile (a closed tab's session) are skipped."""
     return [Path(d) / f for d, _, names in os.walk(root) for f in names]

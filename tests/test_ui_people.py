@@ -40,7 +40,7 @@ def tiny_pipe():
 
 
 def _settings(photo: Path, **overrides):
-    values = dict(steps=3, width=128, height=128, seed="5")
+    values = {"steps": 3, "width": 128, "height": 128, "seed": "5"}
     values.update(overrides)
     return h.build_request([str(photo)], "two friends", limits=h.UILimits(max_side=512), **values).settings
 
@@ -90,11 +90,11 @@ def test_one_person_with_a_region(photo_dir):
 
 
 @pytest.mark.parametrize("kwargs,pattern", [
-    (dict(people_count=2, others=[(None, "")]), "person 2 has no photo"),
-    (dict(people_count=2, others=[(["notes.txt"], "")]), "person 2: notes.txt is not a photo"),
-    (dict(people_count=2, first_region="0,0,0.5,1", others=[("MIRRORED", "")]), "person 2 has no region but person 1 has one"),
-    (dict(people_count=5), "between 1 and 4 people"),
-    (dict(people_count="two"), "number of people"),
+    ({"people_count": 2, "others": [(None, "")]}, "person 2 has no photo"),
+    ({"people_count": 2, "others": [(["notes.txt"], "")]}, "person 2: notes.txt is not a photo"),
+    ({"people_count": 2, "first_region": "0,0,0.5,1", "others": [("MIRRORED", "")]}, "person 2 has no region but person 1 has one"),
+    ({"people_count": 5}, "between 1 and 4 people"),
+    ({"people_count": "two"}, "number of people"),
 ])
 def test_people_form_errors(photo_dir, kwargs, pattern):
     others = [tuple(str(photo_dir / "mirrored.png") if v == "MIRRORED" else v for v in o) for o in kwargs.pop("others", [])]
@@ -133,12 +133,12 @@ def test_picture_input_errors(photo_dir, tmp_path):
     Image.new("L", (512, 512), 0).save(black)
     init = str(photo_dir / "astronaut.png")
     cases = [
-        (dict(init_image=init, mask_upload=str(small)), "the inpainting mask is 64x64 but the init image is 512x512"),
-        (dict(init_image=init, mask_upload=str(black)), "black everywhere"),
-        (dict(mask_upload=str(small)), "needs an init image"),
-        (dict(init_image=init, strength=0), r"strength must be in \(0, 1\]"),
-        (dict(init_image=init, strength="x"), "strength must be a number"),
-        (dict(init_image=init, people_count=2, others=[([str(photo_dir / "mirrored.png")], "")]), "text-to-image only"),
+        ({"init_image": init, "mask_upload": str(small)}, "the inpainting mask is 64x64 but the init image is 512x512"),
+        ({"init_image": init, "mask_upload": str(black)}, "black everywhere"),
+        ({"mask_upload": str(small)}, "needs an init image"),
+        ({"init_image": init, "strength": 0}, r"strength must be in \(0, 1\]"),
+        ({"init_image": init, "strength": "x"}, "strength must be a number"),
+        ({"init_image": init, "people_count": 2, "others": [([str(photo_dir / "mirrored.png")], "")]}, "text-to-image only"),
     ]
     for kwargs, pattern in cases:
         with pytest.raises(h.UIInputError, match=pattern):
@@ -146,24 +146,29 @@ def test_picture_input_errors(photo_dir, tmp_path):
 
 
 def test_lora_lines_checked_like_the_cli(tmp_path):
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     good = tmp_path / "style.safetensors"
     save_file({"transformer.x.lora_A.weight": torch.zeros(2, 2)}, str(good))
     plain = tmp_path / "plain.safetensors"
     save_file({"weight": torch.zeros(2, 2)}, str(plain))
-    assert P.parse_lora_lines(f"\n# mine\n{good}:0.7\nuser/flux-lora\n") == (f"{good}:0.7", "user/flux-lora")
+    assert P.parse_lora_lines(f"\n# mine\nstyle.safetensors:0.7\n", tmp_path) == (f"{good.resolve()}:0.7",)
     assert P.parse_lora_lines("") == ()
     for text, pattern in [
-        (f"{tmp_path}/missing.safetensors", "LoRA .*missing.safetensors: no such LoRA file"),
-        (str(plain), "no LoRA weights in this file"),
-        (f"{good}:9", "scale must be between -4 and 4"),
-        ("\n".join(["a/b"] * 5), "at most 4"),
+        ("missing.safetensors", "not one of this server's LoRA files"),
+        (str(good), "not one of this server's LoRA files"),  # a path of the server's disk: refused
+        ("../style.safetensors", "not one of this server's LoRA files"),
+        ("user/flux-lora", "not one of this server's LoRA files"),  # no hub downloads from a browser
+        ("plain.safetensors", "no LoRA weights in this file"),
+        ("style.safetensors:9", "scale must be between -4 and 4"),
+        ("\n".join(["style.safetensors"] * 5), "at most 4"),
     ]:
         with pytest.raises(h.UIInputError, match=pattern) as err:
-            P.parse_lora_lines(text)
+            P.parse_lora_lines(text, tmp_path)
         assert "--lora" not in str(err.value)
+    with pytest.raises(h.UIInputError, match="LoRAs are off on this server"):
+        P.parse_lora_lines("style.safetensors")  # no --lora-dir
 
 
 def test_lora_metadata_names_files(tmp_path):
@@ -231,3 +236,69 @@ def test_person_check_lines(tiny_pipe, photo_dir):
     line = P.person_check(tiny_pipe, [str(photo_dir / "coffee.png")], 3, cache=cache)
     assert line.startswith("Person 3: **No usable face**") and "coffee.png" in line
     assert P.person_check(tiny_pipe, None, 2, cache=cache) == ""
+
+
+def test_run_generation_with_two_people_and_img2img(tiny_pipe, photo_dir, tmp_path):
+    """The web UI's run: handlers.run_generation with the request's extras (what the Generate button sends)."""
+    import dataclasses
+
+    cache = h.IdentityCache()
+    request = h.build_request([str(photo_dir / "astronaut.png")], "two friends", steps=3, width=128, height=128, seed="9")
+    extras = P.build_inputs(request.photos, people_count=2, others=[([str(photo_dir / "mirrored.png")], "")])
+    two = dataclasses.replace(request, settings=extras.apply(request.settings), extras=extras)
+    result = h.run_generation(tiny_pipe, two, tmp_path / "a", identity_cache=cache)
+    assert result.settings["people"] == [["astronaut.png"], ["mirrored.png"]]
+    assert result.settings["interface"] == "web" and result.mask_picture is not None
+    assert "mirrored.png" in h.settings_text(result.settings)
+
+    extras = P.build_inputs(request.photos, init_image=str(photo_dir / "coffee.png"), strength=0.5, folder=tmp_path / "in")
+    edit = dataclasses.replace(request, settings=extras.apply(request.settings), extras=extras)
+    done: list[int] = []
+    result = h.run_generation(tiny_pipe, edit, tmp_path / "b", identity_cache=cache, progress=lambda d, t, s: done.append(d))
+    assert (result.settings["pipeline"], result.settings["strength"]) == ("img2img", 0.5)
+    assert done  # the progress bar moves for img2img too
+
+    asked: list[int] = []
+
+    def stop_after_two() -> bool:
+        asked.append(1)
+        return len(asked) > 2
+
+    with pytest.raises(h.GenerationStopped):  # Stop works on the img2img pipeline (its step callback)
+        h.run_generation(tiny_pipe, edit, tmp_path / "c", identity_cache=cache, should_stop=stop_after_two)
+    assert not (tmp_path / "c").exists() or not list((tmp_path / "c").rglob("*.png"))
+
+
+def test_loras_are_loaded_for_one_run_only():
+    import types
+
+    calls: list[str] = []
+    adapters: dict[str, list[str]] = {"transformer": []}
+
+    def load(location, adapter_name, **kwargs):
+        calls.append(f"load {location} {kwargs.get('local_files_only')}")
+        adapters["transformer"].append(adapter_name)
+
+    pipe = types.SimpleNamespace(
+        load_lora_weights=load, get_list_adapters=lambda: adapters,
+        set_adapters=lambda names, adapter_weights: calls.append(f"set {names} {adapter_weights}"),
+        unload_lora_weights=lambda: (calls.append("unload"), adapters["transformer"].clear()),
+    )
+    with P.loras_loaded(pipe, ["user/style:0.5"]):
+        assert calls[-1] == "set ['lora0'] [0.5]"
+    assert calls[-1] == "unload"
+    with pytest.raises(RuntimeError), P.loras_loaded(pipe, ["user/style"]):
+        raise RuntimeError("the run failed")
+    assert calls[-1] == "unload"  # unloaded even when the run fails
+    calls.clear()
+    with P.loras_loaded(pipe, []):
+        pass
+    assert calls == []
+
+
+def test_serve_lora_dir_must_be_a_folder(tmp_path, capsys):
+    from spatialid.cli.main import main
+
+    assert main(["serve", "--model", "tiny", "--lora-dir", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--lora-dir" in err[0] and "not a folder" in err[0]

@@ -92,6 +92,10 @@ def _form(photo: dict, **overrides: Any) -> list:
         "photos": [photo], "prompt": "portrait photo", "negative_prompt": "", "preset": "paper", "id_weight": 1.0,
         "start_step": 0, "true_cfg": 1.0, "steps": 2, "guidance": 4.0, "width": 128, "height": 128, "seed": "7",
         "num_images": 1, "compare": False, "compare_presets": [],
+        # several people, init image / mask, strength, LoRAs (spatialid.ui.people): unused here
+        "region_1": "", "people_count": 1, "photos_2": None, "photos_3": None, "photos_4": None,
+        "region_2": "", "region_3": "", "region_4": "", "init_image": None, "mask_upload": None,
+        "strength": 0.8, "loras": "",
     }
     values.update(overrides)
     return list(values.values())

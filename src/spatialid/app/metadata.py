@@ -30,6 +30,7 @@ __all__ = [
     "SUMMARY_KEY",
     "format_summary",
     "IMAGE_FORMATS",
+    "pipeline_record",
     "read_image_metadata",
     "read_png_metadata",
     "save_image_with_metadata",
@@ -235,3 +236,29 @@ def read_image_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 read_png_metadata = read_image_metadata  # the former name, kept for callers of the PNG-only days
+
+
+def pipeline_record(settings: Any) -> dict[str, Any]:
+    """The pipeline fields of ``settings`` as an image's metadata shows them: file names, LoRAs as NAME:SCALE.
+
+    Shared by ``spatialid generate`` and the web UI, so both write the same keys.
+    """
+    from pathlib import Path
+
+    from spatialid.loaders.names import parse_lora
+
+    def name(path: str | None) -> str | None:
+        return Path(path).name if path else None
+
+    loras = None
+    if settings.loras:
+        loras = [f"{name(src) if Path(src).expanduser().is_file() else src}:{scale:g}"
+                 for src, scale in map(parse_lora, settings.loras)]
+    return {
+        "pipeline": settings.pipeline,
+        "init_image": name(settings.init_image),
+        "inpaint_mask": name(settings.inpaint_mask),
+        "control_image": name(settings.control_image),
+        "controlnet": settings.controlnet,
+        "loras": loras,
+    }

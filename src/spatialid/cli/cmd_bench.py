@@ -136,7 +136,11 @@ def prepare(args: argparse.Namespace):
         pulid=None if tiny else args.pulid,
         generation=generation,
         dtype=None if args.dtype in (None, "auto") else args.dtype,
-        extra={} if quantize in (None, "none") else {"quantize": quantize},
+        # a quantized or step-cached run makes other images: part of the settings a resume must match
+        extra={
+            **({} if quantize in (None, "none") else {"quantize": quantize}),
+            **({} if getattr(args, "cache", None) in (None, "none") else {"cache": args.cache}),
+        },
     )
     return settings, identities, prompts, presets, seeds, shard
 
@@ -247,7 +251,8 @@ def _run_locked(args: argparse.Namespace, out, proc, settings, identities, promp
     if not pending:
         update_manifest(out, **manifest_args, write=rank == 0)
         return 0, f"bench: nothing to do, all {len(items)} items of {where} are already in {out}", grid, settings
-    generator = _build_generator(args, settings, proc.device, out)
+    generator = _build_generator(args, settings, proc.device)
+    generator.out_dir = out  # where group items with regions keep their people's masks
     update_manifest(out, **manifest_args, write=rank == 0)
     from spatialid.bench.generators import embedding_io
     from spatialid.bench.runner import EmbeddingCache
@@ -276,7 +281,7 @@ def _auto_dtype_name(device: str | None, process_device: str | None) -> str:
     return dtype_name(resolve_dtype("auto", resolve_device(device)))
 
 
-def _build_generator(args: argparse.Namespace, settings, process_device: str | None = None, out=None):
+def _build_generator(args: argparse.Namespace, settings, process_device: str | None = None):
     from spatialid.app.loading import Models
     from spatialid.bench.generators import PipelineGenerator
 
@@ -285,4 +290,4 @@ def _build_generator(args: argparse.Namespace, settings, process_device: str | N
         spec = spec.replace(device=process_device)  # accelerate launch: this process's GPU
     pipe = Models(spec.check()).pipeline()
     pipe.set_progress_bar_config(disable=True)  # the bench shows one bar over images
-    return PipelineGenerator(pipe, settings, out_dir=out)
+    return PipelineGenerator(pipe, settings)

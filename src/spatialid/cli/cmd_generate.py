@@ -402,32 +402,12 @@ def _encode_people(people: list, encode) -> list:
     return identities
 
 
-def _pipeline_record(settings) -> dict:
-    """The pipeline fields as the image's metadata shows them: file names, LoRAs as NAME:SCALE."""
-    from spatialid.loaders.names import parse_lora
-
-    def name(path: str | None) -> str | None:
-        return Path(path).name if path else None
-
-    loras = None
-    if settings.loras:
-        loras = [f"{name(src) if Path(src).expanduser().is_file() else src}:{scale:g}"
-                 for src, scale in map(parse_lora, settings.loras)]
-    return {
-        "pipeline": settings.pipeline,
-        "init_image": name(settings.init_image),
-        "inpaint_mask": name(settings.inpaint_mask),
-        "control_image": name(settings.control_image),
-        "controlnet": settings.controlnet,
-        "loras": loras,
-    }
-
-
 def run(args: argparse.Namespace) -> int:
     import time
 
     from spatialid.app.job import check_outputs, run_job
     from spatialid.app.loading import Models
+    from spatialid.app.metadata import pipeline_record
 
     started = time.perf_counter()
     apply_from_png(args)
@@ -491,7 +471,11 @@ def run(args: argparse.Namespace) -> int:
         log.warning("no --id photo given: generating without identity (plain FLUX)")
 
     extra = {"device": models.device, "quantization": None if spec.quantize in (None, "none") else spec.quantize}
-    extra.update(_pipeline_record(job.settings))
+    extra.update(pipeline_record(job.settings))
+    if spec.cache not in (None, "none"):
+        extra["cache"] = spec.cache  # a step cache changes the image: recorded, as the quantization is
+    if spec.compile:
+        extra["compile"] = True
     count = 0
     for each in jobs:
         result = run_job(pipe, each, identity, log=lambda m: log.warning("%s", m), extra_settings=extra)

@@ -17,6 +17,7 @@ import io
 import logging
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 from spatialid.cli.options import add_model_arguments, add_speed_arguments, model_spec
 from spatialid.ui.network import check_port_free, host_warning, parse_auth
@@ -65,6 +66,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     access.add_argument("--queue-size", type=int, default=None, help="most requests waiting for the GPU (default 16)")
     access.add_argument(
+        "--lora-dir", default=None, metavar="DIR",
+        help="offer the LoRA .safetensors files of DIR in the page (visitors name them; no other path or hub id). Default: LoRAs off",
+    )
+    access.add_argument(
         "--keep-outputs", type=float, default=None, metavar="HOURS",
         help="delete served outputs and uploads after this many hours (default 1; also when a visitor's tab closes, and at exit)",
     )
@@ -89,6 +94,9 @@ def _check_args(args: argparse.Namespace) -> None:
     max_side = getattr(args, "max_side", None)
     if max_side is not None and max_side % 16:
         raise SpatialIDError(f"--max-side must be a multiple of 16 (FLUX draws 16x16-pixel patches), got {max_side}")
+    lora_dir = getattr(args, "lora_dir", None)
+    if lora_dir is not None and not Path(lora_dir).expanduser().is_dir():
+        raise SpatialIDError(f"--lora-dir {lora_dir} is not a folder; give the folder that holds the LoRA .safetensors files")
     max_cost = getattr(args, "max_cost", None)
     if max_cost is not None and not max_cost > 0:
         raise SpatialIDError(f"--max-cost must be > 0, got {max_cost:g}")
@@ -183,6 +191,7 @@ def _launch(launch, pipe, args: argparse.Namespace, logins, default_queue: int, 
         max_images=args.max_images,
         max_side=args.max_side,
         max_cost=args.max_cost,
+        lora_dir=args.lora_dir,
         queue_size=args.queue_size if args.queue_size is not None else default_queue,
         keep_outputs_hours=args.keep_outputs if args.keep_outputs is not None else default_keep,
     )

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import os
 import secrets
 import signal
@@ -34,6 +35,7 @@ from spatialid import defaults as D
 from spatialid.errors import SpatialIDError
 from spatialid.pipeline.settings import MAX_GUIDANCE, GenerationSettings
 from spatialid.ui import handlers as h
+from spatialid.ui import people as ppl
 from spatialid.ui.network import is_loopback
 from spatialid.ui.storage import DEFAULT_KEEP_HOURS, SERVE_PREFIX, ServeFiles
 from spatialid.utils.io import atomic_save_image
@@ -182,6 +184,18 @@ def _generate_fn(
         num_images: Any,
         compare: Any,
         compare_presets: Any,
+        region_1: Any,
+        people_count: Any,
+        photos_2: Any,
+        photos_3: Any,
+        photos_4: Any,
+        region_2: Any,
+        region_3: Any,
+        region_4: Any,
+        init_image: Any,
+        mask_upload: Any,
+        strength: Any,
+        loras: Any,
         request: gr.Request,
         progress: gr.Progress = gr.Progress(),
     ) -> tuple:
@@ -197,6 +211,16 @@ def _generate_fn(
                 photos, prompt, negative_prompt, preset, id_weight, start_step, true_cfg, steps,
                 guidance, width, height, seed, num_images, compare, compare_presets, limits=limits,
             )
+            for extra_photos in (photos_2, photos_3, photos_4):
+                files.note_uploads(key, _upload_paths(extra_photos) if extra_photos else [])
+            extras = ppl.build_inputs(
+                req.photos, first_region=region_1, people_count=people_count,
+                others=[(photos_2, region_2), (photos_3, region_3), (photos_4, region_4)],
+                init_image=init_image, mask_upload=mask_upload, strength=strength, loras=loras,
+                folder=out_root / f"inputs-{secrets.token_hex(6)}", limits=limits,
+            )
+            if extras != ppl.PictureInputs():
+                req = dataclasses.replace(req, settings=extras.apply(req.settings), extras=extras)
             result = h.run_generation(
                 pipe, req, out_root, progress=report, lock=lock, identity_cache=identities,
                 should_stop=lambda: stops.asked(run_id),
@@ -400,6 +424,58 @@ def _build(
                     num_images = gr.Slider(
                         1, limits.max_images, value=defaults.num_images, step=1, label="Images", elem_id="num-images"
                     )
+                with gr.Accordion(f"Several people (up to {ppl.MAX_PEOPLE})", open=False, elem_id="people-box"):
+                    gr.Markdown(
+                        "Person 1 is the identity photo above. Each added person has their own photos and their own "
+                        "place: left to right in this order, or the region you type as x0,y0,x1,y1 fractions of the "
+                        "width and height (0,0,0.5,1 = the left half; a region for every person or for none).",
+                        elem_id="people-help",
+                    )
+                    region_1 = gr.Textbox(
+                        label="Region of person 1 (optional)", placeholder="e.g. 0,0,0.5,1", max_lines=1, elem_id="region-1"
+                    )
+                    # people on the page (1 = only the identity photo above); a hidden number, not a gr.State, so
+                    # the page's config stays plain JSON
+                    people_count = gr.Number(value=1, precision=0, visible=False, elem_id="people-count")
+                    person_boxes, person_photos, person_regions, person_checks, person_removes = [], [], [], [], []
+                    for number in range(2, ppl.MAX_PEOPLE + 1):
+                        with gr.Group(visible=False, elem_id=f"person-{number}") as person_box:
+                            person_photos.append(gr.File(
+                                label=f"Person {number}: photos of that person (1-{limits.max_photos})",
+                                file_count="multiple", file_types=["image"], height=100, elem_id=f"person-{number}-photos",
+                            ))
+                            person_regions.append(gr.Textbox(
+                                label=f"Region of person {number} (optional)", placeholder="e.g. 0.5,0,1,1", max_lines=1,
+                                elem_id=f"region-{number}",
+                            ))
+                            person_checks.append(gr.Markdown("", elem_id=f"person-{number}-check"))
+                            person_removes.append(gr.Button(f"Remove person {number}", size="sm", elem_id=f"remove-person-{number}"))
+                        person_boxes.append(person_box)
+                    add_person = gr.Button("+ Add a person", size="sm", elem_id="add-person")
+                with gr.Accordion("Edit a picture / LoRA", open=False, elem_id="edit-box"):
+                    init_image = gr.ImageEditor(
+                        label="Init image (img2img); paint over a part to redraw only that part (inpainting)",
+                        type="filepath", sources=["upload"], format="png", layers=False, transforms=(), height=260,
+                        brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"), elem_id="init-image",
+                    )
+                    mask_upload = gr.Image(
+                        label="... or upload an inpainting mask (white = redraw; the init image's size)", type="filepath",
+                        sources=["upload"], format="png", height=120, elem_id="inpaint-mask",
+                    )
+                    strength = gr.Slider(
+                        0.05, 1, value=D.DEFAULT_IMG2IMG_STRENGTH, step=0.05, label="Strength (share of the init image redrawn)",
+                        elem_id="strength",
+                    )
+                    offered = sorted(p.name for p in Path(limits.lora_dir).glob("*.safetensors")) if limits.lora_dir else []
+                    loras = gr.Textbox(
+                        label=(
+                            "LoRAs: one NAME[:SCALE] per line, loaded for this run only; this server offers: "
+                            + (", ".join(offered[:12]) or "none")
+                            if limits.lora_dir else "LoRAs: off on this server (its operator enables them with serve --lora-dir DIR)"
+                        ),
+                        lines=2, placeholder=f"{offered[0]}:0.8" if offered else "", elem_id="loras",
+                        interactive=bool(limits.lora_dir),
+                    )
                 examples = gr.Gallery(
                     value=[(row[0], label) for row, label in zip(example_rows, _example_labels())],
                     label="Examples (scikit-image's photos): a click fills the form with tuned settings and runs it",
@@ -465,6 +541,7 @@ def _build(
         inputs = [
             photos, prompt, negative_prompt, preset, id_weight, start_step, true_cfg, steps,
             guidance, width, height, seed, num_images, compare, compare_presets,
+            region_1, people_count, *person_photos, *person_regions, init_image, mask_upload, strength, loras,
         ]
         outputs = [gallery, comparison_box, comparison, mask_picture, aligned_face, downloads, settings, status]
 
@@ -615,6 +692,44 @@ def _build(
             lambda on: gr.update(visible=bool(on)), compare, compare_presets, queue=False, api_visibility="private"
         )
 
+        def add_a_person(count: Any) -> tuple:
+            """Show the next person's box (up to MAX_PEOPLE)."""
+            count = int(count or 1)
+            if count >= ppl.MAX_PEOPLE:
+                gr.Info(f"At most {ppl.MAX_PEOPLE} people per image.", duration=TOAST_SECONDS)
+                return (gr.skip(),) * (1 + len(person_boxes))
+            count += 1
+            return (count, *(gr.update(visible=i + 2 <= count) for i in range(len(person_boxes))))
+
+        def remover(index: int) -> Any:
+            def remove(count: Any, *values: Any) -> tuple:
+                """Drop one person: the ones after move up, the last box hides."""
+                n = len(person_boxes)
+                kept, regions = list(values[:n]), list(values[n:])
+                del kept[index], regions[index]
+                count = max(1, int(count or 1) - 1)
+                return (count, *(gr.update(visible=i + 2 <= count) for i in range(n)), *kept, None, *regions, "")
+
+            return remove
+
+        def checker(number: int) -> Any:
+            def check(current: Any) -> str:
+                return ppl.person_check(pipe, current, number, cache=identities, limits=limits, lock=gpu_lock)
+
+            return check
+
+        add_person.click(add_a_person, people_count, [people_count, *person_boxes], **private)
+        for index, (button, person_files) in enumerate(zip(person_removes, person_photos)):
+            button.click(
+                remover(index), [people_count, *person_photos, *person_regions],
+                [people_count, *person_boxes, *person_photos, *person_regions], **private,
+            )
+            person_files.upload(keep_listed, person_files, None, **private)  # this session's uploads
+            person_files.change(
+                checker(index + 2), person_files, person_checks[index], concurrency_id="faces", concurrency_limit=1,
+                show_progress="minimal", api_visibility="private",
+            )
+
         def on_unload(request: gr.Request) -> None:
             """The tab was closed (Gradio's heartbeat ended): delete this session's files."""
             key = _session(request)
@@ -672,6 +787,7 @@ def launch(
     max_images: int | None = None,
     max_side: int | None = None,
     max_cost: float | None = None,
+    lora_dir: str | os.PathLike[str] | None = None,
     queue_size: int = DEFAULT_QUEUE_SIZE,
     keep_outputs_hours: float = DEFAULT_KEEP_HOURS,
     prevent_thread_lock: bool = False,
@@ -685,7 +801,8 @@ def launch(
     """
     _, limits = h.defaults_for(pipe)
     limits = limits.replace(
-        max_upload_mb=float(max_upload_mb), max_steps=max_steps, max_images=max_images, max_side=max_side, max_cost=max_cost
+        max_upload_mb=float(max_upload_mb), max_steps=max_steps, max_images=max_images, max_side=max_side, max_cost=max_cost,
+        lora_dir=None if lora_dir is None else str(Path(lora_dir).expanduser().resolve()),
     )
     demo = build_app(
         pipe, model_name=model_name, output_dir=output_dir, limits=limits,

@@ -122,6 +122,7 @@ class UILimits:
     unit_steps: int = 20
     unit_width: int = 1024
     unit_height: int = 1024
+    lora_dir: str | None = None  # serve --lora-dir: the only LoRA files visitors may name (None: LoRAs off)
 
     def replace(self, **changes: Any) -> UILimits:
         """A copy with ``changes`` (``None`` values keep the current one: unset CLI flags)."""
@@ -460,6 +461,8 @@ class GenerationRequest:
     photos: tuple[Path, ...]
     settings: GenerationSettings
     compare: tuple[str, ...] = ()
+    # several people, an init image / inpainting mask, LoRAs (spatialid.ui.people.PictureInputs); None = one person
+    extras: Any = None
 
     @property
     def total_steps(self) -> int:
@@ -755,23 +758,30 @@ def _generate_locked(
             raise GenerationStopped("stopped by the visitor")
         if progress is not None:
             progress(0, request.total_steps, "finding the face")
+        from spatialid.ui import people
+
+        extras = request.extras if request.extras is not None else people.PictureInputs()
         cache = identity_cache if identity_cache is not None else IdentityCache(maxsize=1)
-        identity = cache.get_or_encode(pipe, request.photos)
+        identity = people.identity_for(pipe, request.photos, extras, cache)
         job = GenerationJob(
             settings=request.settings,
             out=out,
             masks=True,
             compare=list(request.compare) or None,
             identity_files=names,
-            identity_source="image",
+            identity_source="people" if extras.several else "image",
             reference_image=reference,
+            people_files=[list(n) for n in extras.names] if extras.several else None,
         )
         model_info = getattr(pipe, "model_info", None) or {}
-        extra = {"device": _pipe_device(pipe), "quantization": model_info.get("quantization"), "interface": "web"}
+        extra = {"device": _pipe_device(pipe), "quantization": model_info.get("quantization"), "interface": "web",
+                 **people.extra_metadata(request.settings)}
         calls = 1 + sum(1 for name in request.compare if name != request.settings.preset)
-        counter = _StepCounter(pipe, progress, request.total_steps, calls=calls, should_stop=should_stop)
+        runner = people.pipeline_for(pipe, extras)  # img2img / inpainting on the same components
+        counter = _StepCounter(runner, progress, request.total_steps, calls=calls, should_stop=should_stop)
         messages: list[str] = []
-        result = run_job(counter, job, identity, log=messages.append, extra_settings=extra)
+        with people.loras_loaded(pipe, extras.loras):  # for this run only
+            result = run_job(counter, job, identity, log=messages.append, extra_settings=extra)
     return result, identity, messages
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -114,13 +115,34 @@ def people_names(people: Sequence[Sequence[Path]]) -> tuple[tuple[str, ...], ...
     return tuple(tuple(Path(p).name for p in photos) for photos in people)
 
 
-def parse_lora_lines(text: Any) -> tuple[str, ...]:
-    """One ``FILE_OR_HUB_ID[:SCALE]`` per line (blank lines and ``#`` comments skipped), checked like ``--lora``."""
+def parse_lora_lines(text: Any, lora_dir: str | os.PathLike[str] | None = None) -> tuple[str, ...]:
+    """One ``NAME[:SCALE]`` per line (blank lines and ``#`` comments skipped), checked like ``--lora``.
+
+    Visitors name LoRA *files of the operator's* ``serve --lora-dir`` only: a path of the server's
+    disk or a hub id typed in a browser would let any visitor probe the server's files or make it
+    download arbitrary repositories. Without ``lora_dir`` the LoRA list is off. Returns the lines
+    with each name replaced by its full path.
+    """
     from spatialid.app.loading import check_lora_files
     from spatialid.loaders.names import parse_lora
 
     lines = [line.strip() for line in str(text or "").splitlines()]
     lines = [line for line in lines if line and not line.startswith("#")]
+    if not lines:
+        return ()
+    if lora_dir is None:
+        raise UIInputError("LoRAs are off on this server (its operator can offer the files of a folder with serve --lora-dir DIR)")
+    root = Path(lora_dir).expanduser().resolve()
+    resolved = []
+    for line in lines:
+        source, scale = parse_lora(line)
+        name = source.strip()
+        path = (root / name).resolve()
+        if not name or "/" in name or "\\" in name or name.startswith(".") or path.parent != root or not path.is_file():
+            offered = ", ".join(sorted(p.name for p in root.glob("*.safetensors"))[:8]) or "none"
+            raise UIInputError(f"LoRA {name!r} is not one of this server's LoRA files (offered: {offered})")
+        resolved.append(f"{path}:{scale:g}" if ":" in line else str(path))
+    lines = resolved
     if len(lines) > MAX_LORAS:
         raise UIInputError(f"{len(lines)} LoRAs listed; use at most {MAX_LORAS} (one FILE_OR_HUB_ID[:SCALE] per line)")
     for line in lines:
@@ -279,7 +301,7 @@ def build_inputs(
         init_image=init_path,
         inpaint_mask=mask_path,
         strength=value,
-        loras=parse_lora_lines(loras),
+        loras=parse_lora_lines(loras, (limits or UILimits()).lora_dir),
         names=people_names(people) if len(people) > 1 else (),
     )
 
@@ -391,22 +413,9 @@ def loras_loaded(pipe: Any, loras: Sequence[str]) -> Iterator[None]:
 
 
 def extra_metadata(settings: GenerationSettings) -> dict[str, Any]:
-    """The pipeline fields as the PNG shows them (as ``spatialid generate`` writes them): file names, LoRAs as NAME:SCALE."""
-    from spatialid.loaders.names import parse_lora
+    """The pipeline fields as the PNG shows them (``app.metadata.pipeline_record``, as ``generate`` writes them); none for plain text-to-image."""
+    from spatialid.app.metadata import pipeline_record
 
     if settings.pipeline == "text2image" and not settings.loras:
         return {}
-
-    def name(path: str | None) -> str | None:
-        return Path(path).name if path else None
-
-    loras = None
-    if settings.loras:
-        loras = [f"{name(src) if Path(src).expanduser().is_file() else src}:{scale:g}"
-                 for src, scale in map(parse_lora, settings.loras)]
-    return {
-        "pipeline": settings.pipeline,
-        "init_image": name(settings.init_image),
-        "inpaint_mask": name(settings.inpaint_mask),
-        "loras": loras,
-    }
+    return pipeline_record(settings)
