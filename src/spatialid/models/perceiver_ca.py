@@ -131,15 +131,7 @@ class PerceiverAttentionCA(SafetensorsModelMixin, ConfigMixin):
             k = k.expand(b, -1, -1, -1).contiguous()
             v = v.expand(b, -1, -1, -1).contiguous()
         q = q.view(b, n, h, self.dim_head).transpose(1, 2)  # [B, H, N, D] view
-        scale = self.dim_head**-0.5
-        probs = None
-        if return_probs:
-            # Scores [B, H, N, n] in the compute dtype (float32 accumulation inside the matmul),
-            # softmax in float32 like the fused kernels do.
-            probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)).float() * scale, dim=-1)
-            attn = torch.matmul(probs.to(v.dtype), v)
-        else:
-            attn = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        attn, probs = self._attend(q, k, v, return_probs)
         raw = attn.transpose(1, 2).reshape(b, n, self.inner_dim)  # the one copy, needed by to_out
         out = self.to_out(raw).to(out_dtype)
         if probs is not None:
@@ -147,6 +139,21 @@ class PerceiverAttentionCA(SafetensorsModelMixin, ConfigMixin):
         if return_raw:
             return out, raw
         return out
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_probs: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention of ``q`` [B, H, N, D] over ``k``/``v`` [B, H, n, D]: ``(attn, probs or None)``.
+
+        With ``return_probs`` the scores [B, H, N, n] are computed explicitly in the compute dtype
+        (float32 accumulation inside the matmul) with the softmax in float32, like the fused
+        kernels do; otherwise the fused kernel runs (it does not expose its probabilities).
+        """
+        scale = self.dim_head**-0.5
+        if return_probs:
+            probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)).float() * scale, dim=-1)
+            return torch.matmul(probs.to(v.dtype), v), probs
+        return F.scaled_dot_product_attention(q, k, v, scale=scale), None
 
     def forward_people(
         self, id_tokens: torch.Tensor, latents: torch.Tensor, return_probs: bool = False
@@ -172,13 +179,7 @@ class PerceiverAttentionCA(SafetensorsModelMixin, ConfigMixin):
         k, v = kv.view(count * b, kv.shape[1], 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
         k, v = k.contiguous(), v.contiguous()
         q = q.unsqueeze(0).expand(count, -1, -1, -1, -1).reshape(count * b, h, n, d)  # the K copies of q
-        scale = d**-0.5
-        probs = None
-        if return_probs:
-            probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)).float() * scale, dim=-1)
-            attn = torch.matmul(probs.to(v.dtype), v)
-        else:
-            attn = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        attn, probs = self._attend(q, k, v, return_probs)
         raw = attn.transpose(1, 2).reshape(count * b, n, self.inner_dim)
         out = self.to_out(raw).to(out_dtype).view(count, b, n, self.dim)
         raw = raw.view(count, b, n, self.inner_dim)
