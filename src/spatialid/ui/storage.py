@@ -214,15 +214,18 @@ class ServeFiles:
             session = self._sessions.pop(key, None)
             if session is None:
                 return
-            in_use = set().union(*(s.uploads for s in self._sessions.values())) if self._sessions else set()
-            uploads = session.uploads - in_use
         shutil.rmtree(session.folder, ignore_errors=True)
-        if uploads:
-            # Later, not now: another visitor may be uploading the same photo (same content-hashed
-            # path) this moment, before their upload event has registered it.
-            timer = threading.Timer(_UPLOAD_GRACE_S, self._remove_unheld_uploads, [uploads, time.time()])
+        if session.uploads:
+            # Later, not now, and only those no live session holds then: another visitor may be
+            # uploading the same photo (same content-hashed path) this moment, before their upload
+            # event has registered it.
+            timer = threading.Timer(_UPLOAD_GRACE_S, self._remove_unheld_uploads, [session.uploads, time.time()])
             timer.daemon = True
             timer.start()
+
+    def _held_uploads(self) -> set[Path]:
+        """Uploads some live session holds (call with the lock held)."""
+        return set().union(*(s.uploads for s in self._sessions.values()))
 
     def _remove_unheld_uploads(self, uploads: set[Path], ended: float = math.inf) -> None:
         """Delete the uploads nobody holds, except those written again after the session ``ended``.
@@ -234,7 +237,7 @@ class ServeFiles:
         with self._lock:
             if self.closed:
                 return
-            held = set().union(*(s.uploads for s in self._sessions.values())) if self._sessions else set()
+            held = self._held_uploads()
         for path in uploads - held:
             with contextlib.suppress(OSError):
                 if path.stat().st_mtime > ended:
