@@ -48,6 +48,8 @@ __all__ = [
     "load_prompts",
     "parse_prompt_ids",
     "PERSON_WORDS",
+    "WHOLE_IMAGE",
+    "region_boxes",
     "person_word",
     "render_prompt",
     "resolve_photo_path",
@@ -398,6 +400,17 @@ def load_identities(
             "give an IBench identities .json, a folder of photos or one photo"
         )
     return identities[:limit] if limit else identities
+
+
+WHOLE_IMAGE = (0.0, 0.0, 1.0, 1.0)  # a group member listed without a region may be anywhere
+
+
+def region_boxes(regions: Sequence[Any]) -> list[Any] | None:
+    """A group's regions for ``people``/``regions=``: None when none is given, else one box per
+    person with the members listed without one (null) given the whole image."""
+    if not any(r is not None for r in regions):
+        return None
+    return [r if r is not None else WHOLE_IMAGE for r in regions]
 
 
 def _region(value: Any, where: str) -> tuple[float, float, float, float] | None:

@@ -7,6 +7,7 @@ from typing import Any
 
 from PIL import Image
 
+from spatialid.bench.datasets import region_boxes
 from spatialid.bench.grid import BenchItem
 from spatialid.bench.results import masks_file
 from spatialid.bench.runner import BenchSettings
@@ -37,7 +38,7 @@ class PipelineGenerator:
 
     def masks_path(self, item: BenchItem) -> Path | None:
         """Where a group item with regions keeps its people's masks (eval's "mask in region" column)."""
-        if self.out_dir is None or not item.identity.is_group or not any(r is not None for r in item.identity.regions):
+        if self.out_dir is None or not item.identity.is_group or region_boxes(item.identity.regions) is None:
             return None
         return masks_file(self.out_dir / item.preset / "images" / item.image_name)
 
@@ -59,9 +60,7 @@ class PipelineGenerator:
             kwargs["preset"] = None  # no identity: the plain FLUX path
             kwargs["schedule_overrides"] = None
         if isinstance(embedding, list) and not item.is_baseline:  # a group: one embedding per person
-            regions = list(item.identity.regions) if any(r is not None for r in item.identity.regions) else None
-            if regions is not None:
-                regions = [r if r is not None else (0.0, 0.0, 1.0, 1.0) for r in regions]
+            regions = region_boxes(item.identity.regions)
             target = self.masks_path(item)
             if target is not None:
                 target.parent.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from spatialid.bench.datasets import resolve_photo_path
+from spatialid.bench.datasets import region_boxes, resolve_photo_path
 from spatialid.bench.grid import BASELINE_PRESET
 from spatialid.bench.results import (
     BenchStateError,
@@ -516,12 +516,11 @@ class _Scorer:
         if not path.is_file():
             return []
         try:
-            regions = read_png_metadata(item.image).get("regions")
-            if not regions:
+            boxes = region_boxes(read_png_metadata(item.image).get("regions") or [])
+            if boxes is None:
                 return []
             masks, _ = load_mask_file(path)
             rows, cols = masks.shape[-2:]
-            boxes = [r if r is not None else (0.0, 0.0, 1.0, 1.0) for r in regions]
             grid = regions_tensor(boxes, len(boxes), int(rows), int(cols)).reshape(len(boxes), int(rows), int(cols))
             return mask_share_inside(masks.numpy(), grid.numpy())
         except SpatialIDError as exc:
