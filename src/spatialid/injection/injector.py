@@ -62,6 +62,7 @@ from spatialid.injection.calls import (
     attach_context_probe,
     detach_context_probe,
 )
+from spatialid.masks import multi
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialid.masks.schedule import SpatialSchedule
@@ -510,8 +511,6 @@ class IdentityInjector:
 
     def _inject_people(self, point: int, image: torch.Tensor, session: InjectionSession) -> torch.Tensor:
         """``h + w * sum_k M_k * CA(Z_k, h)`` with competing per-person masks (:mod:`spatialid.masks.multi`)."""
-        from spatialid.masks import multi
-
         ca = self.ca_modules[point]
         people = session._people  # [K, B, n, dim]
         count = people.shape[0]
