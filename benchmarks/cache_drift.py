@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                     try:
                         generate(model, transformer, injector, inputs, latents, sigmas, embeds, schedule, grid, clock, device, now)  # warm-up / compile
                         if cache is not None:
-                            cache.computed = cache.cached = 0
+                            cache.reset_counts()
                         with_id, ms = generate(model, transformer, injector, inputs, latents, sigmas, embeds, schedule, grid, clock, device, now)
                         computed, cached = (cache.computed, cache.cached) if cache is not None else (args.steps, 0)
                         without_id, _ = generate(model, transformer, injector, inputs, latents, sigmas, None, schedule, grid, clock, device, now)

@@ -12,16 +12,10 @@ diffusers = pytest.importorskip("diffusers")
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """The tiny model as a diffusers folder + a PuLID file in the official single-file layout."""
-    from spatialid.models import save_pulid_checkpoint
-    from spatialid.pipeline import SpatialIDPipeline
-
-    pipe = SpatialIDPipeline.tiny(seed=0, with_identity_encoder=False)
-    root = tmp_path_factory.mktemp("weights")
-    diffusers.FluxPipeline(**pipe.flux_components).save_pretrained(root / "flux")
-    save_pulid_checkpoint(pipe.idformer, pipe.ca_modules, root / "pulid.safetensors")
-    return root
+def saved(tiny_model_dir):
+    """The tiny model as a diffusers folder (flux/) + a PuLID file in the official single-file layout
+    (pulid.safetensors); shared with the session (conftest), read-only."""
+    return tiny_model_dir
 
 
 class _ReadCounter:

@@ -33,7 +33,7 @@ from spatialid.bench.results import (
     update_manifest,
 )
 from spatialid.bench.runner import BenchSettings, EmbeddingCache, pending_items, run_bench
-from spatialid.bench.samples import HashGenerator, hash_encoder, write_sample_inputs
+from spatialid.bench.samples import HashGenerator, hash_encoder
 from spatialid.errors import FaceNotFoundError, SpatialIDError
 from spatialid.pipeline.settings import GenerationSettings
 
@@ -42,9 +42,9 @@ PRESETS = ["pulid", "paper"]
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("inputs")
-    ids_json, prompts_json = write_sample_inputs(root)
+def inputs(bench_inputs):
+    """The sample bench inputs, shared with the session (conftest): read-only."""
+    root, ids_json, prompts_json = bench_inputs
     identities = load_identities(ids_json)
     prompts = load_prompts(prompts_json, limit=2)
     return root, identities, prompts

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from spatialid.bench.results import load_manifest, load_preset_results
-from spatialid.bench.samples import write_sample_inputs
 from spatialid.cli import cmd_bench
 from spatialid.cli.main import EXIT_INTERRUPTED, main
 
@@ -31,9 +30,9 @@ def _shared_build(args, settings, device=None):
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("inputs")
-    ids, prompts = write_sample_inputs(root)
+def inputs(bench_inputs):
+    """ids.json and prompts.json of the sample bench inputs, shared with the session (conftest): read-only."""
+    _, ids, prompts = bench_inputs
     return ids, prompts
 
 

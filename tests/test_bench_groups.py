@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from spatialid.bench.datasets import BenchInputError, load_identities, load_prom
 from spatialid.bench.grid import build_grid
 from spatialid.bench.results import load_preset_results, update_manifest
 from spatialid.bench.runner import BenchSettings, run_bench
-from spatialid.bench.samples import HashGenerator, hash_encoder, write_sample_inputs
+from spatialid.bench.samples import HashGenerator, hash_encoder
 from spatialid.evaluation.evaluate import expected_units
 from spatialid.pipeline.settings import GenerationSettings
 
@@ -19,8 +20,11 @@ SETTINGS = BenchSettings(model="fake", generation=GenerationSettings(steps=2, wi
 
 
 @pytest.fixture()
-def groups(tmp_path: Path) -> tuple[Path, Path]:
-    _, prompts = write_sample_inputs(tmp_path)
+def groups(bench_inputs: tuple[Path, Path, Path], tmp_path: Path) -> tuple[Path, Path]:
+    """A groups file next to a copy of the shared sample inputs (conftest's ``bench_inputs``), which tests change."""
+    root, _, shared_prompts = bench_inputs
+    shutil.copytree(root / "photos", tmp_path / "photos")
+    prompts = Path(shutil.copy(shared_prompts, tmp_path / shared_prompts.name))
     doc = {
         "groups": [
             ["photos/astronaut.png", "photos/astronaut_mirror.png"],

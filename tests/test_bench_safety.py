@@ -30,7 +30,7 @@ from spatialid.bench.runner import (
     pending_items,
     run_bench,
 )
-from spatialid.bench.samples import HashGenerator, hash_encoder, write_sample_inputs
+from spatialid.bench.samples import HashGenerator, hash_encoder
 from spatialid.cli import cmd_bench
 from spatialid.cli.main import main
 from spatialid.pipeline.settings import GenerationSettings
@@ -43,9 +43,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("inputs")
-    ids_json, prompts_json = write_sample_inputs(root)
+def inputs(bench_inputs):
+    """The sample bench inputs, shared with the session (conftest): read-only (copy before changing)."""
+    root, ids_json, prompts_json = bench_inputs
     return root, ids_json, prompts_json, load_identities(ids_json), load_prompts(prompts_json, limit=2)
 
 

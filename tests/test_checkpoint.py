@@ -326,8 +326,10 @@ def test_tiny_file_with_full_config_fails_fast_with_hint(tiny_file, monkeypatch)
         built.append(str(device))
         return real(config, device=device, dtype=dtype)
 
-    monkeypatch.setattr(ckpt, "build_pulid_model", spy)
-    ckpt._expected_layout_cached.cache_clear()
+    from spatialid.models import pulid_flux  # where the layout is computed (ckpt re-exports it)
+
+    monkeypatch.setattr(pulid_flux, "build_pulid_model", spy)
+    pulid_flux._expected_layout_cached.cache_clear()
     with pytest.raises(CheckpointError, match="mis-shaped.*pass config=spatialid.models.TINY_PULID"):
         load_pulid_checkpoint(tiny_file)
     assert built and set(built) <= {"meta"}  # only the layout is computed, on the meta device

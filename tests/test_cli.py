@@ -20,23 +20,8 @@ from spatialid.app.metadata import read_png_metadata
 FAST = ["--model", "tiny", "--size", "64x64", "--steps", "2"]
 
 
-@pytest.fixture(scope="module")
-def astronaut(tmp_path_factory) -> Path:
-    skdata = pytest.importorskip("skimage.data")
-    path = tmp_path_factory.mktemp("photos") / "astronaut.png"
-    Image.fromarray(skdata.astronaut()).save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def embeds_file(tmp_path_factory) -> Path:
-    from spatialid.encoder.embedding import IdentityEmbedding
-    from spatialid.models.configs import TINY_PULID
-
-    g = torch.Generator().manual_seed(0)
-    shape = (1, TINY_PULID.idformer.num_queries, TINY_PULID.ca.kv_dim)
-    emb = IdentityEmbedding(tokens=torch.randn(shape, generator=g), uncond_tokens=torch.randn(shape, generator=g))
-    return emb.save(tmp_path_factory.mktemp("embeds") / "me.safetensors")
+# Fixtures from conftest.py (shared, read-only): ``astronaut`` (the photo), ``photo_dir`` and
+# ``embeds_file`` (``me.safetensors``, random tiny-model tokens).
 
 
 def _run(argv, capsys):
@@ -231,10 +216,8 @@ def test_bad_photos_exit_2(tmp_path, capsys):
         _assert_one_line_error(code, err, match)
 
 
-def test_photo_without_face_exit_2(tmp_path, capsys):
-    skdata = pytest.importorskip("skimage.data")
-    coffee = tmp_path / "coffee.png"
-    Image.fromarray(skdata.coffee()).save(coffee)
+def test_photo_without_face_exit_2(tmp_path, photo_dir, capsys):
+    coffee = photo_dir / "coffee.png"
     code, _, err = _run(["generate", *FAST, "--id", coffee, "--prompt", "x", "--out", tmp_path / "o.png"], capsys)
     _assert_one_line_error(code, err, "face")
     assert not (tmp_path / "o.png").exists()

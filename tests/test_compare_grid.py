@@ -5,22 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 from spatialid.app.metadata import read_image_metadata
 
 
-@pytest.fixture(scope="module")
-def astronaut(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import skimage.data as skdata
-
-    path = tmp_path_factory.mktemp("photos") / "astronaut.png"
-    Image.fromarray(skdata.astronaut()).save(path)
-    return path
-
-
-def test_cli_compare_shows_the_main_preset_first_with_masks(tmp_path, astronaut, capsys):
+# ``astronaut``: the shared identity photo of conftest.py.
+def test_cli_compare_shows_the_main_preset_first_with_masks(tmp_path, astronaut: Path, capsys):
     from spatialid.cli.main import main
 
     out = tmp_path / "me.png"

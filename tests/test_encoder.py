@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import sys
 
 import numpy as np
@@ -21,22 +20,20 @@ from spatialid.models.configs import TINY_PULID
 
 
 @pytest.fixture(scope="module")
-def encoder() -> IdentityEncoder:
-    return IdentityEncoder.tiny(seed=0)
+def encoder(tiny_encoder) -> IdentityEncoder:
+    """IdentityEncoder.tiny(seed=0), shared with the session (conftest): read-only here."""
+    return tiny_encoder
 
 
 @pytest.fixture(scope="module")
-def astronaut_emb(encoder) -> IdentityEmbedding:
-    return encoder.encode(data.astronaut())
+def astronaut_emb(astronaut_embedding) -> IdentityEmbedding:
+    return astronaut_embedding
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    d = tmp_path_factory.mktemp("photos")
-    Image.fromarray(data.astronaut()).save(d / "astronaut.png")
-    # small: a photo without a face also runs dlib's CNN detector, seconds at full size on a CPU
-    Image.fromarray(data.coffee()).resize((150, 100), Image.BICUBIC).save(d / "coffee.jpg")
-    return d
+def photos(photo_dir):
+    """astronaut.png, and coffee.png (no face; small, since such a photo also runs dlib's CNN detector)."""
+    return photo_dir
 
 
 def turned_astronaut() -> np.ndarray:
@@ -282,7 +279,7 @@ def test_cli_encode_tiny(photos, tmp_path, capsys, astronaut_emb):
 def test_cli_encode_errors(photos, tmp_path, capsys, argv, match):
     from spatialid.cli.main import main
 
-    fill = {"coffee": str(photos / "coffee.jpg"), "astro": str(photos / "astronaut.png"), "tmp": str(tmp_path)}
+    fill = {"coffee": str(photos / "coffee.png"), "astro": str(photos / "astronaut.png"), "tmp": str(tmp_path)}
     rc = main(["-q", "encode", "--model", "tiny", *[a.format(**fill) for a in argv]])
     err = capsys.readouterr().err
     assert rc == 2
@@ -291,16 +288,24 @@ def test_cli_encode_errors(photos, tmp_path, capsys, argv, match):
     assert not (tmp_path / "c.safetensors").exists()
 
 
-def test_cli_encode_subprocess_exit_code(photos, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "spatialid", "-q", "encode", "--model", "tiny", "--id", str(photos / "coffee.jpg"),
-         "--out", str(tmp_path / "c.safetensors")],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("spatialid: error:")]
-    assert errors == [f"spatialid: error: no face found in {photos / 'coffee.jpg'}; use a photo where one face is "
+def test_cli_encode_exit_code_of_python_m_spatialid(photos, tmp_path, capsys, monkeypatch):
+    """``python -m spatialid encode`` on a photo without a face exits with status 2 and one line.
+
+    Runs the package's ``__main__`` in this process, as ``python -m`` does (``sys.exit(main())``); the
+    console script itself is run as a separate process once, in test_cli.py.
+    """
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["spatialid", "-q", "encode", "--model", "tiny", "--id", str(photos / "coffee.png"),
+                                      "--out", str(tmp_path / "c.safetensors")])
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_module("spatialid", run_name="__main__", alter_sys=True)
+    assert exc.value.code == 2
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    assert not (tmp_path / "c.safetensors").exists()
+    errors = [ln for ln in stderr.splitlines() if ln.startswith("spatialid: error:")]
+    assert errors == [f"spatialid: error: no face found in {photos / 'coffee.png'}; use a photo where one face is "
                       "clearly visible, frontal and well lit (at least 64 px tall)"]
 
 

@@ -16,7 +16,7 @@ from spatialid.bench.datasets import load_identities, load_prompts
 from spatialid.bench.grid import build_grid
 from spatialid.bench.results import update_manifest
 from spatialid.bench.runner import BenchSettings, run_bench
-from spatialid.bench.samples import hash_encoder, write_sample_inputs
+from spatialid.bench.samples import hash_encoder
 from spatialid.errors import ModelFilesMissingError, SpatialIDError
 from spatialid.evaluation.contamination import (
     apply_mask,
@@ -124,10 +124,9 @@ def test_real_clip_offline_error_names_model(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def sample_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("samples")
-    write_sample_inputs(root)
-    return root
+def sample_dir(bench_inputs):
+    """The sample bench inputs (ids.json, prompts.json, photos/), shared with the session (conftest): read-only."""
+    return bench_inputs[0]
 
 
 def test_dlib_facesim_on_real_photos_and_fallback(sample_dir):

@@ -19,7 +19,7 @@ from spatialid.bench.datasets import load_identities, load_prompts
 from spatialid.bench.grid import build_grid
 from spatialid.bench.results import update_manifest
 from spatialid.bench.runner import BenchSettings, run_bench
-from spatialid.bench.samples import HashGenerator, hash_encoder, write_sample_inputs
+from spatialid.bench.samples import HashGenerator, hash_encoder
 from spatialid.cli.main import main
 from spatialid.pipeline.settings import GenerationSettings
 
@@ -30,9 +30,8 @@ TINY = ["--model", "tiny", "--no-progress", "--no-plots"]
 
 
 @pytest.fixture(scope="module")
-def grid(tmp_path_factory):
-    root = tmp_path_factory.mktemp("inputs")
-    ids_json, prompts_json = write_sample_inputs(root)
+def grid(bench_inputs):
+    _, ids_json, prompts_json = bench_inputs  # shared with the session (conftest): read-only
     identities, prompts = load_identities(ids_json), load_prompts(prompts_json, limit=2)
     return identities, prompts, build_grid(identities, prompts, PRESETS, [1])
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +17,6 @@ from spatialid.models import (
     PerceiverCAConfig,
     expected_pulid_layout,
 )
-
-LAYOUT_FILE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "pulid_flux_checkpoint_layout.json"
 
 
 def _shapes(module: torch.nn.Module) -> dict[str, list[int]]:
@@ -54,10 +50,8 @@ def test_every_ca_state_dict_equals_published_ca(pulid_layout):
         assert _part(pulid_layout, f"pulid_ca.{i}.") == got, i
 
 
-def test_full_layout_covers_all_tensors_and_parameters(pulid_layout):
-    if not LAYOUT_FILE.exists():
-        pytest.skip("layout file not found")
-    info = json.loads(LAYOUT_FILE.read_text())
+def test_full_layout_covers_all_tensors_and_parameters(pulid_layout, pulid_layout_doc):
+    info = pulid_layout_doc  # tests/data/pulid_flux_checkpoint_layout.json (conftest)
     layout = expected_pulid_layout(PULID_FLUX)
     assert {k: list(v) for k, v in layout.items()} == pulid_layout
     assert len(layout) == info["num_tensors"] == 312

@@ -202,11 +202,11 @@ def test_cfg_start_step_one_differs_from_zero(pipe, tokens):
     assert np.abs(a - b).max() > 1e-4
 
 
-def _true_cfg_by_call_order(pipe, plain, tokens, cfg_start_step, start_step, preset):
-    """True CFG as the pipeline computed it before branches came from the cache context: plain
-    FluxPipeline, identity by call order (call 2k positive, 2k + 1 negative) and a warm-up that
-    copies call 2k's output into call 2k + 1 while k < cfg_start_step."""
-    from spatialid.masks import resolve_preset
+def _true_cfg_by_call_order(plain, pipe, tokens, cfg_start_step, start_step, preset):
+    """True CFG computed with a plain FluxPipeline on the same transformer: the identity passed
+    through the loader with no warm-up of its own, and the warm-up done here by call order (call
+    2k positive, 2k + 1 negative; call 2k's output copied into call 2k + 1 while k < cfg_start_step)."""
+    from spatialid.loaders import PuLIDIdentity
 
     state = {"calls": 0, "positive": None}
 
@@ -220,27 +220,25 @@ def _true_cfg_by_call_order(pipe, plain, tokens, cfg_start_step, start_step, pre
             return None
         return state["positive"]
 
-    def by_order(call):
-        if call.index // 2 < start_step:
-            return None
-        return tokens[0] if call.index % 2 == 0 else tokens[1]
-
+    identity = PuLIDIdentity(
+        tokens[0], tokens[1], preset=preset, start_step=start_step, record_masks=True, height=SIZE, width=SIZE
+    )
     handle = pipe.transformer.register_forward_hook(warmup)
     try:
-        grid = (SIZE // 16, SIZE // 16)
-        with pipe.injector.active(by_order, schedule=resolve_preset(preset), grid=grid, record_masks=True) as session:
-            images = plain_run(plain, pipe, true_cfg_scale=2.0, negative_prompt="").images
+        images = plain_run(
+            plain, pipe, true_cfg_scale=2.0, negative_prompt="", joint_attention_kwargs={"identity": identity}
+        ).images
     finally:
         handle.remove()
-    return images, session.records
+    return images, identity.records
 
 
 @pytest.mark.parametrize("preset, start_step", [("paper", 0), ("pulid", 1)])
 def test_true_cfg_branches_from_cache_context_match_call_order(pipe, plain, tokens, preset, start_step):
     """FluxPipeline's cache context gives each call its branch and step; with its usual order
-    (cond, then uncond) the images and masks are those of the old call counting."""
+    (cond, then uncond) the images and masks are those of call-order counting."""
     calls = []
-    handle = pipe.transformer.register_forward_hook(lambda m, a, o: calls.append(pipe.injector.session.call))
+    handle = pipe.transformer.register_forward_hook(lambda m, a, o: calls.append(pipe.injector.call))
     try:
         out = run(
             pipe, id_embeds=tokens[0], uncond_id_embeds=tokens[1], true_cfg=2.0, cfg_start_step=1,
@@ -251,52 +249,49 @@ def test_true_cfg_branches_from_cache_context_match_call_order(pipe, plain, toke
     assert [(c.step, c.branch, c.from_context) for c in calls] == [
         (s, b, True) for s in range(STEPS) for b in ("cond", "uncond")
     ]
-    ref_images, ref_records = _true_cfg_by_call_order(pipe, plain, tokens, 1, start_step, preset)
-    # Both paths run the same float ops in the same order, so they agree bit for bit (checked
-    # when this test was written; also the digest of the pre-change pipeline). The 1e-6 tolerance
-    # on pixels in [0, 1] keeps the test about which tokens and which warm-up copy each call got
-    # (a wrong branch or step moves pixels by > 1e-3), not about kernel-level determinism.
+    ref_images, ref_records = _true_cfg_by_call_order(plain, pipe, tokens, 1, start_step, preset)
+    # Both paths run the same float ops in the same order; the 1e-6 tolerance on pixels in [0, 1]
+    # keeps the test about which tokens and which warm-up copy each call got (a wrong branch or
+    # step moves pixels by > 1e-3), not about kernel-level determinism.
     np.testing.assert_allclose(out.images, ref_images, rtol=0, atol=1e-6)
-    positive = [r for r in ref_records if r.call_index % 2 == 0]
+    positive = [r for r in ref_records if r.branch == "cond"]
     assert [m.step for m in out.masks] == list(range(start_step, STEPS))
     for m in out.masks:
-        want = torch.stack([r.mask for r in positive if r.call_index // 2 == m.step])
+        want = torch.stack([r.mask for r in positive if r.step == m.step])
         np.testing.assert_allclose(m.masks.reshape(want.shape).float().numpy(), want.float().numpy(), rtol=0, atol=1e-6)
 
 
-def test_cfg_warmup_follows_the_cache_context_not_the_call_order():
-    from diffusers.models.cache_utils import CacheMixin
+def test_cfg_warmup_follows_the_cache_context_not_the_call_order(pipe, tokens):
+    """The warm-up copies the positive output of the same step, read from the cache context: a
+    step whose negative branch runs first keeps its own negative output."""
+    from spatialid.loaders import PuLIDIdentity
 
-    from spatialid.injection.calls import CONTEXT_PROBE_NAME
-    from spatialid.pipeline.pipeline_spatialid import _CFGWarmup
+    transformer = pipe.transformer
+    identity = PuLIDIdentity(tokens[0], tokens[1], cfg_start_step=2, preset="pulid", height=SIZE, width=SIZE)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, (SIZE // 16) ** 2, transformer.config.in_channels, generator=g)
+    text = torch.randn(1, 8, transformer.config.joint_attention_dim, generator=g)
+    pooled = torch.randn(1, transformer.config.pooled_projection_dim, generator=g)
+    ids = torch.zeros((SIZE // 16) ** 2, 3)
+    ids[:, 1] = torch.arange(SIZE // 16).repeat_interleave(SIZE // 16)
+    ids[:, 2] = torch.arange(SIZE // 16).repeat(SIZE // 16)
 
-    class Echo(torch.nn.Module, CacheMixin):
-        def forward(self, x):
-            return x * 1.0
+    def call(branch, step, scale):
+        with transformer.cache_context(branch, step_index=step):
+            return transformer(
+                hidden_states=hidden * scale, encoder_hidden_states=text, pooled_projections=pooled,
+                timestep=torch.tensor([0.5]), img_ids=ids, txt_ids=torch.zeros(8, 3),
+                guidance=torch.tensor([4.0]), joint_attention_kwargs={"identity": identity}, return_dict=False,
+            )[0]
 
-    echo = Echo()
-    warmup = _CFGWarmup(echo, cfg_start_step=2)
-    outs = {}
-    order = [("cond", "uncond"), ("uncond", "cond"), ("uncond", "cond")]
-    try:
-        with pytest.warns(UserWarning, match="step 1 ran before"):
-            for step, branches in enumerate(order):
-                for branch in branches:
-                    with echo.cache_context(branch):
-                        outs[step, branch] = float(echo(torch.tensor([10.0 * step + (branch == "uncond")])))
-    finally:
-        warmup.remove()
-    assert outs[0, "uncond"] == 0.0  # warm-up step: the negative branch returns the positive output
-    assert outs[1, "uncond"] == 11.0 and outs[1, "cond"] == 10.0  # uncond first: nothing to copy yet
-    assert outs[2, "uncond"] == 21.0  # past cfg_start_step: both branches are their own
-    assert echo._diffusers_hook.get_hook(CONTEXT_PROBE_NAME) is None
-    # without a cache context the branches are told apart by order, as before
-    fallback = _CFGWarmup(echo, cfg_start_step=1)
-    try:
-        got = [float(echo(torch.tensor([v]))) for v in (1.0, 2.0, 3.0, 4.0)]
-    finally:
-        fallback.remove()
-    assert got == [1.0, 1.0, 3.0, 4.0]
+    with torch.no_grad():
+        pos0, neg0 = call("cond", 0, 1.0), call("uncond", 0, 2.0)
+        neg1, pos1 = call("uncond", 1, 3.0), call("cond", 1, 4.0)
+        pos2, neg2 = call("cond", 2, 5.0), call("uncond", 2, 6.0)
+    assert torch.equal(neg0, pos0)  # warm-up step: the negative branch returns the positive output
+    assert not torch.equal(neg1, pos0) and not torch.equal(neg1, pos1)  # uncond first: its own output
+    assert not torch.equal(neg2, pos2)  # past cfg_start_step: both branches are their own
+
 
 
 def test_true_cfg_needs_uncond_tokens_for_plain_tensors(pipe, tokens):

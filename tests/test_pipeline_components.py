@@ -65,10 +65,10 @@ def test_attach_pulid_wraps_the_given_modules_without_copying():
 
 
 def test_attach_pulid_refuses_modules_it_cannot_describe():
-    from spatialid.pipeline.pipeline_spatialid import _wrap_pulid_modules
+    from spatialid.pipeline.loading import wrap_pulid_modules
 
     with pytest.raises(TypeError, match="PerceiverAttentionCA"):
-        _wrap_pulid_modules(None, [torch.nn.Linear(2, 2)], 2, 4)
+        wrap_pulid_modules(None, [torch.nn.Linear(2, 2)], 2, 4)
 
 
 @pytest.mark.parametrize(

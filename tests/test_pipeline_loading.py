@@ -21,23 +21,16 @@ diffusers = pytest.importorskip("diffusers")
 
 
 @pytest.fixture(scope="module")
-def tiny_pipe():
-    from spatialid.pipeline import SpatialIDPipeline
-
-    p = SpatialIDPipeline.tiny(seed=0, with_identity_encoder=False)
-    p.set_progress_bar_config(disable=True)
-    return p
+def tiny_pipe(tiny_pipe_plain):
+    """SpatialIDPipeline.tiny(seed=0, with_identity_encoder=False), shared with the session (conftest)."""
+    return tiny_pipe_plain
 
 
 @pytest.fixture(scope="module")
-def saved(tiny_pipe, tmp_path_factory):
-    """The tiny model written as a diffusers folder + a PuLID file in the official layout."""
-    from spatialid.models import save_pulid_checkpoint
-
-    root = tmp_path_factory.mktemp("weights")
-    diffusers.FluxPipeline(**tiny_pipe.flux_components).save_pretrained(root / "flux")
-    save_pulid_checkpoint(tiny_pipe.idformer, tiny_pipe.ca_modules, root / "pulid.safetensors")
-    return root
+def saved(tiny_model_dir):
+    """The tiny model written as a diffusers folder (flux/) + a PuLID file in the official layout
+    (pulid.safetensors); shared with the session (conftest), read-only."""
+    return tiny_model_dir
 
 
 def _gen(pipe, **kw):

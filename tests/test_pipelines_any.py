@@ -177,13 +177,30 @@ def test_identity_on_pipeline(kind, pipelines, pulid, identity_tokens):
 
 
 def _capture_residual(pipe: Any, point_block: Any) -> tuple[list, list]:
-    """Image-stream outputs of one injection block before and after the injector's hook."""
+    """Image-stream outputs of one injection block before and after the identity hook.
+
+    "before" is read by a diffusers hook registered innermost on the block (inside the identity's
+    own hook), "after" by a torch forward hook (outside every diffusers hook).
+    """
+    from diffusers.hooks.hooks import HookRegistry, ModelHook
+
+    from spatialid.injection.hooks import register_innermost
+
     before: list[torch.Tensor] = []
     after: list[torch.Tensor] = []
-    handles = [
-        point_block.register_forward_hook(lambda m, i, o: before.append(o[1].clone()), prepend=True),
-        point_block.register_forward_hook(lambda m, i, o: after.append(o[1].clone())),
-    ]
+
+    class Before(ModelHook):
+        def post_forward(self, module, output):
+            before.append(output[1].clone())
+            return output
+
+    register_innermost(point_block, Before(), "test_before")
+
+    class Handle:
+        def remove(self) -> None:
+            HookRegistry.check_if_exists_or_initialize(point_block).remove_hook("test_before", recurse=False)
+
+    handles = [Handle(), point_block.register_forward_hook(lambda m, i, o: after.append(o[1].clone()))]
     return before, after, handles
 
 

@@ -12,12 +12,9 @@ from spatialid import defaults as D
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    from spatialid.pipeline import SpatialIDPipeline
-
-    p = SpatialIDPipeline.tiny(seed=0, with_identity_encoder=False)
-    p.set_progress_bar_config(disable=True)
-    return p
+def pipe(tiny_pipe_plain):
+    """SpatialIDPipeline.tiny(seed=0, with_identity_encoder=False), shared with the session (conftest)."""
+    return tiny_pipe_plain
 
 
 TOK = torch.randn(1, 4, 32, generator=torch.Generator().manual_seed(0))
@@ -99,7 +96,7 @@ def test_cli_schedule_flags(tmp_path, capsys):
 
 def test_reference_noise_matches_the_bfl_draw(pipe):
     seeds = [7, 8]
-    lat = pipe._reference_noise(seeds, 80, 64)
+    lat = pipe.reference_noise(seeds, 80, 64)
     c = pipe.transformer.config.in_channels // 4
     for i, s in enumerate(seeds):
         # BFL/PuLID get_noise: [1, 16, 2*ceil(H/16), 2*ceil(W/16)], bfloat16, device generator

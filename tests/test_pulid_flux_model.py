@@ -27,7 +27,6 @@ from spatialid.models import (
     load_pulid_model,
     save_pulid_checkpoint,
 )
-from spatialid.models import checkpoint as ckpt
 
 
 @pytest.fixture(scope="module")
@@ -286,7 +285,9 @@ def test_hint_for_files_written_before_mapping_dim(tiny_model, tmp_path):
     save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, str(path), metadata=meta)
     with pytest.raises(CheckpointError, match="pass config=spatialid.models.TINY_PULID"):
         load_pulid_model(path)
-    assert ckpt._config_hint(meta, PULID_FLUX).endswith("config=spatialid.models.TINY_PULID")
+    from spatialid.models.checkpoint_format import _config_hint
+
+    assert _config_hint(meta, PULID_FLUX).endswith("config=spatialid.models.TINY_PULID")
 
 
 def test_new_names_are_exported_lazily():

@@ -92,12 +92,11 @@ def test_damaged_identity_files_are_refused_before_loading(tmp_path, capsys, mak
     assert not (tmp_path / "o.png").exists()
 
 
-def test_wrong_token_count_for_the_model_is_refused():
+def test_wrong_token_count_for_the_model_is_refused(tiny_pipe_plain):
     from spatialid.encoder.embedding import IdentityEmbedding
     from spatialid.errors import SpatialIDError
-    from spatialid.pipeline import SpatialIDPipeline
 
-    pipe = SpatialIDPipeline.tiny(seed=0, with_identity_encoder=False)
+    pipe = tiny_pipe_plain  # conftest's, shared
     emb = IdentityEmbedding(tokens=torch.zeros(1, 7, 32), uncond_tokens=torch.zeros(1, 7, 32))
     with pytest.raises(SpatialIDError, match="7 tokens but this model's IDFormer makes 4"):
         pipe("x", id_embeds=emb, height=64, width=64, num_inference_steps=1, seed=0)
@@ -210,11 +209,8 @@ def test_seed_range_covers_every_image(tmp_path, capsys):
     assert code == 0
 
 
-def test_long_prompt_warns_with_its_token_count(caplog):
-    from spatialid.pipeline import SpatialIDPipeline
-
-    pipe = SpatialIDPipeline.tiny(seed=0, with_identity_encoder=False)
-    pipe.set_progress_bar_config(disable=True)
+def test_long_prompt_warns_with_its_token_count(tiny_pipe_plain, caplog):
+    pipe = tiny_pipe_plain  # conftest's, shared (progress bars off)
     prompt = " ".join(["portrait of a woman in a red dress"] * 40)
     with caplog.at_level("WARNING", logger="spatialid.pipeline"):
         pipe(prompt, height=64, width=64, num_inference_steps=1, seed=0, output_type="latent")

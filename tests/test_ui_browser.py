@@ -125,16 +125,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    import skimage.data
-    from PIL import Image
-
-    folder = tmp_path_factory.mktemp("photos")
-    out = {}
-    for name in ("astronaut", "coffee"):
-        out[name] = folder / f"{name}.png"
-        Image.fromarray(getattr(skimage.data, name)()).save(out[name])
-    return out
+def photos(photo_dir: Path) -> dict[str, Path]:
+    """conftest's shared photos (read-only): the astronaut, the coffee cup (no face), the mirrored astronaut."""
+    return {name: photo_dir / f"{name}.png" for name in ("astronaut", "coffee", "mirrored")}
 
 
 @pytest.fixture(scope="module")
@@ -560,14 +553,9 @@ def test_load_settings_from_png_and_history(page: object, server: dict, photos: 
     assert f"seed {big}" in page.locator("#history").inner_text()  # type: ignore[attr-defined]
 
 
-def test_two_people_generate_with_their_mask_picture(page: object, photos: dict, tmp_path: Path) -> None:
+def test_two_people_generate_with_their_mask_picture(page: object, photos: dict) -> None:
     """Add a person, check their face on upload, generate: one colour per person in the mask picture, both in the settings."""
-    import numpy as np
-    import skimage.data
-    from PIL import Image
-
-    mirrored = tmp_path / "mirrored.png"
-    Image.fromarray(np.ascontiguousarray(skimage.data.astronaut()[:, ::-1])).save(mirrored)
+    mirrored = photos["mirrored"]
     _upload(page, photos["astronaut"])
     page.locator("#people-box").get_by_text("Several people").first.click()  # type: ignore[attr-defined]
     page.locator("#add-person").click()  # type: ignore[attr-defined]

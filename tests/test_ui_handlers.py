@@ -7,7 +7,6 @@ import json
 import os
 import socket
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,26 +18,8 @@ from spatialid.ui import handlers as h
 # ----------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def photo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import skimage.data
-
-    folder = tmp_path_factory.mktemp("photos")
-    Image.fromarray(skimage.data.astronaut()).save(folder / "astronaut.png")
-    Image.fromarray(skimage.data.coffee()).save(folder / "coffee.png")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_pipe():
-    import torch
-
-    from spatialid.pipeline.pipeline_spatialid import SpatialIDPipeline
-
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    pipe = SpatialIDPipeline.tiny(seed=0)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+# ``photo_dir`` (astronaut.png, coffee.png without a face) and ``tiny_pipe`` come from conftest.py:
+# built once per session and shared, so read-only here.
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,28 +14,8 @@ from spatialid.ui import handlers as h
 from spatialid.ui import people as P
 
 
-@pytest.fixture(scope="module")
-def photo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import skimage.data
-
-    folder = tmp_path_factory.mktemp("people")
-    astronaut = skimage.data.astronaut()
-    Image.fromarray(astronaut).save(folder / "astronaut.png")
-    Image.fromarray(np.ascontiguousarray(astronaut[:, ::-1])).save(folder / "mirrored.png")
-    Image.fromarray(skimage.data.coffee()).save(folder / "coffee.png")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_pipe():
-    import torch
-
-    from spatialid.pipeline.pipeline_spatialid import SpatialIDPipeline
-
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    pipe = SpatialIDPipeline.tiny(seed=0)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+# ``photo_dir`` (astronaut.png, mirrored.png, coffee.png without a face) and ``tiny_pipe`` come from
+# conftest.py: built once per session and shared, so read-only here.
 
 
 def _settings(photo: Path, **overrides):
@@ -138,7 +117,6 @@ def test_picture_input_errors(photo_dir, tmp_path):
         ({"mask_upload": str(small)}, "needs an init image"),
         ({"init_image": init, "strength": 0}, r"strength must be in \(0, 1\]"),
         ({"init_image": init, "strength": "x"}, "strength must be a number"),
-        ({"init_image": init, "people_count": 2, "others": [([str(photo_dir / "mirrored.png")], "")]}, "text-to-image only"),
     ]
     for kwargs, pattern in cases:
         with pytest.raises(h.UIInputError, match=pattern):
@@ -263,6 +241,14 @@ def test_run_generation_with_two_people_and_img2img(tiny_pipe, photo_dir, tmp_pa
     def stop_after_two() -> bool:
         asked.append(1)
         return len(asked) > 2
+
+    # several people with an init image (one identity path: refused before 0.2)
+    extras = P.build_inputs(request.photos, people_count=2, others=[([str(photo_dir / "mirrored.png")], "")],
+                            init_image=str(photo_dir / "coffee.png"), strength=0.6, folder=tmp_path / "in2")
+    both = dataclasses.replace(request, settings=extras.apply(request.settings), extras=extras)
+    result = h.run_generation(tiny_pipe, both, tmp_path / "d", identity_cache=cache)
+    assert result.settings["pipeline"] == "img2img" and result.settings["people"] == [["astronaut.png"], ["mirrored.png"]]
+    assert result.mask_picture is not None
 
     with pytest.raises(h.GenerationStopped):  # Stop works on the img2img pipeline (its step callback)
         h.run_generation(tiny_pipe, edit, tmp_path / "c", identity_cache=cache, should_stop=stop_after_two)

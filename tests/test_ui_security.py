@@ -41,25 +41,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def tiny_pipe() -> Any:
-    import torch
-
-    from spatialid.pipeline.pipeline_spatialid import SpatialIDPipeline
-
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    pipe = SpatialIDPipeline.tiny(seed=0)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def astronaut(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import skimage.data
-
-    path = tmp_path_factory.mktemp("photos") / "astronaut.png"
-    Image.fromarray(skimage.data.astronaut()).save(path)
-    return path
+# ``tiny_pipe`` and the ``astronaut`` photo come from conftest.py: built once per session and shared.
 
 
 @contextlib.contextmanager

@@ -29,8 +29,14 @@ _LAZY: dict[str, str] = {
     "PRESETS": "spatialid.masks.schedule",
     "PRESET_DESCRIPTIONS": "spatialid.masks.schedule",
     "resolve_preset": "spatialid.masks.schedule",
-    # injection
+    # injection and the one loader
     "IdentityInjector": "spatialid.injection.injector",
+    "PuLIDIdentity": "spatialid.injection.identity",
+    "PuLIDFluxModel": "spatialid.models.pulid_flux",
+    "PuLIDLoaderMixin": "spatialid.loaders.pulid",
+    "load_pulid": "spatialid.loaders.pulid",
+    "unload_pulid": "spatialid.loaders.pulid",
+    "set_pulid_scale": "spatialid.loaders.pulid",
     # identity encoding
     "IdentityEncoder": "spatialid.encoder.identity_encoder",
     "IdentityEmbedding": "spatialid.encoder.embedding",
@@ -53,7 +59,10 @@ if TYPE_CHECKING:  # pragma: no cover
         ModelFilesMissingError,
         SpatialIDError,
     )
+    from spatialid.injection.identity import PuLIDIdentity
     from spatialid.injection.injector import IdentityInjector
+    from spatialid.loaders.pulid import PuLIDLoaderMixin, load_pulid, set_pulid_scale, unload_pulid
+    from spatialid.models.pulid_flux import PuLIDFluxModel
     from spatialid.masks.schedule import (
         PRESET_DESCRIPTIONS,
         PRESETS,

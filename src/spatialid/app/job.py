@@ -34,6 +34,7 @@ __all__ = [
     "image_paths",
     "masks_path",
     "planned_paths",
+    "record_input_paths",
     "release_outputs",
     "run_job",
 ]
@@ -61,6 +62,9 @@ class GenerationJob:
     people_files: list[list[str]] | None = None
     save_masks: Path | None = None  # write every person's recorded masks here (.safetensors)
     masks_from: Path | None = None  # replay the masks of such a file instead of computing them
+    # where the input files were, so that ``--from-png`` finds them again (see record_input_paths);
+    # None (front-ends without files on disk, e.g. uploads) writes no ``input_paths`` key
+    input_paths: dict[str, Any] | None = None
 
 
 @dataclass
@@ -193,6 +197,61 @@ def _progress_label(pipe: Any, label: str | None) -> Any:
             config["desc"] = before
 
 
+def _absolute(path: str | os.PathLike[str]) -> str:
+    """The path as given, made absolute against the current folder (``~`` expanded, symlinks kept)."""
+    return os.path.abspath(os.path.expanduser(os.fspath(path)))
+
+
+def record_input_paths(
+    *,
+    id_images: list[str] | None = None,
+    id_embeds: str | None = None,
+    people: list[list[str]] | None = None,
+    people_embeds: list[str] | None = None,
+    regions: list[Any] | None = None,
+    init_image: str | None = None,
+    inpaint_mask: str | None = None,
+    control_image: str | None = None,
+) -> dict[str, Any]:
+    """The image metadata's ``input_paths``: every input file by absolute path, so ``--from-png`` finds it again.
+
+    Keys are the ``generate`` flags' names (``id_images`` = ``--id``, ``id_embeds`` = ``--id-embeds``,
+    ``people`` = ``--person`` (one list of photos per person), ``people_embeds`` = ``--person-embeds``,
+    ``regions`` = ``--region``, ``init_image``, ``inpaint_mask``, ``control_image``); only the
+    given ones are present. A region is a box ``[x0, y0, x1, y1]`` or a mask picture's path. The
+    file *names* stay where they always were (``identity.files``, ``people``, ``regions``,
+    ``init_image``, ...), so older readers and ``spatialid info`` are unchanged. Models, LoRAs and
+    ControlNets are deliberately not recorded here: they are never loaded from an image.
+    """
+    from spatialid.pipeline.people import parse_box
+
+    record: dict[str, Any] = {}
+    if id_images:
+        record["id_images"] = [_absolute(p) for p in id_images]
+    if id_embeds:
+        record["id_embeds"] = _absolute(id_embeds)
+    if people:
+        record["people"] = [[_absolute(p) for p in photos] for photos in people]
+    if people_embeds:
+        record["people_embeds"] = [_absolute(p) for p in people_embeds]
+    if regions:
+        boxes = []
+        for region in regions:
+            if isinstance(region, (list, tuple)):
+                boxes.append([float(v) for v in region])
+                continue
+            try:
+                box = parse_box(str(region))
+            except ValueError:
+                box = None
+            boxes.append(list(box) if box is not None else _absolute(str(region)))
+        record["regions"] = boxes
+    for key, value in (("init_image", init_image), ("inpaint_mask", inpaint_mask), ("control_image", control_image)):
+        if value:
+            record[key] = _absolute(value)
+    return record
+
+
 def _file_settings(job: GenerationJob, settings: dict[str, Any], index: int) -> dict[str, Any]:
     s = dict(settings)
     seeds = s.get("seeds") or [s.get("seed")]
@@ -205,6 +264,8 @@ def _file_settings(job: GenerationJob, settings: dict[str, Any], index: int) -> 
     }
     if job.people_files is not None:
         s["people"] = [list(files) for files in job.people_files]
+    if job.input_paths:
+        s["input_paths"] = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in job.input_paths.items()}
     return s
 
 

@@ -414,17 +414,17 @@ class Models:
 
     def _with_pipeline_mode(self, base: Any) -> Any:
         """LoRAs on the shared transformer, then the diffusers pipeline of ``spec.pipeline`` on the same
-        components (weights read once) behind an :class:`~spatialid.loaders.runner.IdentityPipelineRunner`."""
+        components (weights read once) behind an :class:`~spatialid.pipeline.variants.IdentityPipelineRunner`."""
         spec = self.spec
         if spec.loras:
-            from spatialid.loaders.runner import load_loras
+            from spatialid.pipeline.variants import load_loras
 
             log.info("loading LoRA(s) %s ...", ", ".join(spec.loras))
             load_loras(base, spec.loras, **({"cache_dir": spec.cache_dir} if spec.cache_dir else {}),
                        local_files_only=bool(spec.local_files_only))
         if spec.pipeline == "text2image":
             return base
-        from spatialid.loaders.runner import (
+        from spatialid.pipeline.variants import (
             IdentityPipelineRunner,
             check_controlnet_fits,
             load_controlnet,
@@ -443,7 +443,7 @@ class Models:
             # the variant's own offload hooks (its ControlNet included); the CA modules stay on the device
             pipe.remove_all_hooks()
             getattr(pipe, f"enable_{spec.offload}_cpu_offload")(device=self.device)
-            pipe._spatialid_pulid.ca_modules.to(self.device)
+            pipe._spatialid_pulid.ca_modules.to(self.device)  # the CA modules stay on the device
         return IdentityPipelineRunner(pipe, base, spec.pipeline)
 
     def _build_pipeline(self) -> Any:
@@ -484,6 +484,8 @@ class Models:
                 pipe.transformer, pipe.injector, spec.cache, current_timestep=lambda: pipe.current_timestep
             )
         if spec.compile:
+            # First Block Cache decides on the host by design (a graph break of diffusers' own);
+            # without it the identity hooks trace into one graph.
             compile_transformer(pipe.transformer, fullgraph=spec.cache in (None, "none"))
         return pipe
 
@@ -508,7 +510,42 @@ def compile_transformer(transformer: Any, *, fullgraph: bool = True, backend: st
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, name, max(getattr(config, name), 64))
     transformer.compile(backend=backend, mode=mode, fullgraph=fullgraph)
+    # nn.Module.compile keeps the compiled callable here; wrapped so that a compile or kernel error
+    # (a path that has only ever run on a CPU meeting a GPU backend) runs the step eagerly instead.
+    transformer._compiled_call_impl = _EagerFallback(transformer, transformer._compiled_call_impl)
     return transformer
+
+
+class _EagerFallback:
+    """The compiled transformer call; on a compile/kernel error: one warning, then eager from there on."""
+
+    def __init__(self, module: Any, compiled: Any) -> None:
+        self.module = module
+        self.compiled = compiled
+        self.failed: str | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.failed is not None:
+            return self.module._call_impl(*args, **kwargs)
+        try:
+            return self.compiled(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - dynamo, inductor and kernel errors have many types
+            import torch
+
+            from spatialid.errors import SpatialIDError
+
+            if isinstance(exc, (SpatialIDError, torch.cuda.OutOfMemoryError, torch._dynamo.exc.RecompileError)):
+                raise  # ours, out of memory, or error_on_recompile (a debugging switch): not compile failures
+            self.failed = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            import warnings
+
+            warnings.warn(
+                f"--compile: the compiled transformer failed ({self.failed}); continuing without compilation",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            log.warning("compiled transformer failed; falling back to eager: %s", self.failed)
+            return self.module._call_impl(*args, **kwargs)
 
 
 def load_pipeline(spec: ModelSpec) -> Any:

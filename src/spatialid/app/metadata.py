@@ -28,6 +28,7 @@ from spatialid.utils.io import atomic_save_image
 __all__ = [
     "METADATA_KEY",
     "SUMMARY_KEY",
+    "StoredFile",
     "format_summary",
     "IMAGE_FORMATS",
     "pipeline_record",
@@ -35,6 +36,7 @@ __all__ = [
     "read_png_metadata",
     "save_image_with_metadata",
     "save_png_with_metadata",
+    "stored_inputs",
 ]
 
 # Output formats by suffix (Pillow's names); any other suffix is no image file of ours.
@@ -262,3 +264,146 @@ def pipeline_record(settings: Any) -> dict[str, Any]:
         "controlnet": settings.controlnet,
         "loras": loras,
     }
+
+
+# ----------------------------------------------------------------------------- input files of a stored image
+
+
+class StoredFile:
+    """One input file an image's settings name: its recorded absolute path (newer images) and its name.
+
+    :meth:`locate` finds it again: at the recorded path, else the same name next to the image,
+    else in the current folder.
+    """
+
+    __slots__ = ("path", "name")
+
+    def __init__(self, path: str | None, name: str) -> None:
+        self.path = path
+        self.name = name
+
+    @classmethod
+    def of(cls, path: Any = None, name: Any = None) -> StoredFile | None:
+        """From a recorded path and/or name (None when neither is a usable string)."""
+        path = path if isinstance(path, str) and path.strip() else None
+        if not (isinstance(name, str) and name.strip()) or name.startswith("<"):
+            name = None  # "<Image>": an in-memory picture, no file to find
+        if path is None and name is None:
+            return None
+        return cls(path, name or Path(path).name)  # type: ignore[arg-type]
+
+    def candidates(self, image: str | os.PathLike[str] | None = None) -> list[Path]:
+        found = [Path(self.path)] if self.path else []
+        name = Path(self.name).name  # a stored name is a name: never a path out of the folders below
+        if name and name not in (".", ".."):
+            if image is not None:
+                found.append(Path(os.path.abspath(Path(image).expanduser())).parent / name)
+            found.append(Path.cwd() / name)
+        return found
+
+    def locate(self, image: str | os.PathLike[str] | None = None) -> Path | None:
+        """The first existing file among :meth:`candidates` (None when there is none)."""
+        for candidate in self.candidates(image):
+            if candidate.is_file():
+                return candidate
+        return None
+
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        return f"StoredFile(path={self.path!r}, name={self.name!r})"
+
+
+def _is_box(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 4 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    )
+
+
+def _name_list(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else []
+
+
+def stored_inputs(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The input files of an image's settings, as ``generate``'s flags name them, newest layout first.
+
+    Returns a dict with the keys present in the record: ``id_images`` (list of
+    :class:`StoredFile`), ``id_embeds`` (one), ``people`` (one list of photos per person),
+    ``people_embeds`` (list), ``regions`` (a box as four floats, or a :class:`StoredFile` mask
+    picture, per person), ``init_image``, ``inpaint_mask``, ``control_image`` (one each).
+    Images written before ``input_paths`` existed carry file names only; they are read the same
+    way (identity by ``identity.source``/``identity.files``, people whose file ends in
+    ``.safetensors`` as identity files), so :meth:`StoredFile.locate` looks next to the image and
+    in the current folder.
+    """
+    paths = meta.get("input_paths")
+    paths = paths if isinstance(paths, Mapping) else {}
+    out: dict[str, Any] = {}
+
+    def files(recorded: Any, names: Any) -> list[StoredFile]:
+        recorded, names = _name_list(recorded), _name_list(names)
+        items = []
+        for i in range(max(len(recorded), len(names))):
+            item = StoredFile.of(recorded[i] if i < len(recorded) else None, names[i] if i < len(names) else None)
+            if item is not None:
+                items.append(item)
+        return items
+
+    # one identity (--id / --id-embeds)
+    identity = meta.get("identity") if isinstance(meta.get("identity"), Mapping) else {}
+    names = _name_list(identity.get("files"))
+    if paths.get("id_images") or paths.get("id_embeds"):
+        if paths.get("id_images"):
+            out["id_images"] = files(paths["id_images"], None)
+        if paths.get("id_embeds"):
+            out["id_embeds"] = StoredFile.of(paths["id_embeds"])
+    elif names and identity.get("source") == "image":
+        out["id_images"] = files(None, names)
+    elif names and identity.get("source") == "embeds":
+        out["id_embeds"] = StoredFile.of(None, names[0])
+
+    # several people (--person photos first, then --person-embeds, as generate orders them)
+    if paths.get("people") or paths.get("people_embeds"):
+        people = [files(p, None) for p in paths.get("people") or [] if isinstance(p, (list, tuple, str))]
+        if any(people):
+            out["people"] = [p for p in people if p]
+        embeds = files(paths.get("people_embeds"), None)
+        if embeds:
+            out["people_embeds"] = embeds
+    elif isinstance(meta.get("people"), (list, tuple)) and meta.get("people"):
+        photos, embeds = [], []
+        for person in meta["people"]:
+            person_names = _name_list(person)
+            if len(person_names) == 1 and person_names[0].lower().endswith(".safetensors"):
+                embeds.append(StoredFile(None, person_names[0]))
+            elif person_names:
+                photos.append(files(None, person_names))
+        if photos:
+            out["people"] = photos
+        if embeds:
+            out["people_embeds"] = embeds
+
+    # regions: the recorded paths when present, else the record's boxes and mask names
+    recorded_regions = paths.get("regions") if isinstance(paths.get("regions"), (list, tuple)) else None
+    regions = recorded_regions if recorded_regions is not None else meta.get("regions")
+    if isinstance(regions, (list, tuple)) and regions:
+        parsed: list[Any] = []
+        for region in regions:
+            if _is_box(region):
+                parsed.append(tuple(float(v) for v in region))
+            elif isinstance(region, str):
+                item = StoredFile.of(region, None) if recorded_regions is not None else StoredFile.of(None, region)
+                if item is None:
+                    break
+                parsed.append(item)
+            else:
+                break
+        else:
+            out["regions"] = parsed
+
+    # the pipeline's input pictures
+    for key in ("init_image", "inpaint_mask", "control_image"):
+        item = StoredFile.of(paths.get(key), meta.get(key) if isinstance(meta.get(key), str) else None)
+        if item is not None:
+            out[key] = item
+    return out

@@ -61,8 +61,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--from-png", metavar="IMAGE", default=None,
-        help="reuse the settings stored in an image written by spatialid (PNG, JPEG or WebP); every flag "
-        "given on this command line wins; the identity photos must be given again",
+        help="reuse the settings stored in an image written by spatialid (PNG, JPEG or WebP), with its people, "
+        "regions and input pictures (found at their recorded path, next to IMAGE or in the current folder); every "
+        "flag given on this command line wins; --model, --lora and --controlnet are never taken from the image",
     )
     p.add_argument(
         "--preset", default=D.DEFAULT_PRESET,
@@ -158,7 +159,12 @@ def apply_from_png(args: argparse.Namespace) -> dict | None:
     """Fill the flags not given on the command line from ``--from-png``'s stored settings.
 
     Works on the parsed flags (not on the record) so that every later check and default applies
-    exactly as if the user had typed them; returns the stored metadata.
+    exactly as if the user had typed them; returns the stored metadata. The input files the
+    image names (identity photos or files, people, mask regions, init image, inpainting mask,
+    control image) are found again (see :func:`_restore_inputs`); when any is missing this stops
+    with one line naming them all, before any model or picture is loaded. No model, LoRA,
+    ControlNet or PuLID weights are ever taken from the image; a model, LoRA or ControlNet the
+    image was made with that this run does not use is named in a one-line notice.
     """
     if not getattr(args, "from_png", None):
         return None
@@ -167,7 +173,7 @@ def apply_from_png(args: argparse.Namespace) -> dict | None:
     from spatialid.pipeline.settings import GenerationSettings
 
     meta = read_image_metadata(args.from_png)
-    stored = GenerationSettings.from_dict(meta)
+    stored = GenerationSettings.from_dict({k: v for k, v in meta.items() if k in _SETTINGS_KEYS})
     given = getattr(args, "explicit", set())
     for key, dest in _FROM_PNG:
         if dest not in given and meta.get(key) is not None:
@@ -180,24 +186,152 @@ def apply_from_png(args: argparse.Namespace) -> dict | None:
         value = (stored.schedule_overrides or {}).get(name)
         if name not in given and value is not None:
             setattr(args, name, float(value))
-    if "model" not in given and meta.get("model"):
-        args.model = str(meta["model"])
-    people = meta.get("people") or []
-    if people and not (getattr(args, "people", None) or getattr(args, "people_embeds", None)):
-        log.warning("%s was made with %d people (%s): give them again (--person / --person-embeds, --region) to "
-                    "reproduce it", args.from_png, len(people), "; ".join(", ".join(map(str, p)) for p in people))
-    stored_pipeline = meta.get("pipeline")
-    if stored_pipeline not in (None, "text2image") and not (
-        getattr(args, "init_image", None) or getattr(args, "control_image", None)
-    ):
-        inputs = ", ".join(str(meta[k]) for k in ("init_image", "inpaint_mask", "control_image") if meta.get(k))
-        log.warning("%s was made with the %s pipeline from %s: give its inputs again (see `spatialid info`) to "
-                    "reproduce it", args.from_png, stored_pipeline, inputs or "input pictures")
-    files = (meta.get("identity") or {}).get("files") or []
-    if files and not people and not (args.id_images or args.id_embeds):
-        log.warning("%s was made with the identity of %s: give it again (--id / --id-embeds) to reproduce it",
-                    args.from_png, ", ".join(map(str, files)))
+    notices = _model_notices(args, meta)
+    notices += _restore_inputs(args, meta, given)  # raises (one line) when a file is missing
+    for line in notices:
+        log.warning("%s", line)
     return meta
+
+
+# what GenerationSettings.from_dict may read from an image (its file fields are restored as flags instead)
+_SETTINGS_KEYS = (
+    "prompt", "negative_prompt", "preset", "id_weight", "start_step", "true_cfg", "cfg_start_step", "guidance",
+    "steps", "width", "height", "seed", "max_sequence_length", "schedule_overrides", "noise",
+)
+
+
+def _same_model(stored: str, current: str) -> bool:
+    if str(stored) == str(current):
+        return True
+    a, b = Path(str(stored)).expanduser(), Path(str(current)).expanduser()
+    try:
+        return a.exists() and b.exists() and a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def _model_notices(args: argparse.Namespace, meta: dict) -> list[str]:
+    """One line per model the image was made with that this run does not use (none is ever loaded from it)."""
+    image = args.from_png
+    lines = []
+    model = meta.get("model")
+    if isinstance(model, str) and model and not _same_model(model, args.model):
+        lines.append(f"{image} was made with --model {model}; this run uses --model {args.model} (the model is "
+                     f"never taken from an image: give --model {model} to use the same one)")
+    loras = meta.get("loras")
+    if isinstance(loras, (list, tuple)) and loras and not getattr(args, "lora", None):
+        lines.append(f"{image} was made with LoRA {', '.join(map(str, loras))}; not loaded from the image: give "
+                     "--lora FILE_OR_HUB_ID[:SCALE] for each to use it again")
+    controlnet = meta.get("controlnet")
+    if isinstance(controlnet, str) and controlnet and not getattr(args, "controlnet", None) \
+            and "control_image" not in getattr(args, "explicit", set()):
+        lines.append(f"{image} was made with the ControlNet {controlnet}; not loaded from the image, so its control "
+                     f"image is not used either: give --controlnet {controlnet} to use them again")
+    return lines
+
+
+def _control_model(model: str) -> bool:
+    """A FLUX.1 Canny/Depth model (FluxControlPipeline), as ``check_pipeline_arguments`` decides it."""
+    name = str(model or "").lower()
+    return any(word in name for word in ("canny", "depth")) and "controlnet" not in name
+
+
+def _restore_inputs(args: argparse.Namespace, meta: dict, given: set) -> list[str]:
+    """Set the input-file flags the command line left out from ``--from-png``'s record; return notices.
+
+    Each file is looked for at its recorded absolute path, else under the same name next to the
+    image, else in the current folder. A flag given on the command line wins (the whole identity:
+    ``--id``/``--id-embeds``/``--person``/``--person-embeds`` replace all of the image's people).
+    Raises a one-line :class:`SpatialIDError` naming every file that cannot be found.
+    """
+    from spatialid.app.metadata import StoredFile, stored_inputs
+    from spatialid.errors import SpatialIDError
+
+    image = args.from_png
+    inputs = stored_inputs(meta)
+    notices: list[str] = []
+    missing: list[str] = []
+    used: list[str] = []
+    flags: list[str] = []
+
+    def find(flag: str, item: StoredFile) -> str:
+        path = item.locate(image)
+        if path is None:
+            missing.append(f"{flag} {item.name}")
+            if flag.split()[0] not in flags:
+                flags.append(flag.split()[0])
+            return item.name
+        used.append(f"{flag} {path}")
+        return str(path)
+
+    # the identity: one person (--id / --id-embeds) or several (--person / --person-embeds)
+    identity_flags = {"id_images", "id_embeds", "people", "people_embeds"}
+    own = bool(identity_flags & given) or any(getattr(args, k, None) for k in identity_flags)
+    if own:
+        count = len(getattr(args, "people", None) or []) + len(getattr(args, "people_embeds", None) or [])
+        count = count or (1 if args.id_images or args.id_embeds else 0)
+    else:
+        photos, embeds = inputs.get("people") or [], inputs.get("people_embeds") or []
+        if photos or embeds:
+            args.people = [",".join(find(f"--person {k}", f) for f in person)
+                           for k, person in enumerate(photos, 1)] or None
+            args.people_embeds = [find(f"--person-embeds {k}", f)
+                                  for k, f in enumerate(embeds, len(photos) + 1)] or None
+            count = len(photos) + len(embeds)
+        elif inputs.get("id_images"):
+            args.id_images = [find("--id", f) for f in inputs["id_images"]]
+            count = 1
+        elif inputs.get("id_embeds"):
+            args.id_embeds = find("--id-embeds", inputs["id_embeds"])
+            count = 1
+        else:
+            count = 0
+
+    # the regions, one per person: only for as many people as the image had
+    regions = inputs.get("regions")
+    if regions and "regions" not in given:
+        if count == len(regions):
+            args.regions = [
+                ",".join(repr(v) for v in region) if isinstance(region, tuple) else find(f"--region {k}", region)
+                for k, region in enumerate(regions, 1)
+            ]
+        else:
+            notices.append(f"{image} has {len(regions)} region(s) but this run has {count} person(s): its regions "
+                           "are not used (give one --region per person)")
+
+    # the pipeline and its input pictures
+    pipeline = meta.get("pipeline")
+    for key, flag in (("init_image", "--init-image"), ("inpaint_mask", "--inpaint-mask")):
+        if key not in given and inputs.get(key):
+            setattr(args, key, find(flag, inputs[key]))
+    if pipeline == "kontext" and "kontext" not in given and not getattr(args, "kontext", False):
+        args.kontext = True
+    if "control_image" not in given and inputs.get("control_image"):
+        if pipeline == "controlnet" and not getattr(args, "controlnet", None):
+            pass  # named in _model_notices: the ControlNet is never loaded from an image
+        elif pipeline == "control" and not _control_model(args.model):
+            notices.append(f"{image} was made with a FLUX.1 Canny/Depth model and control image "
+                           f"{inputs['control_image'].name}; give such a --model to use it again")
+        else:
+            args.control_image = find("--control-image", inputs["control_image"])
+    if pipeline not in (None, "text2image", "controlnet", "control") and not getattr(args, "init_image", None):
+        notices.append(f"{image} was made with the {pipeline} pipeline from a picture without a file name: "
+                       "give --init-image PATH to use it again")
+    if "strength" not in given and meta.get("strength") is not None and getattr(args, "init_image", None):
+        args.strength = float(meta["strength"])
+    if "controlnet_scale" not in given and meta.get("controlnet_scale") is not None and getattr(args, "controlnet", None) \
+            and getattr(args, "control_image", None):
+        args.controlnet_scale = float(meta["controlnet_scale"])
+
+    if missing:
+        raise SpatialIDError(
+            f"{image} names {len(missing)} file(s) that cannot be found: {'; '.join(missing)} (looked at the recorded "
+            f"path, next to {Path(image).name} and in the current folder); pass them explicitly "
+            f"({', '.join(f + ' PATH' for f in flags)})"
+        )
+    if used:
+        log.info("%s: using %s", image, "; ".join(used))
+    return notices
 
 
 def parse_compare(text: str | None) -> list[str] | None:
@@ -324,7 +458,7 @@ def _output_target(args: argparse.Namespace, seed: int) -> Path:
 
 def build_jobs(args: argparse.Namespace, *, tiny: bool) -> list:
     """Validate every number, prompt and path; return one job per prompt (no model touched yet)."""
-    from spatialid.app.job import GenerationJob
+    from spatialid.app.job import GenerationJob, record_input_paths
     from spatialid.errors import SpatialIDError
 
     prompts = read_prompts(args.prompts) if getattr(args, "prompts", None) else None
@@ -352,6 +486,16 @@ def build_jobs(args: argparse.Namespace, *, tiny: bool) -> list:
     check_presets([settings.preset, *(compare or [])])
     out = _output_target(args, settings.seed)
     identity_files = [Path(p).name for p in (args.id_images or [])] + ([Path(args.id_embeds).name] if args.id_embeds else [])
+    input_paths = record_input_paths(  # so that --from-png finds every file again
+        id_images=args.id_images,
+        id_embeds=args.id_embeds,
+        people=[paths for kind, paths in people or [] if kind == "photos"],
+        people_embeds=[paths[0] for kind, paths in people or [] if kind == "embeds"],
+        regions=list(regions) if regions else None,
+        init_image=settings.init_image,
+        inpaint_mask=settings.inpaint_mask,
+        control_image=settings.control_image,
+    )
     jobs = []
     for i, prompt in enumerate(prompts or [settings.prompt], 1):
         jobs.append(GenerationJob(
@@ -366,6 +510,7 @@ def build_jobs(args: argparse.Namespace, *, tiny: bool) -> list:
             save_masks=_numbered(args.save_masks, i) if getattr(args, "save_masks", None) and prompts else (
                 Path(args.save_masks).expanduser() if getattr(args, "save_masks", None) else None),
             masks_from=Path(args.masks_from).expanduser() if getattr(args, "masks_from", None) else None,
+            input_paths=input_paths,
         ))
     return jobs
 

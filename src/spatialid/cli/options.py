@@ -314,10 +314,6 @@ def check_pipeline_arguments(args: argparse.Namespace) -> str:
             raise SpatialIDError(f"--noise {args.noise} is for text-to-image only (the {mode} pipeline draws diffusers' noise)")
         if mode in ("fill", "control") and float(getattr(args, "true_cfg", 1.0) or 1.0) > 1:
             raise SpatialIDError(f"the {mode} pipeline has no true CFG; drop --true-cfg")
-        if getattr(args, "people", None) or getattr(args, "people_embeds", None) or getattr(args, "regions", None):
-            raise SpatialIDError(f"--person/--region are for text-to-image; the {mode} pipeline takes one --id")
-        if getattr(args, "compile", False) or getattr(args, "cache", None) not in (None, "none"):
-            raise SpatialIDError(f"--compile/--cache are for text-to-image; drop them for the {mode} pipeline")
     if init is not None or mask is not None or control is not None:
         from spatialid.utils.images import load_image
 

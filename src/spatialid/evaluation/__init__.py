@@ -3,8 +3,9 @@
 Submodules: ``clip_metrics`` (CLIP-T, CLIP-I, CLIP-ref), ``face_metrics`` (FaceSim, AntiFaceSim),
 ``quality`` (IQ, IQ-01), ``aesthetic``, ``fid``, ``contamination`` (metric models), ``paper`` (the
 paper's quoted numbers), ``stats`` (mean/std/CI), ``report`` (JSON/Markdown/CSV/plots), ``inputs``
-(sources and files checked before any model loads; damaged images read without crashing) and
-``evaluate`` (the driver).
+(sources and files checked before any model loads; damaged images read without crashing),
+``sources`` (the items of bench folders and IBench files), ``metric_models`` (which model gives which
+column), ``scoring`` (one image's row), ``fid_sets`` (FID per preset) and ``evaluate`` (the driver).
 Model-heavy modules import torch/open_clip on use; importing this package stays light.
 """
 
@@ -27,7 +28,7 @@ _LAZY = {
     "Summary": "spatialid.evaluation.stats",
     "summarize": "spatialid.evaluation.stats",
     "write_report": "spatialid.evaluation.report",
-    "MetricModels": "spatialid.evaluation.evaluate",
+    "MetricModels": "spatialid.evaluation.metric_models",
     "evaluate": "spatialid.evaluation.evaluate",
     "check_source": "spatialid.evaluation.inputs",
     "load_rgb": "spatialid.evaluation.inputs",

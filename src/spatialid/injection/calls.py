@@ -26,6 +26,7 @@ name (one graph per branch) and on ints that become dynamic after their first ch
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,7 @@ __all__ = [
     "TransformerCall",
     "attach_context_probe",
     "detach_context_probe",
+    "remove_hook_keeping_wrappers",
 ]
 
 COND = "cond"
@@ -244,15 +246,25 @@ def detach_context_probe(module: nn.Module, probe: Any) -> None:
     registry = getattr(module, "_diffusers_hook", None)
     if registry is None or registry.get_hook(CONTEXT_PROBE_NAME) is not probe:
         return
+    remove_hook_keeping_wrappers(module, CONTEXT_PROBE_NAME, getattr(probe, "installed_forward", None))
+
+
+def remove_hook_keeping_wrappers(module: nn.Module, name: str, installed: Any) -> None:
+    """Remove diffusers hook ``name`` from ``module`` without dropping wrappers added after it.
+
+    ``installed`` is the ``forward`` the hook's registration put on the module. When something
+    outside diffusers' registry wrapped ``forward`` afterwards (accelerate's offload hooks do, and
+    call ``module._old_forward`` at run time), diffusers' removal would put back the pre-hook
+    forward and drop that wrapper: keep the wrapper and unwrap the hook below it instead.
+    """
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is None or registry.get_hook(name) is None:
+        return
     current = vars(module).get("forward")
     order = getattr(registry, "_hook_order", None) or list(registry.hooks)
-    outermost_hook = order[-1] == CONTEXT_PROBE_NAME
-    registry.remove_hook(CONTEXT_PROBE_NAME, recurse=False)
-    installed = getattr(probe, "installed_forward", None)
+    outermost_hook = order[-1] == name
+    registry.remove_hook(name, recurse=False)
     if outermost_hook and current is not installed:
-        # Something outside diffusers' registry wrapped ``forward`` after the probe (accelerate's
-        # offload hooks do, and call ``module._old_forward`` at run time). diffusers just put back
-        # the pre-probe forward, dropping that wrapper: keep the wrapper, unwrap the probe below it.
         if installed is not None and getattr(module, "_old_forward", None) is installed:
             module._old_forward = getattr(module, "forward")
         if current is None:
@@ -264,3 +276,6 @@ def detach_context_probe(module: nn.Module, probe: Any) -> None:
     restored = vars(module).get("forward")
     if getattr(restored, "__func__", None) is type(module).forward and getattr(restored, "__self__", None) is module:
         del module.forward
+    old = getattr(module, "_old_forward", None)
+    if getattr(old, "__func__", None) is None and isinstance(old, functools.partial) and not registry.hooks:
+        pass  # an accelerate wrapper around a diffusers wrapper that is gone: left to accelerate

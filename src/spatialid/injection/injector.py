@@ -1,57 +1,53 @@
-"""Identity injection into a diffusers ``FluxTransformer2DModel`` through module hooks.
+"""Identity injection into a diffusers FLUX transformer through diffusers' hook registry.
 
 PuLID-FLUX places a cross-attention (CA) module after every ``double_interval``-th double-stream
 block and then after every ``single_interval``-th single-stream block. Each CA reads the identity
 tokens and the current image tokens ``h`` and adds its output back::
 
     PuLID (uniform):  h <- h + w * CA(Z_id, h)
-    SpatialID:        h <- h + w * M_t * CA(Z_id, h)
+    SpatialID:        h <- h + w * sum_k M_k * CA(Z_k, h)
 
-where ``M_t`` is a per-token mask from :class:`spatialid.masks.SpatialSchedule`, computed at each
-injection point from that CA module's own raw attention output (so no second attention pass).
+One person is the case K = 1 of several people: one code path, one mask function
+(:func:`spatialid.masks.compute.identity_masks`), read from each CA module's own raw output.
 
-Instead of forking diffusers' forward, the injector registers forward hooks on the blocks (which in
-diffusers >= 0.35 return ``(encoder_hidden_states, hidden_states)`` with the image tokens separate)
-and a forward pre-hook on the transformer that reads the call's ``timestep`` (FluxPipeline passes the
-flow-matching sigma in [0, 1]). Outside :meth:`IdentityInjector.active` every hook returns ``None``,
-so the transformer computes exactly what the plain model computes.
+Hooks
+-----
+The injector registers diffusers ``ModelHook`` s (``HookRegistry``), not torch hooks:
 
-Each call is described by a :class:`~spatialid.injection.calls.TransformerCall` (index, denoising
-step, CFG branch). The branch comes from diffusers' ``transformer.cache_context("cond" | "uncond")``,
-observed by a stateful diffusers hook that passes the forward through unchanged; only when no
-context is set does the injector fall back to counting calls (see :mod:`spatialid.injection.calls`). The two
-hooks are thin wrappers around the public per-call API, :meth:`IdentityInjector.begin_call` and
-:meth:`IdentityInjector.inject`, which tools (the step-cost benchmark) drive directly.
+* on the transformer, :class:`_CallHook`: takes the call's identity out of
+  ``joint_attention_kwargs["identity"]`` (so attention processors get exactly a plain call's
+  arguments), numbers the call (step and CFG branch, :mod:`spatialid.injection.calls`) and
+  prepares what the block hooks read; its ``post_forward`` does true CFG's warm-up (before
+  ``cfg_start_step`` the negative branch returns the positive output);
+* on each block with a CA module, :class:`_PointHook`: ``h + w * sum_k M_k * CA(Z_k, h)`` on the
+  block's image tokens. It is registered innermost on its block (before any step cache's hook),
+  so when diffusers' First Block Cache skips a block, the identity of that block is skipped with
+  it: the cached residual of the last full step already holds it. The same holds for a cache
+  enabled with diffusers' own ``transformer.enable_cache(...)``. When what the injection does
+  changes between steps (identity switched on at ``start_step``, a new schedule phase), the
+  cache's state is reset through its hook's ``reset_state`` (diffusers' own reset) so that step is
+  computed in full.
 
-Several people
---------------
-``id_embeds`` may hold one token tensor per person. Each injection point then runs the CA for
-all K identities in one call (:meth:`PerceiverAttentionCA.forward_people`: the image tokens are
-projected to queries once) and adds ``w * sum_k M_k * CA(Z_k, h)``, with per-person masks that
-compete so that ``sum_k M_k <= 1`` (:mod:`spatialid.masks.multi`). ``regions`` bound each
-person's mask (also for one person), ``mask_source`` replays recorded masks. One identity with no
-region and no mask source keeps the single-identity code path, bit for bit.
+Outside a call that carries an identity (or an :meth:`IdentityInjector.active` block) every hook
+passes through: the transformer computes exactly what the plain model computes.
 
-Cost and ``torch.compile``
---------------------------
-Per injection point the spatial path adds only the mask (about 25 small kernels on ``[B, N]``
-values, read from the CA's own raw output, so no second attention pass) to PuLID's work; the
-residual update is one fused ``addcmul`` for both paths. Nothing in a step reads a tensor value
-on the host (no ``.item()``, no Python branch on tensor data), except the optional mask
-recording, which copies masks to the CPU by design. The hooks trace under
-``torch.compile(transformer)`` (also with ``fullgraph=True``): dynamo guards on the session's
-static settings (schedule fields, grid, whether identity tokens are given, the call's branch), so
-each distinct schedule compiles once (and once per CFG branch), while ``id_weight`` is passed as a
-0-d tensor and the timestep as a tensor and changing them does not recompile.
+Compiled
+--------
+Nothing in a step reads a tensor value on the host or branches on tensor data: the phase is a
+``torch.where`` on the snapped time, masks are recorded into preallocated tensors indexed by the
+step, replayed masks are read from a tensor table, ``id_weight`` is a 0-d tensor. So the hooks
+trace under ``torch.compile(transformer, fullgraph=True)``; the graph depends on the identity's
+structure (people, schedule, grid), not on its values. The image-token grid comes from the
+identity's ``height``/``width`` (the pipelines of this project always give them) or, eagerly,
+from the call's ``img_ids``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Union
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,23 +57,20 @@ from spatialid.injection.calls import (
     TransformerCall,
     attach_context_probe,
     detach_context_probe,
+    remove_hook_keeping_wrappers,
 )
-from spatialid.masks import multi
+from spatialid.injection.hooks import CALL_HOOK, POINT_HOOK, CallHook, PointHook, register_innermost
+from spatialid.injection.identity import IdentityError, PuLIDIdentity, as_identity
+from spatialid.masks.compute import build_layout, identity_masks, phase_index, time_column
+from spatialid.masks.fused import fused_identity_masks, use_fused
 
-if TYPE_CHECKING:  # pragma: no cover
-    from spatialid.masks.schedule import SpatialSchedule
+try:
+    from diffusers.hooks.hooks import HookRegistry
+except ImportError:  # pragma: no cover - diffusers >= 0.35 is a dependency
+    HookRegistry = None  # type: ignore[assignment,misc]
 
-#: Identity tokens: one person's ``[B|1, n, dim]``, a list of them (one per person), or a callable
-#: returning either (or None) per transformer call.
-PeopleTokens = Union[torch.Tensor, Sequence[torch.Tensor]]  # noqa: UP007 (a runtime alias)
-EmbedsSource = Union[PeopleTokens, Callable[[TransformerCall], Union[PeopleTokens, None]]]  # noqa: UP007
-#: Recorded masks to use instead of computing them: ``fn(call, point) -> [K, B, N] | None``.
-MaskSource = Callable[[TransformerCall, int], Union[torch.Tensor, None]]  # noqa: UP007
+__all__ = ["IdentityInjector", "InjectionSession", "injection_points", "snap_to_schedule"]
 
-__all__ = [
-    "EmbedsSource", "IdentityInjector", "InjectionRecord", "InjectionSession", "MaskSource", "PeopleTokens",
-    "injection_points", "snap_to_schedule",
-]
 
 
 def injection_points(num_double: int, num_single: int, double_interval: int, single_interval: int) -> list[tuple[str, int]]:
@@ -95,85 +88,57 @@ def snap_to_schedule(t: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     """Replace each time in ``t`` by the nearest of the sampler's exact times ``sigmas``.
 
     FluxPipeline hands the transformer ``timestep`` cast to the latents' dtype; in bfloat16 that
-    moves a time by up to ~0.002 (8 mantissa bits at t*1000 ~ 700), enough to cross a phase
-    boundary, while neighbouring times of a schedule are >= ~0.005 apart up to ~100 steps. Tensor
-    ops only (no host sync, no data-dependent branch), so it traces under ``torch.compile``.
+    moves a time by up to ~0.002, enough to cross a phase boundary, while neighbouring times of a
+    schedule are >= ~0.005 apart up to ~100 steps. Tensor ops only (no host sync).
     """
     table = sigmas.to(device=t.device, dtype=torch.float32).reshape(-1)
     index = (table[None, :] - t.float()[:, None]).abs().argmin(dim=1)
     return table[index]
 
 
-@dataclass
-class InjectionRecord:
-    """One recorded mask: which transformer call (index, step, branch), at what t, at which point.
-
-    Step and branch are the call's :class:`TransformerCall` fields, so consumers group masks by
-    step and keep the positive branch without re-deriving them from the call order.
-    """
-
-    call_index: int
-    step: int
-    branch: str
-    t: float
-    point: int
-    phase: str
-    # on CPU in the session's record_dtype (float16 by default): [B, rows * cols] for one identity
-    # without region; [K, B, rows * cols] (one mask per person) on the multi-identity path
-    mask: torch.Tensor
-
-
-@dataclass
 class InjectionSession:
-    """State of one :meth:`IdentityInjector.active` block (what the hooks read)."""
+    """What an :meth:`IdentityInjector.active` block hands out: its identity, the calls made, the records."""
 
-    id_embeds: EmbedsSource
-    id_weight: float
-    schedule: SpatialSchedule | None
-    grid: tuple[int, int] | None
-    record_masks: bool
-    records: list[InjectionRecord] = field(default_factory=list)
-    # the sampler's exact (float) times, or a callable returning them; see snap_to_schedule
-    sigmas: torch.Tensor | Callable[[], torch.Tensor | None] | None = None
-    # the current call (set by begin_call) and the counter that numbers calls into steps/branches
-    call: TransformerCall | None = None
-    _counter: CallCounter = field(default_factory=CallCounter)
-    # image tokens being generated: the first ``generated_tokens`` of the image stream get identity
-    # (FLUX.1 Kontext appends its context image's tokens after them); None = all of them
-    generated_tokens: int | None = None
-    # Several people / regions (see spatialid.masks.multi): upper bounds [K, rows, cols] in [0, 1]
-    # (also for one person), recorded masks to replay, and the dtype recorded masks are kept in.
-    regions: torch.Tensor | None = None
-    mask_source: MaskSource | None = None
-    record_dtype: torch.dtype = torch.float16
-    # id_weight != 0, and id_weight as a 0-d float32 tensor on the CA modules' device: the hooks
-    # read these instead of the float so that torch.compile does not specialise on its value.
-    _enabled: bool = True
-    _weight: torch.Tensor | None = None
-    # per-call state, set by begin_call
-    _embeds: torch.Tensor | None = None
-    _people: torch.Tensor | None = None  # [K, B, n, dim] on the multi-identity path, else None
-    _layouts: dict[Any, Any] = field(default_factory=dict)  # (K, rows, cols, device) -> masks.multi.Layout
-    _t: torch.Tensor | None = None
-    _t_float: float | None = None
+    def __init__(self, identity: PuLIDIdentity) -> None:
+        self.identity = identity
+        self.calls = 0
+        self.call: TransformerCall | None = None
 
     @property
-    def calls(self) -> int:
-        """Transformer calls begun in this session so far."""
-        return self._counter.calls
+    def records(self) -> list[Any]:
+        return self.identity.records
+
+
+def _token_layout(img_ids: Any, total: int) -> tuple[int, tuple[int, int] | None]:
+    """``(generated tokens, (rows, cols) or None)`` from a call's ``img_ids`` (one host read).
+
+    FLUX pipelines number image tokens ``(0, row, col)``; Kontext's context tokens carry 1 first.
+    """
+    if not isinstance(img_ids, torch.Tensor):
+        return total, None
+    ids = img_ids.detach()
+    if ids.ndim == 3:
+        ids = ids[0]
+    ids = ids.to("cpu", torch.float32)
+    generated = int((ids[:, 0] == 0).sum())
+    if generated == 0:
+        return total, None
+    head = ids[:generated]
+    rows, cols = int(head[:, 1].max()) + 1, int(head[:, 2].max()) + 1
+    return generated, ((rows, cols) if rows * cols == generated else None)
 
 
 class IdentityInjector:
-    """Attach PuLID-FLUX CA modules to a diffusers FLUX transformer with optional spatial masks.
+    """PuLID-FLUX CA modules hooked into a diffusers FLUX transformer (see the module docstring).
 
     Args:
-        transformer: a ``diffusers.FluxTransformer2DModel`` (or anything with ``transformer_blocks``
-            and ``single_transformer_blocks`` whose blocks return ``(text, image)`` tuples).
-        ca_modules: the CA modules in checkpoint order (``pulid_ca.0`` ...), one per injection point.
-        double_interval: a CA runs after double block ``i`` when ``i % double_interval == 0``.
-        single_interval: then after single block ``j`` when ``j % single_interval == 0``.
-
-    The hooks stay installed until :meth:`detach`; they only act inside :meth:`active`.
+        transformer: a ``diffusers.FluxTransformer2DModel`` (anything with ``transformer_blocks``
+            and ``single_transformer_blocks`` whose blocks return ``(text, image)``).
+        ca_modules: the CA modules in checkpoint order, one per injection point.
+        double_interval / single_interval: a CA runs after double block ``i`` when
+            ``i % double_interval == 0``, then after single block ``j`` when ``j % single_interval == 0``.
+        scheduler: the pipeline's scheduler; its ``step_index`` numbers the denoising steps and
+            its ``sigmas`` give the exact time of each step. Without one, calls are counted.
     """
 
     def __init__(
@@ -182,7 +147,10 @@ class IdentityInjector:
         ca_modules: Sequence[nn.Module],
         double_interval: int = 2,
         single_interval: int = 4,
+        scheduler: Any = None,
     ) -> None:
+        if HookRegistry is None:  # pragma: no cover
+            raise RuntimeError("spatialid needs diffusers >= 0.35 (its hook registry)")
         double_blocks = getattr(transformer, "transformer_blocks", None)
         single_blocks = getattr(transformer, "single_transformer_blocks", None)
         if double_blocks is None or single_blocks is None:
@@ -197,245 +165,176 @@ class IdentityInjector:
                 f"({len(double_blocks)} double blocks every {double_interval}, {len(single_blocks)} single "
                 f"blocks every {single_interval}); use a PuLID checkpoint made for this transformer"
             )
+        if getattr(transformer, "_spatialid_injector", None) is not None:
+            raise RuntimeError("this transformer already has PuLID hooks; unload them first (unload_pulid)")
         self.transformer = transformer
         self.ca_modules = ca_modules if isinstance(ca_modules, nn.ModuleList) else nn.ModuleList(ca_modules)
         self.double_interval = double_interval
         self.single_interval = single_interval
         self.points = points
+        self.scheduler = scheduler
+        self._blocks = [double_blocks[i] if s == "double" else single_blocks[i] for s, i in points]
+        self._standing: PuLIDIdentity | None = None  # the identity of an active() block
+        self._active_sigmas: torch.Tensor | None = None
         self._session: InjectionSession | None = None
-        self._handles: list[Any] = []
-        # Set by a step cache (spatialid.injection.step_cache): True when a point's residual is
-        # already part of the block output (a cached step reuses the last computed residual).
-        self.skip_point: Callable[[int], bool] | None = None
-        # Observes diffusers' cache context ("cond"/"uncond"); None without diffusers' hook system.
+        self._converted: tuple[Any, PuLIDIdentity] | None = None
+        self._counter = CallCounter(1)
+        self._order = (-1, 0)  # (step, calls seen in it): the branch by call order without a context
+        self._cache_signature: Any = None
+        self._entered_context: Any = None
+        self.users = 0  # pipelines loaded on this transformer (spatialid.loaders.load_pulid)
+        self.scale = 1.0  # multiplies every identity's id_weight (set_pulid_scale)
+        self.last_identity: PuLIDIdentity | None = None
+        self.last_layout: tuple[int | None, tuple[int, int]] | None = None
+        self.calls = 0  # transformer calls with identity (eager only; counters are not traced)
+        self.full_calls = 0  # of those, calls whose last injection point ran (not skipped by a step cache)
+        self._reset_call()
         self._probe: Any = attach_context_probe(transformer)
-        self._handles.append(transformer.register_forward_pre_hook(self._on_transformer_call, with_kwargs=True))
-        for index, (stream, block_index) in enumerate(points):
-            block = double_blocks[block_index] if stream == "double" else single_blocks[block_index]
-            self._handles.append(block.register_forward_hook(self._make_block_hook(index)))
+        HookRegistry.check_if_exists_or_initialize(transformer).register_hook(CallHook(self), CALL_HOOK)
+        self._installed_forward = vars(transformer).get("forward")
+        for index, block in enumerate(self._blocks):
+            register_innermost(block, PointHook(self, index), POINT_HOOK)
+        transformer._spatialid_injector = self
+        self._attached = True
 
     # ------------------------------------------------------------------ public API
     @property
     def attached(self) -> bool:
-        return bool(self._handles)
+        return self._attached
+
+    @property
+    def call(self) -> TransformerCall | None:
+        """The current (or last) transformer call's step and branch, while it carries an identity."""
+        return self._call
 
     @property
     def session(self) -> InjectionSession | None:
-        """The active session, or None outside :meth:`active`."""
+        """The :meth:`active` block's session, or None."""
         return self._session
 
     @contextlib.contextmanager
     def active(
         self,
-        id_embeds: EmbedsSource,
-        id_weight: float = 1.0,
-        schedule: SpatialSchedule | None = None,
+        identity: Any,
+        id_weight: float | None = None,
+        schedule: Any = None,
         grid: tuple[int, int] | None = None,
         record_masks: bool = False,
         calls_per_step: int = 1,
-        sigmas: torch.Tensor | Callable[[], torch.Tensor | None] | None = None,
         generated_tokens: int | None = None,
         regions: torch.Tensor | None = None,
-        mask_source: MaskSource | None = None,
         record_dtype: torch.dtype = torch.float16,
+        sigmas: torch.Tensor | None = None,
+        **identity_kwargs: Any,
     ) -> Iterator[InjectionSession]:
-        """Inject identity into every transformer call made inside the ``with`` block.
+        """Inject ``identity`` into every transformer call made inside the ``with`` block.
 
-        Args:
-            id_embeds: identity tokens ``[B or 1, n, kv_dim]`` (a batch of 1 is shared by all samples),
-                or a callable ``fn(call: TransformerCall) -> tokens | None`` asked once per
-                transformer call with that call's ``index``, ``step`` and ``branch`` (``"cond"`` /
-                ``"uncond"``); ``None`` leaves that call un-injected. The pipeline uses this for
-                ``start_step`` and for true CFG's zero-identity branch.
-            id_weight: scale of the identity residual; 0 disables injection (bit-identical output).
-            schedule: a :class:`~spatialid.masks.SpatialSchedule`, or None for uniform PuLID injection.
-            grid: ``(rows, cols)`` of the image-token grid, row-major (FLUX: ``(H // 16, W // 16)``).
-                Needed with a schedule; inferred for square grids when omitted.
-            record_masks: keep every mask (float16, CPU) in ``session.records`` for visualisation.
-            calls_per_step: transformer calls per denoising step (2 with true CFG: cond, then
-                uncond). Used only when a call carries no diffusers cache context, to number calls
-                into steps and branches by order.
-            sigmas: the sampler's float times (e.g. ``scheduler.sigmas``), or a callable returning
-                them when asked (the pipeline's scheduler sets them only once the call has begun).
-                The schedule's phase is then decided from the exact time: the transformer's
-                ``timestep`` argument is rounded to the latents' dtype (bfloat16 moves 0.7009 to
-                0.6992, into another phase), so it is snapped to the nearest of these times
-                (:func:`snap_to_schedule`).
-            generated_tokens: only the first this many image tokens receive identity (and form
-                ``grid``); the rest pass unchanged (FLUX.1 Kontext's context-image tokens). None = all.
-            regions: upper bounds of each person's mask, ``[K, rows, cols]`` in [0, 1] on the
-                token grid (``spatialid.masks.multi.box_region`` / ``region_from_mask``), in the
-                order of the people; also for one identity (e.g. an inpainting mask). Outside its
-                region a person's residual is exactly zero; a region is also the early prior.
-            mask_source: ``fn(call, point) -> [K, B, N] masks | None``: use these (recorded)
-                masks for that call and point instead of computing them.
-            record_dtype: dtype of recorded masks (float32 to replay them bit for bit).
-
-        ``id_embeds`` may also be a list of tensors (or a callable returning one), one per person.
-        With one identity, no region and no ``mask_source`` the single-identity code path runs
-        (bit-identical to before); several identities, regions or a mask source select the
-        multi-identity path (:mod:`spatialid.masks.multi`).
+        For driving the transformer (or :meth:`begin_call` / :meth:`inject`) without a pipeline:
+        ``identity`` is a :class:`PuLIDIdentity`, or its ``tokens`` (one person's ``[B|1, n, dim]``
+        tensor, a list of them) with ``id_weight``, ``schedule`` (a ``SpatialSchedule``, a preset
+        name, or None = uniform, the default), ``grid`` (rows, cols), ``record_masks``, ``regions``
+        (``[K, rows, cols]`` bounds) and any other :class:`PuLIDIdentity` field as keywords.
+        ``calls_per_step`` numbers calls without a cache context (2: cond, then uncond);
+        ``sigmas`` are the sampler's exact times (the phase is decided from them, as a scheduler's).
+        A call that carries its own ``joint_attention_kwargs["identity"]`` uses that one.
         """
-        if not self.attached:
+        if not self._attached:
             raise RuntimeError("this IdentityInjector was detached; create a new one")
         if self._session is not None:
             raise RuntimeError("IdentityInjector.active() blocks cannot be nested")
-        if not isinstance(id_weight, (int, float)) or isinstance(id_weight, bool) or not math.isfinite(id_weight):
+        if id_weight is not None and (isinstance(id_weight, bool) or not isinstance(id_weight, (int, float)) or not math.isfinite(id_weight)):
             raise ValueError(f"id_weight must be a finite number, got {id_weight!r}")
-        if grid is not None:
-            rows, cols = (int(v) for v in grid)
-            if rows < 1 or cols < 1:
-                raise ValueError(f"grid must be two positive integers (rows, cols), got {grid!r}")
-            grid = (rows, cols)
-        if isinstance(id_embeds, (list, tuple)):
-            if not id_embeds or not all(isinstance(e, torch.Tensor) and e.ndim == 3 for e in id_embeds):
-                raise ValueError("id_embeds as a list needs one tensor [B, n_tokens, dim] per person")
-        elif not callable(id_embeds) and not isinstance(id_embeds, torch.Tensor):
-            raise TypeError("id_embeds must be a tensor [B, n, dim], a list of them, or a callable returning one (or None)")
-        if isinstance(id_embeds, torch.Tensor) and id_embeds.ndim != 3:
-            raise ValueError(f"id_embeds must have shape [B, n_tokens, dim], got {tuple(id_embeds.shape)}")
-        if regions is not None:
-            if not isinstance(regions, torch.Tensor) or regions.ndim != 3:
-                raise ValueError("regions must be a tensor [persons, rows, cols] of upper bounds in [0, 1]")
-            if grid is not None and tuple(regions.shape[1:]) != grid:
-                raise ValueError(f"regions are on a {tuple(regions.shape[1:])} grid but grid is {grid}")
-        session = InjectionSession(
-            id_embeds=id_embeds,
-            id_weight=float(id_weight),
-            schedule=schedule,
-            grid=grid,
-            record_masks=record_masks,
-            sigmas=sigmas,
-            _counter=CallCounter(calls_per_step),
-            generated_tokens=None if generated_tokens is None else int(generated_tokens),
-            regions=regions,
-            mask_source=mask_source,
-            record_dtype=record_dtype,
-        )
-        session._enabled = session.id_weight != 0.0
-        device = next(self.ca_modules.parameters()).device
-        # torch.full launches a fill kernel; torch.tensor would copy from the host (a sync on CUDA).
-        session._weight = torch.full((), session.id_weight, dtype=torch.float32, device=device)
+        if isinstance(identity, PuLIDIdentity):
+            ident = identity
+        else:
+            kwargs = dict(identity_kwargs)
+            if id_weight is not None:
+                kwargs["id_weight"] = float(id_weight)
+            kwargs["preset"] = schedule
+            if grid is not None:
+                rows, cols = (int(v) for v in grid)
+                if rows < 1 or cols < 1:
+                    raise ValueError(f"grid must be two positive integers (rows, cols), got {grid!r}")
+                kwargs["height"], kwargs["width"] = rows * 16, cols * 16
+            if regions is not None:
+                if not isinstance(regions, torch.Tensor) or regions.ndim != 3:
+                    raise ValueError("regions must be a tensor [persons, rows, cols] of upper bounds in [0, 1]")
+                kwargs["regions"] = list(regions.unbind(0))
+            ident = PuLIDIdentity(identity, record_masks=record_masks, record_dtype=record_dtype, **kwargs)
+        ident._generated_tokens = generated_tokens
+        self._standing = ident
+        self._active_sigmas = sigmas
+        self._counter = CallCounter(calls_per_step)
+        self._probe.subscribe(self._counter)
+        self._order = (-1, 0)
+        session = InjectionSession(ident)
         self._session = session
-        if self._probe is not None:
-            self._probe.subscribe(session._counter)
         try:
             yield session
         finally:
-            if self._probe is not None:
-                self._probe.unsubscribe(session._counter)
-            session._embeds = session._t = session._weight = session._people = None
-            session._layouts.clear()
+            self._probe.unsubscribe(self._counter)
+            self._standing = None
+            self._active_sigmas = None
             self._session = None
+            self._reset_call()
 
-    def begin_call(self, hidden_states: torch.Tensor | None, timestep: Any = None) -> TransformerCall:
-        """Start one transformer call of the active session and return its record.
+    def begin_call(
+        self, hidden_states: torch.Tensor | None, timestep: Any = None, identity: Any = None, img_ids: Any = None
+    ) -> TransformerCall:
+        """Start one transformer call: number it and prepare what :meth:`inject` reads.
 
-        Numbers the call (step and branch from diffusers' cache context when one is set, else by
-        order), asks ``id_embeds`` for its tokens and prepares what :meth:`inject` reads: the
-        tokens expanded to the batch of ``hidden_states`` and the per-sample time ``timestep``
-        (the sigma FluxPipeline passes). The transformer pre-hook calls this with the call's own
-        arguments; call it directly to drive injection points without running the transformer.
-
-        Raises:
-            RuntimeError: outside :meth:`active`, when this call is injected and
-                ``hidden_states`` is None (or ``timestep`` is None with a schedule), or when the CA
-                modules are not on the device of ``hidden_states``.
+        ``identity`` is the call's own (from ``joint_attention_kwargs``); default: the
+        :meth:`active` block's. The transformer's hook calls this with the call's arguments; call
+        it directly to drive injection points without running the transformer.
         """
-        session = self._session
-        if session is None:
-            raise RuntimeError("IdentityInjector.begin_call() needs an active() block")
-        counter = session._counter
-        probe = self._probe
-        if counter.pending or probe is None:  # the context just entered (already numbered), or by order
-            call = counter.next()
-        else:
-            call = counter.next(probe.name, probe.step_index)
-        session.call = call
-        embeds = session.id_embeds(call) if callable(session.id_embeds) else session.id_embeds
-        session._people = None
-        if embeds is None or not session._enabled:
-            session._embeds = None
+        ident = self._identity_of(identity)
+        self._reset_call()
+        if ident is None:
+            if self._session is None and identity is None:
+                raise RuntimeError("IdentityInjector.begin_call() needs an identity or an active() block")
+            return TransformerCall(0, 0, "cond", False)
+        call = self._number_call(ident)
+        if self._session is not None:
+            self._session.calls += 1
+            self._session.call = call
+        self._call = call
+        self._ident = ident
+        self.last_identity = ident
+        if not ident.injects or call.step < ident.start_step:
             return call
         if hidden_states is None:
             raise RuntimeError("IdentityInjector could not find hidden_states in the transformer call")
-        people = list(embeds) if isinstance(embeds, (list, tuple)) else [embeds]
-        batch = hidden_states.shape[0]
-        for person in people:
-            if person.ndim != 3:
-                raise ValueError(f"identity tokens must be [B, n_tokens, dim], got {tuple(person.shape)}")
-            if person.shape[0] not in (1, batch):
-                raise ValueError(
-                    f"identity tokens have batch {person.shape[0]} but the transformer batch is {batch}; "
-                    "give one embedding per sample or a single one for all"
-                )
-        if len(people) > 1 and any(p.shape[1:] != people[0].shape[1:] for p in people):
-            raise ValueError("every person's identity tokens must have the same [n_tokens, dim]")
-        if session.regions is not None and session.regions.shape[0] != len(people):
-            raise ValueError(f"{session.regions.shape[0]} regions for {len(people)} identities; give one region per person")
-        embeds = people[0]
-        param = next(self.ca_modules.parameters())
-        if param.device != hidden_states.device:
-            # No moving here: the CA modules are placed by whoever owns them (SpatialIDPipeline
-            # registers them as its `pulid` component, which .to() and offloading place).
-            raise RuntimeError(
-                f"the CA modules are on {param.device} but the transformer runs on {hidden_states.device}; "
-                f"put them there: pipe.to({str(hidden_states.device)!r}) (enable_*_cpu_offload() places them "
-                f"itself), or injector.ca_modules.to({str(hidden_states.device)!r}) when driving IdentityInjector directly"
-            )
-        session._embeds = embeds.to(device=param.device, dtype=param.dtype).expand(batch, -1, -1)
-        if len(people) > 1 or session.regions is not None or session.mask_source is not None:
-            session._people = torch.stack(
-                [p.to(device=param.device, dtype=param.dtype).expand(batch, -1, -1) for p in people]
-            )
-        if session._weight.device != param.device:
-            session._weight = session._weight.to(param.device)
-
-        session._t = None
-        session._t_float = None
-        if timestep is None:
-            if session.schedule is not None:
-                raise RuntimeError("a spatial schedule needs the transformer's `timestep` argument")
-            return call
-        t = torch.as_tensor(timestep, device=hidden_states.device).float().reshape(-1)
-        if session.schedule is not None and session.sigmas is not None:
-            table = session.sigmas() if callable(session.sigmas) else session.sigmas
-            if table is not None:
-                t = snap_to_schedule(t, table)
-        session._t = t.expand(batch) if t.numel() == 1 else t
-        if session.record_masks:
-            session._t_float = float(session._t[0])  # host sync only when recording
+        self._prepare(ident, call, hidden_states, timestep, img_ids)
         return call
 
     def inject(self, point: int, image_tokens: torch.Tensor) -> torch.Tensor:
-        """Add the identity residual of injection point ``point`` to the current call's image tokens.
+        """``h + w * sum_k M_k * CA(Z_k, h)`` for injection point ``point`` of the current call.
 
-        ``point`` indexes :attr:`points` / :attr:`ca_modules`; ``image_tokens`` is ``[B, N, dim]``,
-        the image stream after that point's block. Returns ``h + w * M_t * CA(Z_id, h)`` (``M_t = 1``
-        without a schedule), or ``image_tokens`` itself when the current call is not injected. The
-        block hooks call this; with :meth:`begin_call` it times or checks one point in isolation.
-
-        Raises:
-            RuntimeError: outside :meth:`active`.
+        ``image_tokens`` is ``[B, N, dim]``, the image stream after that point's block; returns it
+        unchanged when the current call is not injected.
         """
-        session = self._session
-        if session is None:
-            raise RuntimeError("IdentityInjector.inject() needs an active() block and begin_call()")
-        if session._embeds is None:
+        if not self._on:
             return image_tokens
-        n = session.generated_tokens
-        if n is not None and image_tokens.shape[1] > n:  # context tokens after the generated ones stay as they are
-            return torch.cat([self._inject_any(point, image_tokens[:, :n], session), image_tokens[:, n:]], dim=1)
-        return self._inject_any(point, image_tokens, session)
+        n = self._generated
+        if image_tokens.shape[1] > n:  # context tokens after the generated ones stay as they are
+            return torch.cat([self._inject(point, image_tokens[:, :n]), image_tokens[:, n:]], dim=1)
+        return self._inject(point, image_tokens)
 
     def detach(self) -> None:
         """Remove every hook (the context probe too); the transformer is the plain model again."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        if self._probe is not None:
-            detach_context_probe(self.transformer, self._probe)
-            self._probe = None
+        if not self._attached:
+            return
+        registry = HookRegistry.check_if_exists_or_initialize(self.transformer)
+        remove_hook_keeping_wrappers(self.transformer, CALL_HOOK, self._installed_forward)
+        for block in self._blocks:
+            HookRegistry.check_if_exists_or_initialize(block).remove_hook(POINT_HOOK, recurse=False)
+        registry.invalidate_child_registries_cache()
+        detach_context_probe(self.transformer, self._probe)
+        self._probe = None
+        if getattr(self.transformer, "_spatialid_injector", None) is self:
+            del self.transformer._spatialid_injector
+        self._attached = False
+        self._standing = None
         self._session = None
 
     def __repr__(self) -> str:
@@ -444,135 +343,209 @@ class IdentityInjector:
             f"single_interval={self.single_interval}, attached={self.attached})"
         )
 
-    # ------------------------------------------------------------------ hooks
-    def _on_transformer_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._session is None:
-            return None
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        timestep = kwargs.get("timestep", args[3] if len(args) > 3 else None)
-        self.begin_call(hidden, timestep)
-        return None
+    # ------------------------------------------------------------------ per call
+    def _reset_call(self) -> None:
+        self._on = False
+        self._call: TransformerCall | None = None
+        self._ident: PuLIDIdentity | None = None
+        self._tokens: torch.Tensor | None = None
+        self._t: torch.Tensor | None = None
+        self._weight: torch.Tensor | None = None
+        self._layout: Any = None
+        self._grid = (0, 0)
+        self._generated = 0
+        self._record: torch.Tensor | None = None
+        self._replay: torch.Tensor | None = None
+        self._mask_fn: Any = identity_masks
 
-    def _make_block_hook(self, point: int) -> Callable:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
-            session = self._session
-            if session is None or session._embeds is None:
-                return None
-            if self.skip_point is not None and self.skip_point(point):  # already in a step cache's output
-                return None
-            if not (isinstance(output, tuple) and len(output) == 2):
-                raise RuntimeError(
-                    "FLUX blocks must return (encoder_hidden_states, hidden_states); this diffusers "
-                    "version is not supported (need diffusers >= 0.35)"
+    def _identity_of(self, value: Any) -> PuLIDIdentity | None:
+        if value is None:
+            return self._standing
+        if isinstance(value, PuLIDIdentity):
+            return value
+        # a mapping or a bare tensor: converted once per object, so its records are kept
+        if self._converted is None or self._converted[0] is not value:
+            self._converted = (value, as_identity(value))
+        return self._converted[1]
+
+    def _number_call(self, ident: PuLIDIdentity | None) -> TransformerCall:
+        """The call's step and CFG branch, from one rule.
+
+        A cache context that names its ``step_index`` gives the step; else a pipeline call (its
+        identity in ``joint_attention_kwargs``) takes the step from the scheduler (``step_index`` counted from ``begin_index``, so img2img's first executed step is
+        step 0); an :meth:`active` block counts calls. The branch is diffusers' cache context
+        (``"cond"`` / ``"uncond"``) where the pipeline sets one, else the call order in the step
+        (the positive branch first, as every FLUX.1 pipeline calls it).
+        """
+        probe = self._probe
+        scheduler = self.scheduler
+        context_step = probe.step_index if probe.name is not None else None
+        if scheduler is not None and (ident is None or ident is not self._standing) and context_step is None:
+            # A pipeline call: nothing here changes between pipeline calls, so a compiled graph
+            # made for one serves the next (only the step becomes a dynamic int).
+            index = getattr(scheduler, "step_index", None)
+            begin = getattr(scheduler, "begin_index", None) or 0
+            step = 0 if index is None else index - begin
+            if probe.name is not None:
+                return TransformerCall(2 * step + (probe.name == "uncond"), step, probe.name, True)
+            last, seen = self._order
+            seen = seen + 1 if last == step else 1
+            self._order = (step, seen)
+            branch = "cond" if seen == 1 else "uncond"
+            return TransformerCall(2 * step + (seen != 1), step, branch, False)
+        counter = self._counter
+        if counter.pending or probe.name is None:
+            return counter.next()
+        return counter.next(probe.name, probe.step_index)
+
+    def _prepare(
+        self, ident: PuLIDIdentity, call: TransformerCall, hidden: torch.Tensor, timestep: Any, img_ids: Any
+    ) -> None:
+        param = next(self.ca_modules.parameters())
+        if param.device != hidden.device:
+            raise RuntimeError(
+                f"the CA modules are on {param.device} but the transformer runs on {hidden.device}; "
+                f"put them there: pipe.to({str(hidden.device)!r}) (enable_*_cpu_offload() places them "
+                f"itself), or injector.ca_modules.to({str(hidden.device)!r}) when driving IdentityInjector directly"
+            )
+        batch, total = hidden.shape[0], hidden.shape[1]
+        people = ident.people_tokens
+        if call.branch == "uncond":
+            people = ident.uncond_people_tokens
+            if people is None:
+                raise IdentityError(
+                    "true CFG needs the zero-identity (uncond) tokens: pass an IdentityEmbedding or uncond_tokens"
                 )
-            text, image = output
-            return text, self.inject(point, image)
+        if people.shape[1] not in (1, batch):
+            raise IdentityError(
+                f"identity tokens have batch {people.shape[1]} but the transformer batch is {batch}; "
+                "give one embedding per sample or a single one for all"
+            )
+        kv_dim = getattr(self.ca_modules[0], "kv_dim", people.shape[-1])
+        if people.shape[-1] != kv_dim:
+            raise IdentityError(
+                f"identity tokens have width {people.shape[-1]} but these PuLID modules expect {kv_dim}; "
+                "encode the photo with the same model"
+            )
+        rows, cols, generated = self._token_grid(ident, total, img_ids)
+        schedule = ident.schedule
+        if schedule is not None and timestep is None:
+            raise RuntimeError("a spatial schedule needs the transformer's `timestep` argument")
+        self._tokens = people.to(device=param.device, dtype=param.dtype).expand(-1, batch, -1, -1)
+        self._weight = ident._weight.to(param.device)
+        if self.scale != 1.0:
+            self._weight = self._weight * self.scale
+        self._grid, self._generated = (rows, cols), generated
+        self.last_layout = (None if generated == total else generated, (rows, cols))
+        if timestep is not None:
+            t = torch.as_tensor(timestep, device=hidden.device).float().reshape(-1)
+            sigmas = self._active_sigmas if ident is self._standing else None
+            if sigmas is None and self.scheduler is not None:
+                sigmas = getattr(self.scheduler, "sigmas", None)
+            if schedule is not None and isinstance(sigmas, torch.Tensor):
+                t = snap_to_schedule(t, sigmas)
+            self._t = t.expand(batch) if t.numel() == 1 else t
+        elif ident.record_masks:
+            self._t = torch.full((batch,), float("nan"), device=hidden.device)
+        regions = ident.region_grid(rows, cols)
+        sigma = schedule.center_sigma if schedule is not None else 0.3
+        self._layout = build_layout(ident.count, rows, cols, sigma, regions, param.device)
+        table = ident.replay_table(len(self.points), batch, rows, cols, self._replay_steps(ident))
+        if table is not None and call.branch != "uncond":
+            if call.step >= table.shape[0]:
+                raise IdentityError(f"the replayed mask file has no masks for step {call.step}")
+            self._replay = table[call.step].to(param.device)
+        if ident.record_masks:
+            self._record = self._record_slot(ident, call, batch, rows * cols, param.device)
+        self._mask_fn = fused_identity_masks if use_fused("auto", param.device) else identity_masks
+        self._on = True
 
-        return hook
+    def _replay_steps(self, ident: PuLIDIdentity) -> range:
+        """The steps this pipeline call injects (all of them need replayed masks)."""
+        executed = self._scheduled_steps() - int(getattr(self.scheduler, "begin_index", None) or 0)
+        return range(ident.start_step, max(executed, ident.start_step))
 
-    def _inject_any(self, point: int, image: torch.Tensor, session: InjectionSession) -> torch.Tensor:
-        if session._people is not None:
-            return self._inject_people(point, image, session)
-        return self._inject(point, image, session)
+    def _scheduled_steps(self) -> int:
+        """Steps of the scheduler's current schedule (0 without a scheduler or a schedule)."""
+        timesteps = getattr(self.scheduler, "timesteps", None) if self.scheduler is not None else None
+        return int(timesteps.shape[0]) if isinstance(timesteps, torch.Tensor) else 0
 
-    def _inject(self, point: int, image: torch.Tensor, session: InjectionSession) -> torch.Tensor:
+    def _token_grid(self, ident: PuLIDIdentity, total: int, img_ids: Any) -> tuple[int, int, int]:
+        """``(rows, cols, generated tokens)`` of this call."""
+        if ident.height is not None and ident.width is not None:
+            rows, cols = ident.height // 16, ident.width // 16
+            if rows * cols > total:
+                raise IdentityError(
+                    f"the identity's size {ident.width}x{ident.height} has {rows * cols} image tokens but the call has "
+                    f"{total}; give the size of the generated image"
+                )
+            return rows, cols, rows * cols  # tokens after these (Kontext's context image) get no identity
+        generated = ident._generated_tokens or total
+        if not torch.compiler.is_compiling() and isinstance(img_ids, torch.Tensor):
+            generated, grid = _token_layout(img_ids, total)
+            if grid is not None:
+                return grid[0], grid[1], generated
+        if ident.schedule is None and ident.simple:
+            return 1, generated, generated  # uniform injection of one person needs no grid
+        side = math.isqrt(generated)
+        if side * side != generated:
+            raise IdentityError(
+                f"{generated} image tokens do not form a square grid; give the identity height= and width= "
+                "(PuLIDIdentity(..., height=H, width=W))"
+            )
+        return side, side, generated
+
+    def _record_slot(self, ident: PuLIDIdentity, call: TransformerCall, batch: int, n: int, device: torch.device) -> torch.Tensor:
+        """This call's row of the identity's preallocated record buffers (``[points, K, B, N]``)."""
+        buffers = ident._record
+        shape = (len(self.points), ident.count, batch, n)
+        if buffers is None or tuple(buffers[0].shape[2:]) != shape or buffers[0].shape[0] <= call.step:
+            if buffers is not None and torch.compiler.is_compiling():
+                raise IdentityError("the record buffers do not fit this call; record one call per identity object")
+            size = max(self._scheduled_steps(), call.step + 1, 1)
+            if buffers is not None and tuple(buffers[0].shape[2:]) == shape:
+                size = max(size, 2 * buffers[0].shape[0])  # an active() block without a scheduler: grow
+            old = buffers
+            ident.prepare_records(size, len(self.points), batch, n, device)
+            buffers = ident._record
+            if old is not None and tuple(old[0].shape[2:]) == shape:
+                keep = old[0].shape[0]
+                for new, previous in zip(buffers, old):
+                    new[:keep] = previous
+        masks, times, phases, filled, calls = buffers
+        b = 1 if call.branch == "uncond" else 0
+        filled[call.step, b] = True
+        calls[call.step, b] = call.index
+        if self._t is not None:
+            times[call.step, b] = self._t[0]
+        if ident.schedule is not None and self._t is not None:
+            phases[call.step, b] = phase_index(ident.schedule, time_column(self._t[:1])).reshape(())
+        return masks[call.step, b]
+
+    def _inject(self, point: int, image: torch.Tensor) -> torch.Tensor:
         ca = self.ca_modules[point]
-        embeds = session._embeds
-        latents = image.to(embeds.dtype)
-        schedule = session.schedule
-        weight = session._weight
-        if schedule is None:
-            delta = ca(embeds, latents)
-            if session.record_masks:
-                t = session._t_float if session._t_float is not None else float("nan")
-                ones = torch.ones(image.shape[0], image.shape[1], dtype=torch.float16)
-                call = session.call
-                session.records.append(InjectionRecord(call.index, call.step, call.branch, t, point, "uniform", ones))
-            # image + w * delta in one pass (the 0-d weight does not change the result dtype).
-            return torch.addcmul(image, weight, delta.to(image.dtype))
-
-        rows, cols = self._grid(session, image.shape[1])
-        attn_probs = None
-        if schedule.needs_attention_probs:
-            # One pass gives the output, the raw output and the probabilities (no second
-            # projection of the image tokens).
-            delta, raw, attn_probs = ca(embeds, latents, return_probs=True)
-        else:
-            delta, raw = ca(embeds, latents, return_raw=True)
-        mask = schedule.mask(session._t, raw, rows, cols, attn_probs=attn_probs)
-        if session.record_masks:
-            t = session._t_float if session._t_float is not None else float("nan")
-            phase = schedule.phase(t) if math.isfinite(t) else "unknown"
-            call = session.call
-            mask_cpu = mask.detach()[..., 0].to("cpu", session.record_dtype)
-            session.records.append(InjectionRecord(call.index, call.step, call.branch, t, point, phase, mask_cpu))
-        # image + (w * M) * delta: the weight scales the small [B, N, 1] mask, then one fused pass.
-        return torch.addcmul(image, mask.to(image.dtype) * weight, delta.to(image.dtype))
-
-    def _inject_people(self, point: int, image: torch.Tensor, session: InjectionSession) -> torch.Tensor:
-        """``h + w * sum_k M_k * CA(Z_k, h)`` with competing per-person masks (:mod:`spatialid.masks.multi`)."""
-        ca = self.ca_modules[point]
-        people = session._people  # [K, B, n, dim]
-        count = people.shape[0]
+        people = self._tokens  # [K, B, n, dim]
         latents = image.to(people.dtype)
-        schedule = session.schedule
-        rows, cols = self._grid(session, image.shape[1])
-        want_probs = schedule is not None and schedule.needs_attention_probs
-        probs = None
-        if count == 1:
-            # the very call the single-identity path makes, so a replay gets the same residual bits
-            if want_probs:
-                delta, raw, probs = ca(people[0], latents, return_probs=True)
-                probs = probs.unsqueeze(0)
-            else:
-                delta, raw = ca(people[0], latents, return_raw=True)
-            deltas, raws = delta.unsqueeze(0), raw.unsqueeze(0)
-        elif want_probs:
+        schedule = self._ident.schedule
+        rows, cols = self._grid
+        replay = self._replay
+        want_probs = replay is None and schedule is not None and schedule.needs_attention_probs
+        if want_probs:
             deltas, raws, probs = ca.forward_people(people, latents, return_probs=True)
         else:
-            deltas, raws = ca.forward_people(people, latents)
-        call = session.call
-        masks = session.mask_source(call, point) if session.mask_source is not None and call is not None else None
-        if masks is not None:
-            masks = masks.to(device=image.device, dtype=torch.float32)
-        elif count == 1 and session.regions is None:
-            # one person, no region (a replay's negative branch): the single-identity schedule mask
-            if schedule is None:
-                masks = torch.ones(1, image.shape[0], image.shape[1], device=image.device, dtype=raws.dtype)
-            else:
-                single = schedule.mask(session._t, raws[0], rows, cols, attn_probs=None if probs is None else probs[0])
-                masks = single[..., 0].unsqueeze(0)
+            (deltas, raws), probs = ca.forward_people(people, latents), None
+        if replay is not None:
+            masks = replay[point].to(device=image.device, dtype=torch.float32)
         else:
-            key = (count, rows, cols, image.device)
-            people_layout = session._layouts.get(key)
-            if people_layout is None:  # host work once per session and grid, not per step
-                sigma = schedule.center_sigma if schedule is not None else 0.3
-                people_layout = multi.layout(count, rows, cols, sigma, session.regions, image.device)
-                session._layouts[key] = people_layout
-            masks = multi.multi_masks(schedule, session._t, raws, rows, cols, people_layout, attn_probs=probs)
-            masks = masks.to(raws.dtype)  # the precision the single-identity masks have
-        if session.record_masks:
-            t = session._t_float if session._t_float is not None else float("nan")
-            phase = "uniform" if schedule is None else (schedule.phase(t) if math.isfinite(t) else "unknown")
-            mask_cpu = masks.detach().to("cpu", session.record_dtype)
-            session.records.append(InjectionRecord(call.index, call.step, call.branch, t, point, phase, mask_cpu))
-        weighted = masks.to(image.dtype).unsqueeze(-1) * session._weight  # [K, B, N, 1]
+            masks = self._mask_fn(schedule, self._t, raws, rows, cols, self._layout, attn_probs=probs)
+        if masks is not None:
+            masks = masks.to(raws.dtype)  # the precision of the CA's response
+        if self._record is not None:
+            self._record[point].copy_(masks.detach() if masks is not None else torch.ones_like(self._record[point]))
+        if masks is None:  # uniform injection of one person: image + w * delta in one pass
+            return torch.addcmul(image, self._weight, deltas[0].to(image.dtype))
+        weighted = masks.to(image.dtype).unsqueeze(-1) * self._weight  # [K, B, N, 1]
         out = image
-        for k in range(count):  # K is static: unrolled under torch.compile
+        for k in range(deltas.shape[0]):  # K is static: unrolled under torch.compile
             out = torch.addcmul(out, weighted[k], deltas[k].to(image.dtype))
         return out
-
-    @staticmethod
-    def _grid(session: InjectionSession, num_tokens: int) -> tuple[int, int]:
-        if session.grid is not None:
-            rows, cols = session.grid
-            if rows * cols != num_tokens:
-                raise ValueError(
-                    f"grid {rows}x{cols} = {rows * cols} tokens but the transformer has {num_tokens} image "
-                    "tokens; pass grid=(height // 16, width // 16)"
-                )
-            return rows, cols
-        side = math.isqrt(num_tokens)
-        if side * side != num_tokens:
-            raise ValueError(f"{num_tokens} image tokens do not form a square grid; pass grid=(rows, cols)")
-        return side, side

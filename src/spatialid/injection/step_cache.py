@@ -1,32 +1,30 @@
 """Step caches (diffusers' cache hooks) that keep the identity: ``--cache NAME[:VALUE]``.
 
 diffusers ships caches that skip work on steps where the transformer's output barely changes.
-Our identity is added by forward hooks on the blocks (:mod:`spatialid.injection.injector`), so a
-cache must agree with them on what a skipped block means:
+The identity is added by diffusers hooks registered innermost on the blocks
+(:mod:`spatialid.injection.injector`), so the caches and the identity agree by construction:
 
 * ``fbc`` -- First Block Cache (``FirstBlockCacheConfig``). Block 0 always runs; when its
-  residual changed by less than the threshold (relative mean absolute difference), every other
-  block is skipped and the output is block 0's output plus the *cached* residual of the last
-  fully computed step (last block minus block 0, per CFG branch). That residual was measured
-  after our hooks ran, so it already holds the identity of every injection point of that step:
-  on a cached step the injector must not add it again. Without care it would: the skipped blocks
-  return their inputs and our forward hooks still fire (20 extra CA residuals on FLUX), and block
-  0's own hook would add a second one. So a cached step skips every point except one on the last
-  block (whose hook runs after the residual is taken; FLUX has none there). The cached residual
-  carries the *mask and phase of the step it was computed at*, so a full step is forced whenever
-  what the injector does changes: identity switched on (``start_step``), a new schedule phase
-  (prior -> attention -> relaxed). The state is per cache context, so cond and uncond (true CFG)
-  keep separate residuals with their own identities (zero-identity for uncond).
+  residual changed by less than the threshold, every other block is skipped and the output is
+  block 0's output plus the residual of the last fully computed step, which was measured after
+  our hooks ran: it already holds the identity of every injection point of that step. A skipped
+  block skips our hook with it (it sits inside the cache's hook), so nothing is injected twice.
+  The cached residual carries the mask and phase of the step it was computed at, so the injector
+  forces a full step whenever what it does changes (identity switched on at ``start_step``, a new
+  schedule phase) by resetting the cache's state (diffusers' ``reset_state``). The state is per
+  cache context: cond and uncond (true CFG) keep separate residuals with their own identities.
+  This holds for a cache enabled here and for diffusers' own ``transformer.enable_cache(...)``,
+  before or after ``load_pulid``.
 * ``taylorseer`` -- TaylorSeer (``TaylorSeerCacheConfig``): predicts attention outputs inside
   the blocks for ``cache_interval - 1`` steps out of ``cache_interval``. Every block still runs, so
-  every injection point computes its CA and mask on the current image tokens: nothing to change.
+  every injection point computes its CA and mask on the current image tokens.
 * ``pab`` -- Pyramid Attention Broadcast (``PyramidAttentionBroadcastConfig``): reuses the
   blocks' self-attention output for ``VALUE - 1`` of every ``VALUE`` calls in the middle of the
-  schedule (t between 0.1 and 0.8). Like TaylorSeer it leaves the blocks' outputs to be
-  computed, so the identity is injected on every step.
+  schedule (t between 0.1 and 0.8); the blocks' outputs, and so the identity, are computed.
 
-MagCache and SeaCache (also in diffusers 0.42) need per-checkpoint calibrated ratios or
-spectral callbacks fitted to a model and a step count; they are not offered.
+Pipelines that set no cache context (img2img, inpainting, Kontext, ControlNet, ...) get one from
+the injector for each call (``"cond"``, then ``"uncond"`` with true CFG), which diffusers' caches
+need. MagCache and SeaCache need per-checkpoint calibrated ratios; they are not offered.
 """
 
 from __future__ import annotations
@@ -36,7 +34,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from spatialid.errors import SpatialIDError
@@ -94,71 +91,34 @@ def parse_cache(text: str | CacheSpec | None) -> CacheSpec | None:
 
 
 class StepCache:
-    """A cache enabled on one transformer, and how the injector cooperates with it.
+    """A cache enabled on one transformer.
 
-    ``computed`` / ``cached`` count the transformer calls that ran every block / reused the
-    cached residual (First Block Cache only; the other caches do not skip whole calls).
+    ``computed`` / ``cached`` count the identity calls since the cache was enabled that ran every
+    block / reused the cached residual (First Block Cache; the other caches skip no whole call).
     """
 
     def __init__(self, transformer: nn.Module, injector: Any, spec: CacheSpec) -> None:
         self.transformer = transformer
         self.injector = injector
         self.spec = spec
-        self.computed = 0
-        self.cached = 0
-        self._leader: Any = None
-        self._tail_point: int | None = None
+        self._calls0 = getattr(injector, "calls", 0)
+        self._full0 = getattr(injector, "full_calls", 0)
 
-    # -------------------------------------------------------------- First Block Cache
-    def _install_fbc(self) -> None:
-        from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
+    @property
+    def computed(self) -> int:
+        return int(getattr(self.injector, "full_calls", 0) - self._full0)
 
-        blocks = [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]
-        self._leader = blocks[0]._diffusers_hook.get_hook(_FBC_LEADER_BLOCK_HOOK)
-        original: Callable[[torch.Tensor], bool] = self._leader._should_compute_remaining_blocks
-        injector = self.injector
-        if injector is not None:
-            last = ("single", len(self.transformer.single_transformer_blocks) - 1)
-            self._tail_point = injector.points.index(last) if last in injector.points else None
-            injector.skip_point = self._skip_point
+    @property
+    def cached(self) -> int:
+        return int(getattr(self.injector, "calls", 0) - self._calls0) - self.computed
 
-        @torch.compiler.disable
-        def should_compute(residual: torch.Tensor) -> bool:
-            state = self._leader.state_manager.get_state()
-            signature = self._signature()
-            decision = original(residual)
-            if getattr(state, "spatialid_signature", None) != signature:
-                decision = True  # the cached residual holds another phase or no identity
-            if decision:
-                state.spatialid_signature = signature
-                self.computed += 1
-            else:
-                self.cached += 1
-            return decision
+    def reset_counts(self) -> None:
+        """Count from zero again."""
+        self._calls0 = getattr(self.injector, "calls", 0)
+        self._full0 = getattr(self.injector, "full_calls", 0)
 
-        self._leader._should_compute_remaining_blocks = should_compute
-
-    def _signature(self) -> tuple[Any, ...]:
-        """What the injection does in this call: off, or on with which schedule phase."""
-        injector = self.injector
-        session = getattr(injector, "session", None)
-        if session is None or session._embeds is None:
-            return ("off",)
-        schedule = session.schedule
-        if schedule is None or session._t is None:
-            return ("on", "uniform")
-        return ("on", schedule.phase(float(session._t.reshape(-1)[0])))  # FBC syncs here anyway
-
-    def _skip_point(self, point: int) -> bool:
-        if point == self._tail_point:
-            return False  # its hook runs after the cached residual was taken: inject as usual
-        return not self._leader.state_manager.get_state().should_compute
-
-    # -------------------------------------------------------------- all
     def disable(self) -> None:
-        """Remove the cache and the injector's gate."""
-        if self.injector is not None and getattr(self.injector, "skip_point", None) == self._skip_point:
-            self.injector.skip_point = None
+        """Remove the cache."""
         self.transformer.disable_cache()
 
 
@@ -168,10 +128,9 @@ def enable_step_cache(
     spec: CacheSpec | str,
     current_timestep: Callable[[], Any] | None = None,
 ) -> StepCache:
-    """Enable the cache ``spec`` on ``transformer`` so that it keeps ``injector``'s identity.
-
-    ``current_timestep`` returns the pipeline's current timestep (t * 1000; FluxPipeline's
-    ``current_timestep``), needed by ``pab``.
+    """Enable the cache ``spec`` on ``transformer`` (diffusers' ``enable_cache``); the identity hooks of
+    ``injector`` cooperate with it by construction. ``current_timestep`` returns the pipeline's
+    current timestep (t * 1000; FluxPipeline's ``current_timestep``), needed by ``pab``.
     """
     parsed = parse_cache(spec)
     if parsed is None:
@@ -182,10 +141,8 @@ def enable_step_cache(
         TaylorSeerCacheConfig,
     )
 
-    cache = StepCache(transformer, injector, parsed)
     if parsed.name == "fbc":
         transformer.enable_cache(FirstBlockCacheConfig(threshold=parsed.value))
-        cache._install_fbc()
     elif parsed.name == "taylorseer":
         interval = int(parsed.value)
         transformer.enable_cache(
@@ -201,4 +158,4 @@ def enable_step_cache(
                 current_timestep_callback=current_timestep,
             )
         )
-    return cache
+    return StepCache(transformer, injector, parsed)

@@ -23,35 +23,26 @@ so ``sum_k M_k <= max_k m_k <= 1``: a token gets at most one identity in full, t
 mask is clearly higher wins (``M_k ~ m_k``), and where two masks are about equal (the border
 between two people) each gets about half, which keeps borders soft instead of a hard argmax seam.
 
-Everything here is tensor code with static shapes: no host reads, no data-dependent Python
-branches, so it runs inside ``torch.compile`` graphs. Priors, territories and regions are built
-once per session (:func:`layout`), not per step.
+This module builds the pieces (priors, territories, region bounds, the competition); the one
+mask function that combines them with the schedule is :func:`spatialid.masks.compute.identity_masks`
+(one person is its case K = 1). Tensor code with static shapes, no host reads.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-
-from spatialid.masks.extractor import entropy_mask, norm_mask, refine_mask
-
-if TYPE_CHECKING:  # pragma: no cover
-    from spatialid.masks.schedule import SpatialSchedule
 
 __all__ = [
     "COMPETITION_TAU",
     "MAX_PEOPLE",
     "STRIP_MARGIN",
     "STRIP_SOFTNESS",
-    "Layout",
     "box_region",
     "compete",
-    "layout",
     "layout_priors",
-    "multi_masks",
     "region_from_mask",
     "strip_territories",
 ]
@@ -124,8 +115,11 @@ def box_region(box: Sequence[float], rows: int, cols: int) -> torch.Tensor:
         )
 
     def cover(lo: float, hi: float, n: int) -> torch.Tensor:
+        # float64 throughout: a float32 bound next to float64 cell edges left ~1e-6 of mask in the
+        # next token row when a box edge fell on a token boundary.
         edges = torch.arange(n + 1, dtype=torch.float64) / n
-        inside = (torch.minimum(edges[1:], torch.tensor(hi)) - torch.maximum(edges[:-1], torch.tensor(lo))).clamp_min(0)
+        hi_t, lo_t = torch.tensor(hi, dtype=torch.float64), torch.tensor(lo, dtype=torch.float64)
+        inside = (torch.minimum(edges[1:], hi_t) - torch.maximum(edges[:-1], lo_t)).clamp_min(0)
         return inside * n
 
     return (cover(y0, y1, rows)[:, None] * cover(x0, x1, cols)[None, :]).clamp(0, 1).to(torch.float32)
@@ -139,101 +133,9 @@ def region_from_mask(mask: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return F.adaptive_avg_pool2d(values, (rows, cols))[0, 0] if values.shape[-2:] != (rows, cols) else values[0, 0]
 
 
-class Layout:
-    """The per-session masks of K people on one grid: priors, territories and region bounds.
-
-    All ``[K, 1, N]`` float32 on one device (the middle axis broadcasts over the batch).
-    """
-
-    def __init__(self, priors: torch.Tensor, territories: torch.Tensor, bounds: torch.Tensor | None) -> None:
-        self.priors = priors
-        self.territories = territories
-        self.bounds = bounds
-
-    @property
-    def count(self) -> int:
-        return int(self.priors.shape[0])
-
-
-def layout(
-    count: int,
-    rows: int,
-    cols: int,
-    sigma: float,
-    regions: torch.Tensor | None,
-    device: torch.device | str,
-) -> Layout:
-    """Build the :class:`Layout` of ``count`` people (host work, once per session and grid).
-
-    With ``regions`` ``[K, rows, cols]`` each person's prior, territory and bound are their region;
-    without, the Gaussian layout priors and the soft strips, and no bound.
-    """
-    _check_count(count)
-    device = torch.device(device)
-    n = rows * cols
-    if regions is not None:
-        if tuple(regions.shape) != (count, rows, cols):
-            raise ValueError(
-                f"regions must be [{count}, {rows}, {cols}] (one per person on the token grid), got {tuple(regions.shape)}"
-            )
-        bounds = regions.to(device=device, dtype=torch.float32).clamp(0, 1).reshape(count, 1, n)
-        return Layout(bounds, bounds, bounds)
-    priors = layout_priors(count, rows, cols, sigma, device).reshape(count, 1, n)
-    territories = strip_territories(count, rows, cols, device).reshape(count, 1, n)
-    return Layout(priors, territories, None)
-
-
 def compete(masks: torch.Tensor, tau: float = COMPETITION_TAU) -> torch.Tensor:
     """``M_k = m_k * softmax_k(m_k / tau)`` over the first axis: ``sum_k M_k <= max_k m_k``."""
     return masks * torch.softmax(masks / tau, dim=0)
-
-
-def multi_masks(
-    schedule: SpatialSchedule | None,
-    t: torch.Tensor,
-    ca_raw: torch.Tensor,
-    rows: int,
-    cols: int,
-    people: Layout,
-    *,
-    attn_probs: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Competing masks ``[K, B, N]`` (float32) of K people at per-sample time ``t`` ``[B]``.
-
-    ``ca_raw`` is ``[K, B, N, D]``, each person's raw CA output (``attn_probs``
-    ``[K, B, heads, N, n_id]`` for the entropy source). ``schedule=None`` (uniform PuLID) gives
-    each person their territory at every step, then the competition.
-    """
-    count, batch, n_tokens = ca_raw.shape[:3]
-    if count != people.count:
-        raise ValueError(f"{count} identities but the layout was built for {people.count}")
-    if schedule is None:
-        return compete(people.territories.expand(count, batch, n_tokens).clone())
-    flat = ca_raw.reshape(count * batch, n_tokens, ca_raw.shape[-1])
-    if schedule.mode == "prior":
-        m = people.priors.expand(count, batch, n_tokens)
-    else:
-        if schedule.source == "entropy":
-            if attn_probs is None:
-                raise ValueError("the entropy mask source needs attn_probs [K, B, heads, N, n_id]")
-            raw = entropy_mask(attn_probs.reshape(count * batch, *attn_probs.shape[2:]), rows, cols)
-        else:
-            raw = norm_mask(flat)
-        refined = refine_mask(raw, rows, cols).reshape(count, batch, n_tokens)
-        attention = refined * people.territories
-        if schedule.mode == "attention":
-            m = attention
-        else:
-            tt = t.detach().float().reshape(1, -1, 1)  # [1, B|1, 1]
-            if schedule.mode == "scheduled":
-                relaxed = (schedule.late_floor + (1.0 - schedule.late_floor) * refined) * people.territories
-                attention = torch.where(tt <= schedule.late, relaxed, attention)
-            m = torch.where(tt > schedule.early, people.priors, attention)
-    if schedule.global_floor > 0.0:
-        m = torch.maximum(m, schedule.global_floor * people.territories)
-    if people.bounds is not None:
-        m = m * people.bounds
-    return compete(m.expand(count, batch, n_tokens))
 
 
 def _check_count(count: int) -> None:

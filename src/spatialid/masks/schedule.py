@@ -26,16 +26,9 @@ from typing import Any, Union
 import torch
 
 from spatialid.errors import SpatialIDError
-from spatialid.masks.extractor import (
-    _cached,
-    _center_prior_cached,
-    _check_tokens,
-    entropy_mask,
-    norm_mask,
-    refine_mask,
-)
-from spatialid.masks.fused import fused_mask as _fused_mask
-from spatialid.masks.fused import use_fused as _use_fused
+from spatialid.masks.compute import PHASES, build_layout, identity_masks, phase_index, time_column
+from spatialid.masks.extractor import _check_tokens
+from spatialid.masks.fused import fused_identity_masks, use_fused
 
 __all__ = [
     "SOURCES",
@@ -57,8 +50,6 @@ SCHEDULE_FIELDS = ("early", "late", "late_floor", "center_sigma", "global_floor"
 SOURCES = ("norm", "entropy")
 #: Phase rules: the full schedule, or one of the ablations.
 MODES = ("scheduled", "prior", "attention", "no-relax")
-#: Labels returned by :meth:`SpatialSchedule.phase`.
-PHASES = ("prior", "attention", "relaxed")
 
 TimeLike = Union[float, torch.Tensor]
 
@@ -166,21 +157,9 @@ class SpatialSchedule:
                 raise ValueError(
                     f"phase() needs a single time value, got a tensor of shape {tuple(t.shape)}"
                 )
-            # Compare in t's dtype, exactly as mask() does with a tensor t.
-            tt = _time_tensor(t).reshape(())
-            after_early, after_late = bool(tt > self.early), bool(tt > self.late)
         else:
-            value = _check_time(t)
-            after_early, after_late = value > self.early, value > self.late
-        if self.mode == "prior":
-            return "prior"
-        if self.mode == "attention":
-            return "attention"
-        if after_early:
-            return "prior"
-        if after_late or self.mode == "no-relax":
-            return "attention"
-        return "relaxed"
+            t = _check_time(t)
+        return PHASES[int(phase_index(self, time_column(t)).reshape(()))]
 
     # ------------------------------------------------------------------------------------------
     # the mask
@@ -228,81 +207,20 @@ class SpatialSchedule:
                     f"attn_probs must be [{batch}, heads, {n_tokens}, n_id], got {shape}"
                 )
 
-        if isinstance(t, torch.Tensor) and _use_fused(fused, ca_raw.device):
-            if t.dim() > 1 or (t.dim() == 1 and t.shape[0] not in (1, batch)):
-                raise ValueError(f"t must be a number, a 0-d tensor or a tensor of shape [{batch}], got shape {tuple(t.shape)}")
-            return _fused_mask(self, t, ca_raw, rows, cols, attn_probs)
         if isinstance(t, torch.Tensor):
-            out = self._mask_tensor_t(t, ca_raw, rows, cols, attn_probs)
+            if t.dim() > 1 or (t.dim() == 1 and t.shape[0] not in (1, batch)):
+                raise ValueError(
+                    f"t must be a number, a 0-d tensor or a tensor of shape [{batch}], got shape {tuple(t.shape)}"
+                )
+            compute = fused_identity_masks if use_fused(fused, ca_raw.device) else identity_masks
         else:
-            out = self._mask_float_t(_check_time(t), ca_raw, rows, cols, attn_probs)
-        if self.global_floor > 0.0:
-            out = out.clamp_min(self.global_floor)
-        return out.unsqueeze(-1).to(dtype=ca_raw.dtype)
-
-    # internals -------------------------------------------------------------------------------
-
-    def _prior(self, rows: int, cols: int, device: torch.device) -> torch.Tensor:
-        """Shared cached ``[1, N]`` float32 prior: never modify it in place."""
-        return _cached(_center_prior_cached, rows, cols, self.center_sigma, device, torch.float32)
-
-    def _refined(
-        self, ca_raw: torch.Tensor, rows: int, cols: int, attn_probs: torch.Tensor | None
-    ) -> torch.Tensor:
-        if self.source == "entropy":
-            raw = entropy_mask(attn_probs.to(ca_raw.device), rows, cols)  # type: ignore[union-attr]
-        else:
-            raw = norm_mask(ca_raw)
-        return refine_mask(raw, rows, cols)
-
-    def _relax(self, refined: torch.Tensor) -> torch.Tensor:
-        return self.late_floor + (1.0 - self.late_floor) * refined
-
-    def _mask_float_t(
-        self, t: float, ca_raw: torch.Tensor, rows: int, cols: int, attn_probs: torch.Tensor | None
-    ) -> torch.Tensor:
-        batch, n_tokens = ca_raw.shape[:2]
-        phase = self.phase(t)
-        if phase == "prior":
-            # clone: the result must not alias the cached prior.
-            return self._prior(rows, cols, ca_raw.device).expand(batch, n_tokens).clone()
-        refined = self._refined(ca_raw, rows, cols, attn_probs)
-        return refined if phase == "attention" else self._relax(refined)
-
-    def _mask_tensor_t(
-        self,
-        t: torch.Tensor,
-        ca_raw: torch.Tensor,
-        rows: int,
-        cols: int,
-        attn_probs: torch.Tensor | None,
-    ) -> torch.Tensor:
-        batch, n_tokens = ca_raw.shape[:2]
-        if t.dim() > 1 or (t.dim() == 1 and t.shape[0] not in (1, batch)):
-            raise ValueError(
-                f"t must be a number, a 0-d tensor or a tensor of shape [{batch}], "
-                f"got shape {tuple(t.shape)}"
-            )
-        if self.mode == "prior":
-            return self._prior(rows, cols, ca_raw.device).expand(batch, n_tokens).clone()
-        refined = self._refined(ca_raw, rows, cols, attn_probs)
-        if self.mode == "attention":
-            return refined
-        tt = _time_tensor(t).to(device=ca_raw.device).reshape(-1, 1)  # [B|1, 1]
-        if self.mode == "scheduled":
-            refined = torch.where(tt <= self.late, self._relax(refined), refined)
-        # [B|1, N] prior against [B, N] refined broadcasts to [B, N].
-        return torch.where(tt > self.early, self._prior(rows, cols, ca_raw.device), refined)
-
-
-def _time_tensor(t: torch.Tensor) -> torch.Tensor:
-    """t detached, in its own floating dtype (integer tensors become float32).
-
-    Comparing a tensor with a Python float rounds the float to the tensor's dtype, so a float32 or
-    bf16 timestep holding "0.3" counts as t <= 0.3 even though float32(0.3) > 0.3 in float64.
-    """
-    t = t.detach()
-    return t if t.is_floating_point() else t.to(torch.float32)
+            t = _check_time(t)
+            compute = identity_masks
+        # one person without a region: the case K = 1 of the one mask function
+        layout = build_layout(1, rows, cols, self.center_sigma, None, ca_raw.device)
+        probs = attn_probs.unsqueeze(0) if self.needs_attention_probs else None
+        out = compute(self, t, ca_raw.unsqueeze(0), rows, cols, layout, attn_probs=probs)
+        return out[0].unsqueeze(-1).to(dtype=ca_raw.dtype)
 
 
 def _check_time(t: Any) -> float:

@@ -168,6 +168,11 @@ class PerceiverAttentionCA(SafetensorsModelMixin, ConfigMixin):
         if id_tokens.ndim != 4:
             raise ValueError(f"forward_people needs id_tokens [K, B, n, {self.kv_dim}], got {tuple(id_tokens.shape)}")
         count = id_tokens.shape[0]
+        if count == 1:
+            # One person is the plain forward (the same kernels, so one identity gives the same
+            # bits whether it is passed alone or as a list of one).
+            result = self.forward(id_tokens[0], latents, return_raw=True, return_probs=return_probs)
+            return tuple(x.unsqueeze(0) for x in result)  # type: ignore[return-value]
         self._check_inputs(id_tokens[0], latents)
         out_dtype = latents.dtype
         w_dtype = self.to_q.weight.dtype

@@ -18,13 +18,18 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spatialid.defaults import DEFAULT_FLUX_MODEL
 from spatialid.errors import ModelFilesMissingError, SpatialIDError
 from spatialid.utils.offline import is_offline
+
+if TYPE_CHECKING:  # pragma: no cover - torch stays out of the CLI's argument checks
+    from torch import nn
+
+    from spatialid.models.pulid_flux import PuLIDFluxModel
 
 __all__ = [
     "DEFAULT_FLUX",
@@ -36,6 +41,9 @@ __all__ = [
     "load_flux_transformer",
     "parse_quantization",
     "resolve_local_files_only",
+    "saved_pulid_folder",
+    "tiny_pulid_modules",
+    "wrap_pulid_modules",
 ]
 
 DEFAULT_FLUX = DEFAULT_FLUX_MODEL  # re-exported for callers of this module
@@ -265,3 +273,72 @@ def _torchao_config(mode: str) -> Any:
         return TorchAoConfig(obj)
     except (ImportError, TypeError, ValueError):
         return TorchAoConfig("int8wo" if mode == "torchao-int8" else "float8wo")
+
+
+def tiny_pulid_modules(seed: int) -> tuple[nn.Module, nn.ModuleList]:
+    """Tiny IDFormer + CA modules, the same ones the identity encoder's tiny configuration uses."""
+    from spatialid.encoder.identity_encoder import tiny_pulid_modules
+
+    return tiny_pulid_modules(seed)
+
+
+def wrap_pulid_modules(
+    idformer: nn.Module | None, ca_modules: Sequence[nn.Module], double_interval: int, single_interval: int
+) -> PuLIDFluxModel:
+    """A :class:`PuLIDFluxModel` holding ``idformer`` and ``ca_modules`` themselves (no tensor copied).
+
+    The container is built on the "meta" device (nothing allocated) with the sizes the modules
+    report, then its ``pulid_encoder`` / ``pulid_ca`` are replaced by the given modules, so its
+    ``state_dict`` and config describe exactly what is attached. Without an IDFormer,
+    ``pulid_encoder`` is None (the config then records the published IDFormer size).
+    """
+    from torch import nn
+
+    from spatialid.models.checkpoint import build_pulid_model
+    from spatialid.models.configs import IDFormerConfig, PuLIDFluxConfig
+
+    cas = ca_modules if isinstance(ca_modules, nn.ModuleList) else nn.ModuleList(ca_modules)
+    if len(cas) == 0:
+        raise ValueError("attach_pulid needs at least one CA module")
+    ca_configs = [getattr(ca, "pulid_config", None) for ca in cas]
+    if ca_configs[0] is None:
+        raise TypeError(
+            f"CA modules must be PerceiverAttentionCA (with a pulid_config), got {type(cas[0]).__name__}; "
+            "load them with spatialid.models.load_pulid_checkpoint"
+        )
+    for i, cfg in enumerate(ca_configs):
+        if cfg != ca_configs[0]:
+            raise ValueError(f"all CA modules must share one configuration; ca_modules[{i}] differs")
+    id_cfg = getattr(idformer, "pulid_config", None) if idformer is not None else IDFormerConfig()
+    if id_cfg is None:
+        raise TypeError(f"idformer must be an IDFormer (with a pulid_config), got {type(idformer).__name__}")
+    config = PuLIDFluxConfig(
+        idformer=id_cfg,
+        ca=ca_configs[0],
+        num_ca=len(cas),
+        double_interval=int(double_interval),
+        single_interval=int(single_interval),
+    )
+    container = build_pulid_model(config, device="meta")
+    container.pulid_encoder = idformer
+    container.pulid_ca = cas
+    return container.eval().requires_grad_(False)
+
+
+def saved_pulid_folder(flux: str) -> Path | None:
+    """``<flux>/pulid`` when ``flux`` is a local folder whose ``model_index.json`` lists a ``pulid``
+    component with its files (what :meth:`SpatialIDPipeline.save_pretrained` writes), else None."""
+    import json
+
+    root = Path(flux).expanduser()
+    index = root / "model_index.json"
+    if not index.is_file() or not (root / "pulid" / "config.json").is_file():
+        return None
+    try:
+        entry = json.loads(index.read_text(encoding="utf-8")).get("pulid")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(entry, list) or not entry or entry[0] is None:
+        return None
+    return root / "pulid"
+

@@ -1,32 +1,24 @@
-"""Several people in one image: parsing ``people`` / ``regions`` and the mask file format.
+"""Several people's regions and the mask file format: see :mod:`spatialid.injection.people`.
 
-The pipeline hands the injector one token tensor per person and, optionally, one region per
-person (an upper bound of that person's mask on the token grid, see :mod:`spatialid.masks.multi`).
-Recorded masks are written as one safetensors file so a run can be inspected, edited and
-replayed (``masks_from``):
-
-* tensor ``masks``: float32 ``[steps, injection_points, persons, batch, rows, cols]``, the mask
-  each person got at each injected step of the positive branch (true CFG's negative branch
-  computes its own masks and is left out);
-* metadata (strings): ``format`` = ``"spatialid-masks/1"``, ``steps`` (JSON list of the 0-based
-  denoising steps, one per first axis entry), ``times`` (their sigmas), ``phases`` (schedule
-  phase per step), ``persons``, ``grid`` (``"rows x cols"``).
+Kept as an import path for the front-ends; the code lives with the injection layer, which reads
+it for every identity call.
 """
 
-from __future__ import annotations
-
-import json
-import os
-import re
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
-
-from spatialid.errors import SpatialIDError
-from spatialid.masks.multi import MAX_PEOPLE, box_region, region_from_mask
+from spatialid.injection.people import (  # noqa: F401
+    MASK_FILE_FORMAT,
+    MaskFileError,
+    RegionError,
+    check_people_count,
+    describe_region,
+    load_mask_file,
+    mask_replay_table,
+    masks_tensor,
+    parse_box,
+    region_list,
+    regions_tensor,
+    save_mask_file,
+    split_person,
+)
 
 __all__ = [
     "MASK_FILE_FORMAT",
@@ -35,7 +27,7 @@ __all__ = [
     "check_people_count",
     "describe_region",
     "load_mask_file",
-    "mask_source_for",
+    "mask_replay_table",
     "masks_tensor",
     "parse_box",
     "region_list",
@@ -43,207 +35,3 @@ __all__ = [
     "save_mask_file",
     "split_person",
 ]
-
-MASK_FILE_FORMAT = "spatialid-masks/1"
-_BOX = re.compile(r"^\s*[-+0-9.eE]+\s*(,\s*[-+0-9.eE]+\s*){3}$")
-
-
-class RegionError(SpatialIDError, ValueError):
-    """A region is malformed (box numbers, mask picture, count)."""
-
-
-class MaskFileError(SpatialIDError, ValueError):
-    """A mask file cannot be used for this run (missing, damaged, or of another shape)."""
-
-
-def parse_box(text: str) -> tuple[float, float, float, float] | None:
-    """``"x0,y0,x1,y1"`` -> four fractions (validated), or None when ``text`` is not a box."""
-    if not _BOX.match(str(text)):
-        return None
-    try:
-        values = tuple(float(v) for v in str(text).split(","))
-    except ValueError:
-        return None
-    box_region(values, 1, 1)  # raises on a bad box
-    return values  # type: ignore[return-value]
-
-
-def split_person(entry: Any) -> tuple[Any, Any]:
-    """One ``people`` entry -> ``(id_image, id_embeds)``: photos, or an encoded identity.
-
-    A ``.safetensors`` path, an ``IdentityEmbedding`` (anything with ``tokens``) or a tensor is
-    an encoded identity; anything else (a photo path, a PIL image, an array, a list of photos of
-    that person) is photos.
-    """
-    if isinstance(entry, torch.Tensor) or hasattr(entry, "tokens"):
-        return None, entry
-    if isinstance(entry, (str, os.PathLike)) and str(entry).lower().endswith(".safetensors"):
-        return None, entry
-    return entry, None
-
-
-def describe_region(region: Any) -> Any:
-    """A JSON-ready description of one region for the settings record (box, file name, or kind)."""
-    if isinstance(region, str) and parse_box(region) is not None:
-        return [float(v) for v in region.split(",")]
-    if isinstance(region, (list, tuple)) and len(region) == 4 and all(isinstance(v, (int, float)) for v in region):
-        return [float(v) for v in region]
-    if isinstance(region, (str, os.PathLike)):
-        return Path(region).name
-    if isinstance(region, torch.Tensor):
-        return f"<tensor {tuple(region.shape)}>"
-    filename = getattr(region, "filename", "")
-    return Path(filename).name if filename else f"<{type(region).__name__}>"
-
-
-def _region_grid(region: Any, rows: int, cols: int, index: int) -> torch.Tensor:
-    what = f"region {index + 1}"
-    if isinstance(region, str) and parse_box(region) is not None:
-        return box_region(parse_box(region), rows, cols)  # type: ignore[arg-type]
-    if isinstance(region, (list, tuple)):
-        try:
-            return box_region([float(v) for v in region], rows, cols)
-        except (TypeError, ValueError) as exc:
-            raise RegionError(f"{what}: {exc}") from None
-    if isinstance(region, torch.Tensor):
-        values = region.detach().float().cpu()
-    else:
-        from spatialid.utils.images import load_image
-
-        picture = load_image(region).convert("L")
-        values = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0)
-    if values.dim() != 2:
-        raise RegionError(f"{what}: a region mask must be one 2-D picture, got shape {tuple(values.shape)}")
-    if not bool(torch.isfinite(values).all()) or float(values.min()) < 0 or float(values.max()) > 1:
-        raise RegionError(f"{what}: mask values must be in [0, 1] (white = the person's place)")
-    grid = region_from_mask(values, rows, cols)
-    if float(grid.max()) <= 0:
-        raise RegionError(f"{what}: the mask is black everywhere; paint the person's place white")
-    return grid
-
-
-def region_list(regions: Any) -> list[Any]:
-    """``regions`` as a list of one entry per person (a lone box, picture or tensor is one region)."""
-    if isinstance(regions, (str, os.PathLike)) or not isinstance(regions, Sequence):
-        return [regions]
-    if len(regions) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in regions):
-        return [regions]
-    return list(regions)
-
-
-def regions_tensor(regions: Any, count: int, rows: int, cols: int) -> torch.Tensor:
-    """``[count, rows, cols]`` upper bounds from boxes (``"x0,y0,x1,y1"`` or four numbers), mask
-    pictures (path, PIL) or ``[H, W]`` tensors, one per person in order."""
-    regions = region_list(regions)
-    if len(regions) != count:
-        raise RegionError(f"{len(regions)} region(s) for {count} person(s); give one region per person, in order")
-    try:
-        return torch.stack([_region_grid(r, rows, cols, i) for i, r in enumerate(regions)])
-    except ValueError as exc:
-        if isinstance(exc, SpatialIDError):
-            raise
-        raise RegionError(str(exc)) from None
-
-
-def check_people_count(count: int) -> None:
-    if not 1 <= count <= MAX_PEOPLE:
-        raise SpatialIDError(f"{count} people given; between 1 and {MAX_PEOPLE} people per image are supported")
-
-
-def masks_tensor(records: Sequence[Any], rows: int, cols: int) -> tuple[torch.Tensor, list[int], list[float], list[str]]:
-    """The positive branch's records as ``[steps, points, persons, batch, rows, cols]`` float32."""
-    by_step: dict[int, list[Any]] = {}
-    for rec in records:
-        if rec.branch != "uncond":
-            by_step.setdefault(rec.step, []).append(rec)
-    steps = sorted(by_step)
-    stacks, times, phases = [], [], []
-    for step in steps:
-        recs = sorted(by_step[step], key=lambda r: r.point)
-        per_point = [r.mask.float() if r.mask.dim() == 3 else r.mask.float().unsqueeze(0) for r in recs]
-        stack = torch.stack(per_point)  # [P, K, B, N]
-        stacks.append(stack.reshape(*stack.shape[:3], rows, cols))
-        times.append(float(recs[0].t))
-        phases.append(str(recs[0].phase))
-    if not stacks:
-        return torch.zeros(0, 0, 0, 0, rows, cols), [], [], []
-    return torch.stack(stacks), steps, times, phases
-
-
-def save_mask_file(path: str | os.PathLike[str], records: Sequence[Any], rows: int, cols: int) -> Path:
-    """Write the recorded masks (see the module docstring) atomically; returns the path."""
-    from safetensors.torch import save
-
-    from spatialid.utils.io import atomic_write_bytes
-
-    masks, steps, times, phases = masks_tensor(records, rows, cols)
-    meta = {
-        "format": MASK_FILE_FORMAT,
-        "steps": json.dumps(steps),
-        "times": json.dumps(times),
-        "phases": json.dumps(phases),
-        "persons": str(int(masks.shape[2])),
-        "grid": f"{rows}x{cols}",
-    }
-    return atomic_write_bytes(path, save({"masks": masks.contiguous()}, metadata=meta))
-
-
-def load_mask_file(path: str | os.PathLike[str]) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Read a mask file: ``(masks [S, P, K, B, rows, cols] float32, metadata with parsed lists)``."""
-    from safetensors import SafetensorError, safe_open
-
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise MaskFileError(f"{p}: mask file not found (write one with --save-masks)")
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            if "masks" not in set(f.keys()):
-                raise MaskFileError(f"{p}: no 'masks' tensor; give a file written by --save-masks")
-            masks = f.get_tensor("masks")
-        steps = [int(s) for s in json.loads(meta.get("steps", "null"))]
-    except MaskFileError:
-        raise
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:  # a damaged or foreign file
-        raise MaskFileError(f"{p}: not a mask file written by --save-masks ({type(exc).__name__})") from None
-    if masks.dim() != 6 or masks.dtype != torch.float32:
-        raise MaskFileError(f"{p}: 'masks' must be float32 [steps, points, persons, batch, rows, cols], got {tuple(masks.shape)}")
-    if len(steps) != masks.shape[0]:
-        raise MaskFileError(f"{p}: metadata lists {len(steps)} steps but the tensor has {masks.shape[0]}")
-    if not bool(torch.isfinite(masks).all()) or (masks.numel() and float(masks.min()) < 0):
-        raise MaskFileError(f"{p}: masks must be finite and >= 0")
-    parsed: dict[str, Any] = {**meta, "steps": steps}
-    for key in ("times", "phases"):
-        try:
-            parsed[key] = list(json.loads(meta.get(key, "[]")))
-        except ValueError:
-            parsed[key] = []
-    return masks, parsed
-
-
-def mask_source_for(
-    path: str | os.PathLike[str], *, points: int, persons: int, batch: int, rows: int, cols: int, steps: Sequence[int]
-) -> Any:
-    """A ``mask_source`` for the injector replaying ``path``'s masks on the positive branch."""
-    masks, meta = load_mask_file(path)
-    want = (points, persons, batch, rows, cols)
-    if tuple(masks.shape[1:]) != want:
-        raise MaskFileError(
-            f"{Path(path).name}: masks are [points, persons, batch, rows, cols] = {tuple(masks.shape[1:])} but this run "
-            f"needs {want}; use the same people, size, number of images and model"
-        )
-    missing = sorted(set(steps) - set(meta["steps"]))
-    if missing:
-        raise MaskFileError(
-            f"{Path(path).name}: no masks for step(s) {', '.join(map(str, missing))}; use the same steps and start step"
-        )
-    index = {step: i for i, step in enumerate(meta["steps"])}
-    flat = masks.reshape(*masks.shape[:4], rows * cols)
-    cache: dict[Any, torch.Tensor] = {}
-
-    def source(call: Any, point: int) -> torch.Tensor | None:
-        if call.branch == "uncond" or call.step not in index:
-            return None
-        return cache.setdefault((call.step, point), flat[index[call.step], point])
-
-    return source

@@ -1,8 +1,11 @@
 """``SpatialIDPipeline``: diffusers' FluxPipeline with PuLID-FLUX identity injection and SpatialID masks.
 
-The sampler is diffusers' own: this class subclasses :class:`diffusers.FluxPipeline` and only
-wraps its ``__call__`` inside :meth:`IdentityInjector.active`, which adds the identity residual
-``h + w * M_t * CA(Z_id, h)`` through module hooks on the transformer blocks. The PuLID weights
+The sampler is diffusers' own: this class subclasses :class:`diffusers.FluxPipeline` with the one
+PuLID loader (:class:`~spatialid.loaders.pulid.PuLIDLoaderMixin`). Its ``__call__`` only encodes
+the photos into a :class:`~spatialid.injection.identity.PuLIDIdentity` and calls FluxPipeline's
+``__call__`` with it in ``joint_attention_kwargs`` (:func:`~spatialid.pipeline.generate.run_identity_call`,
+the path every other FLUX.1 pipeline takes too); the loader's hooks add the identity residual
+``h + w * M_t * CA(Z_id, h)`` after the transformer blocks. The PuLID weights
 (IDFormer + the 20 CA modules) are one optional diffusers component, ``pulid``
 (:class:`~spatialid.models.pulid_flux.PuLIDFluxModel`, whose ``state_dict`` is the published
 checkpoint's layout), so diffusers' own ``to()``, dtype changes and offloading reach them; the
@@ -31,17 +34,13 @@ identical images). A quantized transformer loads via ``from_pretrained(..., quan
 
 from __future__ import annotations
 
-import logging
+import functools
 import math
 import os
-import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
-import PIL.Image
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -49,7 +48,6 @@ from diffusers import (
     FluxPipeline,
     FluxTransformer2DModel,
 )
-from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 from torch import nn
 from transformers import (
     CLIPImageProcessor,
@@ -60,12 +58,16 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from spatialid import __version__
 from spatialid import defaults as D
 from spatialid.errors import SpatialIDError
+from spatialid.loaders.pulid import PuLIDLoaderMixin, load_pulid, pulid_loader, unload_pulid
 from spatialid.models.pulid_flux import PuLIDFluxModel
+from spatialid.pipeline.generate import run_identity_call
 from spatialid.pipeline.loading import (
     flux_files_hint,
+    saved_pulid_folder,
+    tiny_pulid_modules,
+    wrap_pulid_modules,
     hub_errors,
     is_single_file,
     load_flux_transformer,
@@ -73,129 +75,15 @@ from spatialid.pipeline.loading import (
     pipeline_dtype_kwargs,
     resolve_local_files_only,
 )
-from spatialid.pipeline.settings import (
-    DEFAULT_GUIDANCE,
-    GenerationSettings,
-    check_generation_settings,
-    check_prompt,
-)
+from spatialid.pipeline.outputs import TINY_NOTE, SpatialIDPipelineOutput, StepMasks
+from spatialid.pipeline.settings import DEFAULT_GUIDANCE
 
 __all__ = ["SpatialIDPipeline", "SpatialIDPipelineOutput", "StepMasks", "TINY_NOTE"]
 
 _GENERATE = D.size_steps("generate", tiny=False)
-_log = logging.getLogger("spatialid.pipeline")
-
-TINY_NOTE = (
-    "tiny model: random weights at toy size, the images are noise by design; it exercises the full "
-    "pipeline offline and proves nothing about image quality"
-)
 
 
-@dataclass
-class StepMasks:
-    """Identity masks of one denoising step (positive branch), one per injection point."""
-
-    step: int  # 0-based denoising step
-    t: float  # the sigma FluxPipeline passed to the transformer
-    phase: str  # schedule phase at t ("prior", "attention", "relaxed"; "uniform" without schedule)
-    masks: torch.Tensor  # float16 CPU [num_points, batch, rows, cols] (all people together)
-    # several people or regions: each person's mask, float32 CPU [num_points, persons, batch, rows, cols]
-    people: torch.Tensor | None = None
-
-    def mean(self) -> torch.Tensor:
-        """Mask averaged over injection points, float32 ``[batch, rows, cols]``."""
-        return self.masks.float().mean(dim=0)
-
-
-@dataclass
-class SpatialIDPipelineOutput(FluxPipelineOutput):
-    """FluxPipeline's output plus the recorded masks (``return_masks=True``) and the call's settings."""
-
-    masks: list[StepMasks] | None = None
-    settings: dict[str, Any] = field(default_factory=dict)
-
-
-class _CFGWarmup:
-    """Before ``cfg_start_step``, make the negative branch return the positive branch's output.
-
-    FluxPipeline always mixes ``neg + s * (pos - neg)`` once true CFG is on; with ``neg == pos`` the
-    mix is exactly ``pos``, which is PuLID-FLUX's behaviour for steps before ``timestep_to_start_cfg``.
-    Each call's step and branch come from diffusers' cache context (the probe the injector shares),
-    falling back to call order (cond, then uncond) without one, so the output copied is always the
-    positive output of the same step.
-    """
-
-    def __init__(self, transformer: nn.Module, cfg_start_step: int) -> None:
-        from spatialid.injection.calls import CallCounter, attach_context_probe
-
-        self.cfg_start_step = cfg_start_step
-        self.transformer = transformer
-        self.counter = CallCounter(calls_per_step=2)
-        self.probe: Any = attach_context_probe(transformer)
-        if self.probe is not None:
-            self.probe.subscribe(self.counter)
-        self.positive: tuple[int, Any] | None = None  # (step, positive output of that step)
-        self.warned = False
-        self.handle = transformer.register_forward_hook(self._hook)
-
-    def _hook(self, module: nn.Module, args: Any, output: Any) -> Any:
-        counter, probe = self.counter, self.probe
-        if counter.pending or probe is None:  # the context just entered (already numbered), or by order
-            call = counter.next()
-        else:
-            call = counter.next(probe.name, probe.step_index)
-        if call.step >= self.cfg_start_step:
-            self.positive = None
-            return None
-        if call.branch != "uncond":
-            self.positive = (call.step, output)
-            return None
-        if self.positive is not None and self.positive[0] == call.step:
-            return self.positive[1]
-        if not self.warned:  # uncond ran before cond in this step: nothing to copy yet
-            import warnings
-
-            warnings.warn(
-                f"true CFG warm-up: the negative branch of step {call.step} ran before the positive one, "
-                "so that step mixes both branches (cfg_start_step has no effect on it)",
-                stacklevel=2,
-            )
-            self.warned = True
-        return None
-
-    def remove(self) -> None:
-        from spatialid.injection.calls import detach_context_probe
-
-        self.handle.remove()
-        if self.probe is not None:
-            self.probe.unsubscribe(self.counter)
-            detach_context_probe(self.transformer, self.probe)
-        self.probe = None
-        self.positive = None
-
-
-def _seed_generators(seed: int, count: int) -> list[torch.Generator]:
-    """Image ``i`` of a batch uses seed ``seed + i`` on a CPU generator (device-independent noise),
-    so any single image can be regenerated alone with ``seed=seed + i``."""
-    return [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(count)]
-
-
-def _describe_sources(source: Any) -> list[str]:
-    items = source if isinstance(source, (list, tuple)) else [source]
-    names = []
-    for item in items:
-        if isinstance(item, (str, os.PathLike)):
-            names.append(Path(item).name)
-        elif isinstance(item, PIL.Image.Image):
-            names.append(getattr(item, "filename", "") and Path(item.filename).name or "<PIL image>")
-        elif isinstance(item, np.ndarray):
-            names.append(f"<array {tuple(item.shape)}>")
-        else:
-            names.append(f"<{type(item).__name__}>")
-    return names
-
-
-class SpatialIDPipeline(FluxPipeline):
+class SpatialIDPipeline(FluxPipeline, PuLIDLoaderMixin):
     r"""FLUX.1 text-to-image with a person's identity from one photo (PuLID-FLUX), spatially scheduled.
 
     Build it with :meth:`from_pretrained` (real weights) or :meth:`tiny` (offline toy model with
@@ -235,7 +123,6 @@ class SpatialIDPipeline(FluxPipeline):
     _exclude_from_cpu_offload: ClassVar[list[str]] = [*FluxPipeline._exclude_from_cpu_offload, "pulid"]
 
     pulid: PuLIDFluxModel | None = None
-    injector: Any = None
     _identity_encoder: Any = None
     _identity_encoder_factory: Callable[[], Any] | None = None
     _offload_mode: str | None = None
@@ -314,39 +201,25 @@ class SpatialIDPipeline(FluxPipeline):
         encoder on first use, so callers that pass precomputed ``id_embeds`` never need the
         encoder's weights.
         """
-        container = _wrap_pulid_modules(idformer, ca_modules, double_interval, single_interval)
+        container = wrap_pulid_modules(idformer, ca_modules, double_interval, single_interval)
         self._install_pulid(container)
         self._identity_encoder = identity_encoder
         self._identity_encoder_factory = identity_encoder_factory
 
     def _install_pulid(self, pulid: PuLIDFluxModel) -> None:
-        """Register ``pulid``, place its CA modules like the transformer and hook them into its blocks."""
-        from spatialid.injection import IdentityInjector
-
-        if self.injector is not None:
-            self.injector.detach()
+        """Register ``pulid``, place its CA modules like the transformer and hook them in (the one loader)."""
         cas = pulid.pulid_ca
         # Offloaded: where enable_*_cpu_offload puts excluded components (the transformer itself is
         # on the CPU or "meta" between calls); else next to the transformer. Its dtype either way.
         device = getattr(self, "_offload_device", None) if self._offload_mode is not None else None
         cas.to(device=device if device is not None else self._transformer_device(), dtype=self._compute_dtype())
         cas.eval().requires_grad_(False)
-        self.injector = None
-        injector = IdentityInjector(  # checks that the CA modules fit this transformer
-            self.transformer,
-            cas,
-            double_interval=int(pulid.config["double_interval"]),
-            single_interval=int(pulid.config["single_interval"]),
-        )
+        load_pulid(self, pulid)  # checks that the CA modules fit this transformer
         self.register_modules(pulid=pulid)
-        self.injector = injector
 
     def detach_pulid(self) -> None:
         """Remove the injection hooks and the ``pulid`` component: the pipeline is a plain FluxPipeline again."""
-        if self.injector is not None:
-            self.injector.detach()
-        self.injector = None
-        self.register_modules(pulid=None)
+        self.unload_pulid()
 
     @property
     def identity_encoder(self) -> Any:
@@ -449,7 +322,7 @@ class SpatialIDPipeline(FluxPipeline):
                 **kwargs,
             )
         pipe = cls(**base.components)
-        saved_pulid = _saved_pulid_folder(flux_id) if pulid is None and pulid_modules is None else None
+        saved_pulid = saved_pulid_folder(flux_id) if pulid is None and pulid_modules is None else None
         if pulid_modules is not None:
             idformer, cas = pulid_modules() if callable(pulid_modules) else pulid_modules
         elif saved_pulid is not None:  # a folder written by SpatialIDPipeline.save_pretrained
@@ -548,7 +421,7 @@ class SpatialIDPipeline(FluxPipeline):
 
         pipe = cls(**build_tiny_flux_components(seed, dtype=dtype))
         if pulid_modules is None:
-            idformer, cas = _tiny_pulid_modules(seed)
+            idformer, cas = tiny_pulid_modules(seed)
             idformer.to(dtype=dtype)
         else:
             idformer, cas = pulid_modules
@@ -655,78 +528,7 @@ class SpatialIDPipeline(FluxPipeline):
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
 
-    def _load_embedding(self, source: Any) -> Any:
-        from spatialid.encoder.embedding import IdentityEmbedding
-
-        return IdentityEmbedding.load(source)
-
-    def _resolve_identity(
-        self, id_image: Any, id_embeds: Any, uncond_id_embeds: Any, need_uncond: bool
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, Any]]:
-        info: dict[str, Any] = {"source": None}
-        if id_image is not None and id_embeds is not None:
-            raise SpatialIDError("give either id_image or id_embeds, not both")
-        if id_image is None and id_embeds is None:
-            return None, None, info
-        if id_image is not None:
-            emb = self.encode_identity(id_image)
-            info = {"source": "image", "files": _describe_sources(id_image)}
-        elif isinstance(id_embeds, (str, os.PathLike)):
-            emb = self._load_embedding(id_embeds)
-            info = {"source": "embeds", "files": [Path(id_embeds).name]}
-        else:
-            emb = id_embeds
-            info = {"source": "embeds"}
-        if isinstance(emb, torch.Tensor):
-            tokens, uncond = emb, uncond_id_embeds
-        else:
-            tokens = emb.tokens
-            uncond = uncond_id_embeds if uncond_id_embeds is not None else getattr(emb, "uncond_tokens", None)
-            meta = getattr(emb, "metadata", None)
-            if isinstance(meta, dict) and meta:
-                info["embedding"] = {k: str(v) for k, v in meta.items()}
-        if tokens.ndim == 2:
-            tokens = tokens.unsqueeze(0)
-        if tokens.ndim != 3:
-            raise SpatialIDError(f"identity tokens must be [batch, tokens, dim], got shape {tuple(tokens.shape)}")
-        num_queries = getattr(self.idformer, "num_queries", None)
-        if not isinstance(emb, torch.Tensor) and num_queries and tokens.shape[1] != num_queries:
-            raise SpatialIDError(
-                f"the identity has {tokens.shape[1]} tokens but this model's IDFormer makes {num_queries}; "
-                "encode the photo with the same model"
-            )
-        if not bool(torch.isfinite(tokens).all()):
-            raise SpatialIDError("the identity tokens hold NaN or Inf values (a damaged identity file); re-encode the photo")
-        kv_dim = getattr(self.ca_modules[0], "kv_dim", tokens.shape[-1]) if self.ca_modules else tokens.shape[-1]
-        if tokens.shape[-1] != kv_dim:
-            raise SpatialIDError(
-                f"identity tokens have width {tokens.shape[-1]} but this model's PuLID modules expect {kv_dim}; "
-                "encode the photo with the same model (e.g. `spatialid encode --model tiny` for the tiny model)"
-            )
-        if need_uncond and uncond is None:
-            raise SpatialIDError(
-                "true CFG needs the zero-identity (uncond) tokens; pass an IdentityEmbedding or uncond_id_embeds"
-            )
-        if uncond is not None and uncond.ndim == 2:
-            uncond = uncond.unsqueeze(0)
-        return tokens, uncond, info
-
-    # ------------------------------------------------------------------ generation
-    def _warn_if_truncated(self, prompt: str | list[str], max_len: int) -> None:
-        """Say so when the text encoders will cut the prompt (diffusers' own notice is silenced)."""
-        tokenizer = getattr(self, "tokenizer_2", None)
-        if tokenizer is None:
-            return
-        for text in [prompt] if isinstance(prompt, str) else list(prompt):
-            count = len(tokenizer(text, truncation=False, add_special_tokens=True).input_ids)
-            if count > max_len:
-                _log.warning(
-                    "the prompt is %d T5 tokens long; only the first %d are used (raise --max-sequence-length, "
-                    "up to 512, or shorten it); CLIP reads only the first 77",
-                    count, max_len,
-                )
-
-    def _reference_noise(self, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
+    def reference_noise(self, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
         """Initial latents drawn as the BFL / PuLID-FLUX scripts draw them, packed for diffusers.
 
         Their ``get_noise`` samples ``[1, C, 2*ceil(H/16), 2*ceil(W/16)]`` in bfloat16 on the
@@ -754,6 +556,7 @@ class SpatialIDPipeline(FluxPipeline):
         prompt: str | list[str] | None = None,
         id_image: Any = None,
         id_embeds: Any = None,
+        *,
         preset: Any = D.DEFAULT_PRESET,
         id_weight: float = D.DEFAULT_ID_WEIGHT,
         start_step: int = D.DEFAULT_START_STEP,
@@ -778,6 +581,7 @@ class SpatialIDPipeline(FluxPipeline):
         noise: str = D.DEFAULT_NOISE,
         output_type: str = "pil",
         return_dict: bool = True,
+        true_cfg_scale: float | None = None,
         **flux_kwargs: Any,
     ) -> SpatialIDPipelineOutput | tuple:
         """Generate images of the identity in ``id_image`` / ``id_embeds`` following ``prompt``.
@@ -823,295 +627,18 @@ class SpatialIDPipeline(FluxPipeline):
             :class:`SpatialIDPipelineOutput` with ``images``, ``masks`` and ``settings`` (a JSON-ready
             dict of everything needed to reproduce the call).
         """
-        from spatialid.masks import resolve_preset
-
-        steps = int(num_inference_steps if num_inference_steps is not None else self.default_num_inference_steps)
-        height = int(height if height is not None else self.default_height)
-        width = int(width if width is not None else self.default_width)
-        max_len = int(max_sequence_length if max_sequence_length is not None else self.default_max_sequence_length)
-        if flux_kwargs.get("prompt_embeds") is None:
-            check_prompt(prompt)
-            self._warn_if_truncated(prompt, max_len)
-        check_generation_settings(
-            num_inference_steps=steps,
-            height=height,
-            width=width,
-            id_weight=id_weight,
-            start_step=start_step,
-            true_cfg=true_cfg,
-            guidance_scale=guidance_scale,
-            num_images_per_prompt=num_images_per_prompt,
-            seed=seed,
+        if true_cfg_scale is not None:  # diffusers' name for true_cfg
+            if true_cfg != D.DEFAULT_TRUE_CFG and float(true_cfg) != float(true_cfg_scale):
+                raise SpatialIDError("give true_cfg or true_cfg_scale (the same setting), not both")
+            true_cfg = true_cfg_scale
+        return run_identity_call(
+            functools.partial(FluxPipeline.__call__, self),
+            self,
+            prompt=prompt, id_image=id_image, id_embeds=id_embeds, people=people, regions=regions, preset=preset,
+            id_weight=id_weight, start_step=start_step, true_cfg=true_cfg, negative_prompt=negative_prompt,
+            cfg_start_step=cfg_start_step, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+            height=height, width=width, generator=generator, seed=seed, num_images_per_prompt=num_images_per_prompt,
+            return_masks=return_masks, uncond_id_embeds=uncond_id_embeds, save_masks=save_masks,
+            masks_from=masks_from, max_sequence_length=max_sequence_length, schedule_overrides=schedule_overrides,
+            noise=noise, output_type=output_type, return_dict=return_dict, **flux_kwargs,
         )
-        if not isinstance(cfg_start_step, int) or cfg_start_step < 0:
-            raise SpatialIDError(f"cfg_start_step must be a whole number >= 0, got {cfg_start_step!r}")
-        from spatialid.masks import apply_overrides
-
-        preset_name = preset if isinstance(preset, str) else ("pulid" if preset is None else "custom")
-        schedule = apply_overrides(resolve_preset(preset), schedule_overrides)
-        if schedule is None:
-            schedule_overrides = None  # uniform injection: nothing was overridden
-        if noise not in D.NOISE_MODES:
-            raise SpatialIDError(f"noise must be one of {', '.join(D.NOISE_MODES)}, got {noise!r}")
-        use_true_cfg = float(true_cfg) > 1.0
-        if people is not None:
-            from spatialid.pipeline.people import check_people_count
-
-            if id_image is not None or id_embeds is not None:
-                raise SpatialIDError("give people=[...] (several people) or id_image/id_embeds (one person), not both")
-            if isinstance(people, (str, os.PathLike)) or not isinstance(people, Sequence):
-                raise SpatialIDError("people must be a list with one entry per person (a photo, a list of photos or an embedding)")
-            check_people_count(len(people))
-        identity_given = id_image is not None or id_embeds is not None or bool(people)
-        if identity_given and self.injector is None:
-            raise SpatialIDError(
-                "this pipeline has no PuLID modules; build it with SpatialIDPipeline.from_pretrained(...) or .tiny()"
-            )
-        need_uncond = use_true_cfg and float(id_weight) > 0
-        people_info: list[dict[str, Any]] | None = None
-        if people:
-            from spatialid.pipeline.people import split_person
-
-            resolved = [self._resolve_identity(*split_person(p), uncond_id_embeds, need_uncond=need_uncond) for p in people]
-            tokens = [r[0] for r in resolved]
-            uncond = [r[1] for r in resolved] if need_uncond else None
-            people_info = [r[2] for r in resolved]
-            identity_info = {"source": "people", "people": people_info}
-        else:
-            tokens, uncond, identity_info = self._resolve_identity(id_image, id_embeds, uncond_id_embeds, need_uncond=need_uncond)
-        persons = len(tokens) if isinstance(tokens, list) else (1 if tokens is not None else 0)
-        if (regions is not None or masks_from is not None) and persons == 0:
-            raise SpatialIDError("regions and masks_from need an identity (id_image, id_embeds or people)")
-
-        batch = 1 if isinstance(prompt, str) or prompt is None else len(prompt)
-        total = batch * int(num_images_per_prompt)
-        seeds: list[int] | None = None
-        if generator is None:
-            if seed is None:
-                seed = secrets.randbelow(2**32)
-            seeds = [int(seed) + i for i in range(total)]
-            generator = _seed_generators(int(seed), total)
-        if noise == "reference" and flux_kwargs.get("latents") is None:
-            if seeds is None:
-                raise SpatialIDError('noise="reference" needs seed=..., not generator=...')
-            flux_kwargs["latents"] = self._reference_noise(seeds, height, width)
-
-        rows = height // (self.vae_scale_factor * 2)
-        cols = width // (self.vae_scale_factor * 2)
-        calls_per_step = 2 if use_true_cfg else 1
-        inject = tokens is not None and float(id_weight) > 0.0
-        region_grid = None
-        if regions is not None:
-            from spatialid.pipeline.people import regions_tensor
-
-            region_grid = regions_tensor(regions, persons, rows, cols)
-        mask_source = None
-        if masks_from is not None and inject:
-            from spatialid.pipeline.people import mask_source_for
-
-            mask_source = mask_source_for(
-                masks_from, points=len(self.injector.points), persons=persons, batch=total, rows=rows, cols=cols,
-                steps=range(int(start_step), steps),
-            )
-        recording = return_masks or save_masks is not None
-
-        call_kwargs: dict[str, Any] = dict(
-            prompt=prompt,
-            height=height,
-            width=width,
-            num_inference_steps=steps,
-            guidance_scale=float(guidance_scale),
-            num_images_per_prompt=int(num_images_per_prompt),
-            generator=generator,
-            max_sequence_length=max_len,
-            output_type=output_type,
-            return_dict=True,
-            **flux_kwargs,
-        )
-        if use_true_cfg:
-            call_kwargs["true_cfg_scale"] = float(true_cfg)
-            if flux_kwargs.get("negative_prompt_embeds") is None:
-                # FluxPipeline enables true CFG only when a negative prompt is given; "" is valid.
-                neg = negative_prompt if negative_prompt is not None else ""
-                if isinstance(neg, str) and isinstance(prompt, list):
-                    neg = [neg] * len(prompt)  # one negative per prompt, as FluxPipeline expects
-                call_kwargs["negative_prompt"] = neg
-
-        warmup = _CFGWarmup(self.transformer, cfg_start_step) if use_true_cfg and cfg_start_step > 0 else None
-        records = None
-        try:
-            if inject:
-                start = int(start_step)
-
-                def embeds_for_call(call: Any) -> torch.Tensor | None:
-                    # call: a TransformerCall; its branch is diffusers' cache context ("cond"/"uncond")
-                    if call.step < start:
-                        return None
-                    return uncond if call.branch == "uncond" else tokens
-
-                with self.injector.active(
-                    embeds_for_call,
-                    id_weight=float(id_weight),
-                    schedule=schedule,
-                    grid=(rows, cols),
-                    record_masks=recording,
-                    calls_per_step=calls_per_step,
-                    sigmas=lambda: getattr(self.scheduler, "sigmas", None),  # the phase from the float time
-                    regions=region_grid,
-                    mask_source=mask_source,
-                    record_dtype=torch.float32 if save_masks is not None else torch.float16,
-                ) as session:
-                    out = super().__call__(**call_kwargs)
-                records = session.records
-            else:
-                out = super().__call__(**call_kwargs)
-        finally:
-            if warmup is not None:
-                warmup.remove()
-
-        if save_masks is not None:
-            from spatialid.pipeline.people import save_mask_file
-
-            save_mask_file(save_masks, records or [], rows, cols)
-        masks = _collect_masks(records, calls_per_step, rows, cols) if return_masks and records is not None else None
-        if return_masks and masks is None:
-            masks = []
-        from spatialid.pipeline.people import describe_region, region_list
-
-        record = GenerationSettings(
-            prompt=prompt,
-            negative_prompt=negative_prompt if use_true_cfg else None,
-            preset=preset_name,
-            id_weight=float(id_weight),
-            start_step=int(start_step),
-            true_cfg=float(true_cfg),
-            cfg_start_step=int(cfg_start_step) if use_true_cfg else None,
-            guidance=float(guidance_scale),
-            steps=steps,
-            width=width,
-            height=height,
-            seed=seeds[0] if seeds else None,
-            num_images=total,
-            max_sequence_length=max_len,
-            schedule_overrides=dict(schedule_overrides) if schedule_overrides else None,
-            noise=noise,
-            people=[list((info or {}).get("files") or []) for info in people_info] if people_info else None,
-            regions=[describe_region(r) for r in region_list(regions)] if regions is not None else None,
-        )
-        settings = {
-            "version": __version__,
-            **record.to_dict(),
-            "seeds": seeds,
-            "schedule": schedule.to_dict() if schedule is not None else None,
-            "identity": identity_info,
-            "identity_injected": bool(inject),
-            **({"masks_from": Path(masks_from).name} if masks_from is not None else {}),
-            "offload": self._offload_mode,
-            **(self.model_info or {}),
-        }
-        if self.is_tiny:
-            settings["note"] = TINY_NOTE
-        result = SpatialIDPipelineOutput(images=out.images, masks=masks, settings=settings)
-        if not return_dict:
-            return (result.images, masks, settings)
-        return result
-
-
-def _collect_masks(records: Sequence[Any], calls_per_step: int, rows: int, cols: int) -> list[StepMasks]:
-    """Group the injector's records by denoising step, keeping the positive (identity) branch.
-
-    Step and branch come with each record (from the cache context, or the injector's counting
-    fallback, which already used ``calls_per_step``); the argument stays for the call site.
-    """
-    del calls_per_step
-    by_step: dict[int, list[Any]] = {}
-    for rec in records:
-        if rec.branch != "uncond":
-            by_step.setdefault(rec.step, []).append(rec)
-    result = []
-    for step in sorted(by_step):
-        recs = sorted(by_step[step], key=lambda r: r.point)
-        people = None
-        if recs[0].mask.dim() == 3:  # the multi-identity path: [K, B, N] per point
-            per_person = torch.stack([r.mask.float() for r in recs])  # [P, K, B, N]
-            people = per_person.reshape(*per_person.shape[:3], rows, cols)
-            stack = per_person.sum(dim=1).clamp_(max=1.0).to(torch.float16)  # [P, B, N]
-        else:
-            stack = torch.stack([r.mask.to(torch.float16) for r in recs])  # [P, B, N]
-        result.append(
-            StepMasks(
-                step=step,
-                t=float(recs[0].t),
-                phase=str(recs[0].phase),
-                masks=stack.reshape(stack.shape[0], stack.shape[1], rows, cols),
-                people=people,
-            )
-        )
-    return result
-
-
-def _tiny_pulid_modules(seed: int) -> tuple[nn.Module, nn.ModuleList]:
-    """Tiny IDFormer + CA modules, the same ones the identity encoder's tiny configuration uses."""
-    from spatialid.encoder.identity_encoder import tiny_pulid_modules
-
-    return tiny_pulid_modules(seed)
-
-
-def _wrap_pulid_modules(
-    idformer: nn.Module | None, ca_modules: Sequence[nn.Module], double_interval: int, single_interval: int
-) -> PuLIDFluxModel:
-    """A :class:`PuLIDFluxModel` holding ``idformer`` and ``ca_modules`` themselves (no tensor copied).
-
-    The container is built on the "meta" device (nothing allocated) with the sizes the modules
-    report, then its ``pulid_encoder`` / ``pulid_ca`` are replaced by the given modules, so its
-    ``state_dict`` and config describe exactly what is attached. Without an IDFormer,
-    ``pulid_encoder`` is None (the config then records the published IDFormer size).
-    """
-    from spatialid.models.checkpoint import build_pulid_model
-    from spatialid.models.configs import IDFormerConfig, PuLIDFluxConfig
-
-    cas = ca_modules if isinstance(ca_modules, nn.ModuleList) else nn.ModuleList(ca_modules)
-    if len(cas) == 0:
-        raise ValueError("attach_pulid needs at least one CA module")
-    ca_configs = [getattr(ca, "pulid_config", None) for ca in cas]
-    if ca_configs[0] is None:
-        raise TypeError(
-            f"CA modules must be PerceiverAttentionCA (with a pulid_config), got {type(cas[0]).__name__}; "
-            "load them with spatialid.models.load_pulid_checkpoint"
-        )
-    for i, cfg in enumerate(ca_configs):
-        if cfg != ca_configs[0]:
-            raise ValueError(f"all CA modules must share one configuration; ca_modules[{i}] differs")
-    id_cfg = getattr(idformer, "pulid_config", None) if idformer is not None else IDFormerConfig()
-    if id_cfg is None:
-        raise TypeError(f"idformer must be an IDFormer (with a pulid_config), got {type(idformer).__name__}")
-    config = PuLIDFluxConfig(
-        idformer=id_cfg,
-        ca=ca_configs[0],
-        num_ca=len(cas),
-        double_interval=int(double_interval),
-        single_interval=int(single_interval),
-    )
-    container = build_pulid_model(config, device="meta")
-    container.pulid_encoder = idformer
-    container.pulid_ca = cas
-    return container.eval().requires_grad_(False)
-
-
-def _saved_pulid_folder(flux: str) -> Path | None:
-    """``<flux>/pulid`` when ``flux`` is a local folder whose ``model_index.json`` lists a ``pulid``
-    component with its files (what :meth:`SpatialIDPipeline.save_pretrained` writes), else None."""
-    import json
-
-    root = Path(flux).expanduser()
-    index = root / "model_index.json"
-    if not index.is_file() or not (root / "pulid" / "config.json").is_file():
-        return None
-    try:
-        entry = json.loads(index.read_text(encoding="utf-8")).get("pulid")
-    except (OSError, ValueError):
-        return None
-    if not isinstance(entry, list) or not entry or entry[0] is None:
-        return None
-    return root / "pulid"
-

@@ -1,34 +1,46 @@
-"""What the web UI does, as plain functions: check the form, run one generation, build the outputs.
+"""What the web UI does, as plain functions: check the form and build the outputs.
 
 Nothing here imports Gradio, so every rule (limits, messages, file names, metadata) is unit-tested
 without a server; :mod:`spatialid.ui.app` only wires these functions to components and turns
-:class:`~spatialid.errors.SpatialIDError` into ``gr.Error`` popups. Generation goes through the
-same :func:`spatialid.app.job.run_job` as ``spatialid generate``, so the PNGs a visitor
-downloads carry exactly the CLI's metadata (readable with ``spatialid info``).
+:class:`~spatialid.errors.SpatialIDError` into ``gr.Error`` popups. The pieces every input box
+shares (the error, the limits, the identity photos) are in :mod:`spatialid.ui.inputs`, the run of
+a checked request in :mod:`spatialid.ui.generation`; their names are importable from here too.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import re
 import secrets
-import tempfile
-import threading
-import time
-from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from spatialid import defaults as D
-from spatialid.errors import FaceNotFoundError, InputImageError, SpatialIDError
+from spatialid.errors import SpatialIDError
 from spatialid.pipeline.settings import GenerationSettings
+
+# Used here, and importable from here as before they moved (the page, the tests and API users import them from handlers).
+from spatialid.ui.generation import (  # noqa: F401
+    GenerationRequest,
+    GenerationResult,
+    GenerationStopped,
+    ProgressFn,
+    run_generation,
+)
+from spatialid.ui.inputs import (  # noqa: F401
+    DEFAULT_MAX_COST,
+    PHOTO_SUFFIXES,
+    IdentityCache,
+    UIInputError,
+    UILimits,
+    _path_of,
+    _short,
+    collect_photos,
+    photo_set,
+    preview_identity,
+)
 
 __all__ = [
     "ASPECT_RATIOS",
@@ -63,12 +75,6 @@ __all__ = [
 
 _UI_REAL = D.size_steps("ui", tiny=False)
 
-#: ``progress(done, total, description)``; ``done``/``total`` count denoising steps.
-ProgressFn = Callable[[int, int, str], None]
-
-#: Image suffixes accepted as identity photos (what Pillow reads for photos in practice).
-PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".heic", ".avif")
-
 TINY_NOTICE = (
     "**Tiny demo model.** This server runs `--model tiny`: the real architecture at toy size with "
     "*random weights*, so the generated images are coloured noise **by design**. It exercises the whole "
@@ -89,46 +95,6 @@ PLAIN_PRESET_TEXT: dict[str, str] = {
     "global-floor-0.3": "Experiment (the authors' config D): like SpatialID, but every part of the picture keeps at least 30% identity.",
     "global-floor-0.5": "Experiment (the authors' config E): like SpatialID, but every part of the picture keeps at least 50% identity.",
 }
-
-
-class UIInputError(SpatialIDError, ValueError):
-    """A form value in the web UI is missing or out of range (shown as a one-line popup)."""
-
-
-class GenerationStopped(SpatialIDError):
-    """The visitor pressed Stop: the run ended between two denoising steps and wrote nothing."""
-
-
-#: Default ``--max-cost``: one request may cost this many default requests (the full comparison of
-#: every preset at the default settings costs 10).
-DEFAULT_MAX_COST = 10.0
-
-
-@dataclass(frozen=True)
-class UILimits:
-    """What one visitor may ask of the shared GPU (enforced here, mirrored by the sliders).
-
-    Enforced in :func:`build_request` because the HTTP API never sees a slider. Each cap alone is
-    not enough: steps, images, compared presets and size multiply, so ``max_cost`` caps their
-    product, in "default requests" (``unit_*``: the form's default steps and size, one image).
-    """
-
-    max_upload_mb: float = 20.0
-    max_photos: int = 4
-    max_side: int = 2048
-    max_steps: int = 50
-    max_images: int = 4
-    max_cost: float = DEFAULT_MAX_COST
-    unit_steps: int = 20
-    unit_width: int = 1024
-    unit_height: int = 1024
-    lora_dir: str | None = None  # serve --lora-dir: the only LoRA files visitors may name (None: LoRAs off)
-
-    def replace(self, **changes: Any) -> UILimits:
-        """A copy with ``changes`` (``None`` values keep the current one: unset CLI flags)."""
-        from dataclasses import replace
-
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
 def defaults_for(pipe: Any) -> tuple[GenerationSettings, UILimits]:
@@ -317,115 +283,6 @@ def add_to_history(history: Sequence[tuple[str, str]], image_files: Sequence[Pat
     return (new[::-1] + list(history))[:HISTORY_SIZE]
 
 
-def photo_set(current: Any, new: Any, *, add: bool) -> list[str]:
-    """The identity photos after an upload: ``new`` alone (replace), or appended when ``add``.
-
-    Replacing is the default because a new photo is usually a new person; adding is only for
-    more photos of the same person (averaged into one identity).
-    """
-    kept = [str(_path_of(item)) for item in (current or [])] if add else []
-    added = [str(_path_of(item)) for item in (new if isinstance(new, (list, tuple)) else [new]) if item]
-    return kept + added
-
-
-def preview_identity(
-    pipe: Any,
-    photos: Any,
-    *,
-    cache: IdentityCache,
-    limits: UILimits = UILimits(),
-    lock: threading.Lock | None = None,
-) -> tuple[list[tuple[Any, str]], str]:
-    """Thumbnails of the photos plus the aligned face the encoder finds, and a one-line verdict.
-
-    Runs the same face detection as a generation (through ``cache``, so Generate reuses it), right
-    after upload: a visitor sees at once whether the right face was found, before waiting for an
-    image. Problems (no face, bad file, too many photos) are the line, not an exception.
-    """
-    if not photos:
-        return [], ""
-    try:
-        paths = collect_photos(photos, limits)
-    except SpatialIDError as exc:
-        return [], f"**Cannot use these photos**: {' '.join(str(exc).split())}"
-    thumbs: list[tuple[Any, str]] = [(str(p), p.name) for p in paths]
-    guard = lock if lock is not None else threading.Lock()
-    try:
-        with guard:
-            identity = cache.get_or_encode(pipe, paths)
-    except SpatialIDError as exc:
-        return thumbs, f"**No usable face**: {' '.join(str(exc).split())}"
-    face = getattr(identity, "aligned_face", None)
-    if face is not None:
-        thumbs.append((face, "face found"))
-    n = len(paths)
-    what = "1 photo" if n == 1 else f"{n} photos of one person (averaged)"
-    return thumbs, f"Face found: {what}. The last thumbnail is the aligned face the encoder will use."
-
-
-def _path_of(item: Any) -> Path:
-    """Gradio hands files over as str paths, ``NamedString`` / tempfile objects or dicts."""
-    if isinstance(item, (str, os.PathLike)):
-        return Path(os.fspath(item))
-    if isinstance(item, Mapping):
-        for key in ("path", "name"):
-            if item.get(key):
-                return Path(str(item[key]))
-    for attr in ("path", "name"):
-        value = getattr(item, attr, None)
-        if isinstance(value, (str, os.PathLike)) and str(value):
-            return Path(os.fspath(value))
-    if isinstance(item, tuple) and item:  # gallery (path, caption)
-        return _path_of(item[0])
-    raise UIInputError(f"cannot read an uploaded file from a {type(item).__name__}; upload the photo again")
-
-
-def _short(message: str, paths: Sequence[Path]) -> str:
-    """Replace server-side temp paths in a message by the file names the visitor knows."""
-    for p in sorted(paths, key=lambda q: len(str(q)), reverse=True):
-        message = message.replace(str(p), p.name)
-    return " ".join(message.split())
-
-
-def collect_photos(files: Any, limits: UILimits = UILimits()) -> list[Path]:
-    """Check the uploaded identity photos and return their paths (in upload order).
-
-    Refuses: no photo, too many, a file that is not an image (by name or by content), a file over
-    the upload limit, and anything :func:`spatialid.utils.images.load_image` refuses (animated,
-    damaged, decompression bomb). Messages name the file as the visitor uploaded it.
-    """
-    from spatialid.utils.images import load_image
-
-    if files is None or (isinstance(files, (list, tuple)) and not files):
-        raise UIInputError("no identity photo: upload one or more photos of the same person (JPEG, PNG or WebP)")
-    items = list(files) if isinstance(files, (list, tuple)) else [files]
-    paths = [_path_of(item) for item in items]
-    if len(paths) > limits.max_photos:
-        raise UIInputError(
-            f"{len(paths)} photos uploaded; use at most {limits.max_photos} photos of the same person"
-        )
-    limit_bytes = int(limits.max_upload_mb * 1024 * 1024)
-    for path in paths:
-        if path.suffix.lower() not in PHOTO_SUFFIXES:
-            raise UIInputError(
-                f"{path.name} is not a photo (wrong file type); upload a JPEG, PNG or WebP image of a face"
-            )
-        try:
-            size = path.stat().st_size
-        except OSError:
-            raise UIInputError(f"{path.name}: the upload is missing on the server; upload the photo again") from None
-        if size > limit_bytes:
-            raise UIInputError(
-                f"{path.name} is {size / 2**20:.1f} MB, over the {limits.max_upload_mb:g} MB limit; "
-                "upload a smaller photo (a face needs only about 1000 px)"
-            )
-        try:
-            load_image(path)
-        except InputImageError as exc:
-            raise InputImageError(_short(str(exc), [path])) from None
-    return paths
-
-
 def _over_cap(name: str, value: float, cap: float, flag: str, unit: str = "") -> UIInputError:
     """The one-line refusal of a value over a server cap: the cap, and how the operator raises it."""
     return UIInputError(
@@ -452,23 +309,6 @@ def _number(
     if not low <= number <= high:
         raise UIInputError(f"{name} must be between {low:g} and {high:g}, got {number:g}")
     return number
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """A checked form: the identity photos, the settings record and the presets to compare."""
-
-    photos: tuple[Path, ...]
-    settings: GenerationSettings
-    compare: tuple[str, ...] = ()
-    # several people, an init image / inpainting mask, LoRAs (spatialid.ui.people.PictureInputs); None = one person
-    extras: Any = None
-
-    @property
-    def total_steps(self) -> int:
-        """Denoising steps of the whole request (the comparison reruns only presets not yet drawn)."""
-        extra = sum(1 for name in self.compare if name != self.settings.preset)
-        return int(self.settings.steps or 0) * (1 + extra)
 
 
 def request_cost(settings: GenerationSettings, compare: Sequence[str], limits: UILimits) -> float:
@@ -567,251 +407,6 @@ def build_request(
     presets = tuple(compare_list(str(preset), compare_presets)) if compare else ()
     _check_cost(settings, presets, limits)
     return GenerationRequest(photos=tuple(paths), settings=settings, compare=presets)
-
-
-# ----------------------------------------------------------------------------- generation
-
-
-@dataclass
-class GenerationResult:
-    """Everything the page shows after one click."""
-
-    images: list[Image.Image]
-    image_files: list[Path]
-    mask_picture: Image.Image | None
-    comparison: Image.Image | None
-    aligned_face: Image.Image | None
-    files: list[Path]  # every PNG offered for download (images, mask pictures, comparison)
-    settings: dict[str, Any] = field(default_factory=dict)  # metadata of the first PNG
-    messages: list[str] = field(default_factory=list)  # notes from the run (e.g. no masks recorded)
-    seconds: float = 0.0
-
-    @property
-    def captions(self) -> list[str]:
-        seeds = self.settings.get("seeds") or [self.settings.get("seed")] * len(self.images)
-        return [f"seed {s}" for s in seeds[: len(self.images)]]
-
-    @property
-    def status(self) -> str:
-        n = len(self.images)
-        what = f"{n} image{'s' if n != 1 else ''}"
-        if self.comparison is not None:
-            what += " + preset comparison"
-        line = f"Done: {what} in {self.seconds:.1f} s, seed {self.settings.get('seed')}, preset {self.settings.get('preset')}."
-        if self.settings.get("note"):
-            line += " Tiny model: the images are noise by design."
-        for message in self.messages:
-            line += f" Note: {message}."
-        return line
-
-
-class _StepCounter:
-    """Wraps the pipeline so each call reports its denoising steps to ``progress``.
-
-    :func:`run_job` makes one pipeline call for the images and one per extra compared preset;
-    the counter keeps a running total over all of them so the bar moves from 0 to 100 % once.
-    """
-
-    def __init__(
-        self,
-        pipe: Any,
-        progress: ProgressFn | None,
-        total: int,
-        *,
-        calls: int = 1,
-        should_stop: Callable[[], bool] | None = None,
-    ) -> None:
-        self.pipe = pipe
-        self.progress = progress
-        self.total = max(1, total)
-        self.expected_calls = max(1, calls)
-        self.should_stop = should_stop
-        self.done = 0
-        self.calls = 0
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.calls += 1
-        call_no = self.calls
-        steps = int(kwargs.get("num_inference_steps") or 0)
-        if self.progress is not None or self.should_stop is not None:
-            def on_step_end(pipeline: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
-                # raising here ends the run between two steps (diffusers calls this after each one)
-                if self.should_stop is not None and self.should_stop():
-                    raise GenerationStopped("stopped by the visitor")
-                self.done = min(self.total, self.done + 1)
-                label = f"denoising step {step + 1}/{steps or '?'}"
-                if self.expected_calls > 1:  # one bar over the whole comparison, named by preset
-                    label = f"preset {min(call_no, self.expected_calls)}/{self.expected_calls} ({kwargs.get('preset')}): {label}"
-                if self.progress is not None:
-                    self.progress(self.done, self.total, label)
-                return callback_kwargs
-
-            kwargs["callback_on_step_end"] = on_step_end
-        return self.pipe(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:  # anything else: the real pipeline
-        return getattr(self.pipe, name)
-
-
-class IdentityCache:
-    """The last few identity embeddings, keyed by the photos' bytes.
-
-    Visitors usually keep their photo and change the prompt or the settings; the face detector and
-    encoder then run once per photo set instead of once per click. Keyed by content (SHA-256), not
-    by upload path: every upload gets a fresh temp path even for the same file.
-    """
-
-    def __init__(self, maxsize: int = 8) -> None:
-        self.maxsize = maxsize
-        self._items: OrderedDict[tuple, Any] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-
-    @staticmethod
-    def key(pipe: Any, photos: Sequence[Path]) -> tuple:
-        digests = tuple(hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in photos)
-        return (id(pipe), digests)
-
-    def get_or_encode(self, pipe: Any, photos: Sequence[Path]) -> Any:
-        key = self.key(pipe, photos)
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                self.hits += 1
-                return self._items[key]
-        paths = [str(p) for p in photos]
-        try:
-            embedding = pipe.encode_identity(paths if len(paths) > 1 else paths[0])
-        except (FaceNotFoundError, InputImageError) as exc:
-            raise type(exc)(_short(str(exc), list(photos))) from None
-        with self._lock:
-            self.misses += 1
-            self._items[key] = embedding
-            while len(self._items) > self.maxsize:
-                self._items.popitem(last=False)
-        return embedding
-
-
-def _pipe_device(pipe: Any) -> str:
-    device = getattr(pipe, "_execution_device", None)
-    return str(device) if device is not None else "cpu"
-
-
-def run_generation(
-    pipe: Any,
-    request: GenerationRequest,
-    out_root: str | os.PathLike[str],
-    *,
-    progress: ProgressFn | None = None,
-    lock: threading.Lock | None = None,
-    identity_cache: IdentityCache | None = None,
-    should_stop: Callable[[], bool] | None = None,
-) -> GenerationResult:
-    """Encode the photos, generate, write PNGs (with the CLI's metadata) and the pictures.
-
-    Files go to a fresh folder under ``out_root`` per request, so two visitors never overwrite each
-    other's downloads. ``lock`` serialises pipeline use when several events share one model;
-    ``identity_cache`` skips the encoder when the same photos come again. ``should_stop`` is
-    asked after every denoising step: when it says yes the run raises :class:`GenerationStopped`
-    and its folder is deleted (no half-finished set of files is left).
-    """
-    import shutil
-
-    from spatialid.utils.images import load_image
-
-    started = time.perf_counter()
-    root = Path(out_root)
-    root.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=root))
-    out = folder / f"spatialid-s{request.settings.seed}.png"
-    names = [p.name for p in request.photos]
-    reference = load_image(request.photos[0])
-
-    guard = lock if lock is not None else threading.Lock()
-    try:
-        result, identity, messages = _generate_locked(
-            pipe, request, out, names, reference, guard, progress, identity_cache, should_stop
-        )
-    except GenerationStopped:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
-    return _result(result, identity, messages, started)
-
-
-def _generate_locked(
-    pipe: Any,
-    request: GenerationRequest,
-    out: Path,
-    names: list[str],
-    reference: Image.Image,
-    guard: threading.Lock,
-    progress: ProgressFn | None,
-    identity_cache: IdentityCache | None,
-    should_stop: Callable[[], bool] | None,
-) -> tuple[Any, Any, list[str]]:
-    """The part of a run that holds the GPU lock: encode (or reuse) the identity, then run the job."""
-    from spatialid.app.job import GenerationJob, run_job
-
-    with guard:
-        if should_stop is not None and should_stop():
-            raise GenerationStopped("stopped by the visitor")
-        if progress is not None:
-            progress(0, request.total_steps, "finding the face")
-        from spatialid.ui import people
-
-        extras = request.extras if request.extras is not None else people.PictureInputs()
-        cache = identity_cache if identity_cache is not None else IdentityCache(maxsize=1)
-        identity = people.identity_for(pipe, request.photos, extras, cache)
-        job = GenerationJob(
-            settings=request.settings,
-            out=out,
-            masks=True,
-            compare=list(request.compare) or None,
-            identity_files=names,
-            identity_source="people" if extras.several else "image",
-            reference_image=reference,
-            people_files=[list(n) for n in extras.names] if extras.several else None,
-        )
-        model_info = getattr(pipe, "model_info", None) or {}
-        extra = {"device": _pipe_device(pipe), "quantization": model_info.get("quantization"), "interface": "web",
-                 **people.extra_metadata(request.settings)}
-        calls = 1 + sum(1 for name in request.compare if name != request.settings.preset)
-        runner = people.pipeline_for(pipe, extras)  # img2img / inpainting on the same components
-        counter = _StepCounter(runner, progress, request.total_steps, calls=calls, should_stop=should_stop)
-        messages: list[str] = []
-        with people.loras_loaded(pipe, extras.loras):  # for this run only
-            result = run_job(counter, job, identity, log=messages.append, extra_settings=extra)
-    return result, identity, messages
-
-
-def _result(result: Any, identity: Any, messages: list[str], started: float) -> GenerationResult:
-    from spatialid.app.metadata import read_png_metadata
-
-    images = [_open(p) for p in result.images]
-    try:
-        file_settings = read_png_metadata(result.images[0])  # exactly what the download carries
-    except SpatialIDError:  # pragma: no cover - run_job always writes it
-        file_settings = dict(result.settings)
-    mask_picture = _open(result.masks[0]) if result.masks else None
-    comparison = _open(result.compare) if result.compare else None
-    return GenerationResult(
-        images=images,
-        image_files=list(result.images),
-        mask_picture=mask_picture,
-        comparison=comparison,
-        aligned_face=getattr(identity, "aligned_face", None),
-        files=list(result.files),
-        settings=file_settings,
-        messages=messages,
-        seconds=time.perf_counter() - started,
-    )
-
-
-def _open(path: Path) -> Image.Image:
-    with Image.open(path) as im:
-        im.load()
-        return im.copy()
 
 
 def settings_text(settings: Mapping[str, Any]) -> str:

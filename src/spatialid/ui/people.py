@@ -9,6 +9,8 @@ PNG metadata of a web run is the CLI's. Every problem is one line (:class:`UIInp
 
 Why a separate module: :mod:`spatialid.ui.handlers` stays the single-person path, untouched when
 none of these inputs is used (one person, no region, no init image, no LoRA run exactly as before).
+The photo checks it shares with that path are in :mod:`spatialid.ui.inputs`; the run
+(:mod:`spatialid.ui.generation`) uses this module, and nothing here imports either of those two.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from PIL import Image
 from spatialid import defaults as D
 from spatialid.errors import SpatialIDError
 from spatialid.pipeline.settings import GenerationSettings
-from spatialid.ui.handlers import IdentityCache, UIInputError, UILimits, collect_photos
+from spatialid.ui.inputs import IdentityCache, UIInputError, UILimits, _path_of, collect_photos, preview_identity
 
 __all__ = [
     "MAX_LORAS",
@@ -231,7 +233,7 @@ def build_inputs(
 ) -> PictureInputs:
     """Check the people, regions, init image / mask, strength and LoRAs of the form (one line per problem).
 
-    ``first_photos`` are person 1's (already checked by :func:`~spatialid.ui.handlers.collect_photos`);
+    ``first_photos`` are person 1's (already checked by :func:`~spatialid.ui.inputs.collect_photos`);
     ``others`` holds ``(photos, region)`` of persons 2-4, of which the first ``people_count - 1``
     are on the page. ``init_image`` is an image editor value (its brush layers become the
     inpainting mask) or a picture; ``mask_upload`` an optional mask picture (white = redraw). The
@@ -275,7 +277,7 @@ def build_inputs(
             if mask_upload is not None:
                 from spatialid.utils.images import load_image
 
-                uploaded = load_image(_as_path(mask_upload)).convert("L")
+                uploaded = load_image(_path_of(mask_upload)).convert("L")
                 if uploaded.size != init.size:
                     (mw, mh), (iw, ih) = uploaded.size, init.size
                     raise UIInputError(f"the inpainting mask is {mw}x{mh} but the init image is {iw}x{ih}; give a mask of the same size")
@@ -291,10 +293,6 @@ def build_inputs(
             value = _strength(strength, default)
     elif mask_upload is not None:
         raise UIInputError("an inpainting mask needs an init image: upload the picture to repair first")
-    if init_path is not None and (len(people) > 1 or regions is not None):
-        raise UIInputError(
-            "several people and regions work with text-to-image only; remove the init image or the extra people and regions"
-        )
     return PictureInputs(
         people=tuple(people) if len(people) > 1 else (),
         regions=regions,
@@ -304,12 +302,6 @@ def build_inputs(
         loras=parse_lora_lines(loras, (limits or UILimits()).lora_dir),
         names=people_names(people) if len(people) > 1 else (),
     )
-
-
-def _as_path(item: Any) -> Path:
-    from spatialid.ui.handlers import _path_of
-
-    return _path_of(item)
 
 
 def _strength(value: Any, default: float) -> float:
@@ -350,8 +342,6 @@ def person_check(
     lock: threading.Lock | None = None,
 ) -> str:
     """The face check of person ``number`` right after their upload: one line (found, or why not)."""
-    from spatialid.ui.handlers import preview_identity
-
     if not photos:
         return ""
     _, line = preview_identity(pipe, photos, cache=cache, limits=limits or UILimits(), lock=lock)
@@ -374,7 +364,7 @@ def pipeline_for(pipe: Any, inputs: PictureInputs) -> Any:
     with _VARIANTS_LOCK:
         variants: dict[str, Any] = base.__dict__.setdefault("_spatialid_ui_variants", {})
         if mode not in variants:
-            from spatialid.loaders.runner import (
+            from spatialid.pipeline.variants import (
                 IdentityPipelineRunner,
                 variant_pipeline,
             )
@@ -396,7 +386,7 @@ def loras_loaded(pipe: Any, loras: Sequence[str]) -> Iterator[None]:
     if not loras:
         yield
         return
-    from spatialid.loaders.runner import load_loras
+    from spatialid.pipeline.variants import load_loras
     from spatialid.utils.offline import is_offline
 
     base = getattr(pipe, "base", pipe)

@@ -2,24 +2,24 @@
 
 The application layer calls every pipeline with :meth:`GenerationSettings.pipeline_kwargs`, the
 keyword arguments of :class:`SpatialIDPipeline`. :class:`IdentityPipelineRunner` takes the same
-arguments, builds the diffusers pipeline's own ones (``image``, ``mask_image``, ``strength``,
-``control_image``, ...), passes the identity per call through ``joint_attention_kwargs`` (see
-:mod:`spatialid.loaders.pulid`) and returns the same output record, so ``run_job``, the metadata
-and ``spatialid info`` serve every pipeline alike. :func:`variant_pipeline` builds the diffusers
-pipeline from the components of an already loaded ``SpatialIDPipeline`` (the same module objects,
-as ``from_pipe`` does: FLUX's weights are read once).
+arguments, turns the pipeline inputs into the diffusers pipeline's own ones (``image``,
+``mask_image``, ``strength``, ``control_image``, ...) and runs the one identity call
+(:func:`~spatialid.pipeline.generate.run_identity_call`): several people, regions (intersected
+with the inpainting mask), mask recording and replay, true CFG, step caches and compilation work
+here as in text-to-image. :func:`variant_pipeline` builds the diffusers pipeline from the
+components of an already loaded ``SpatialIDPipeline`` (the same module objects, as ``from_pipe``
+does: FLUX's weights are read once) and loads PuLID with the one loader, which shares the
+transformer's injector instead of hooking it twice.
 """
 
 from __future__ import annotations
 
 import inspect
-import secrets
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from spatialid import __version__
 from spatialid import defaults as D
 from spatialid.errors import SpatialIDError
 from spatialid.loaders.names import (
@@ -29,10 +29,12 @@ from spatialid.loaders.names import (
     controlnet_misfit,
     parse_lora,
 )
-from spatialid.loaders.pulid import IDENTITY_KEY, PuLIDIdentity, load_pulid
+from spatialid.loaders.pulid import load_pulid
+from spatialid.pipeline.generate import run_identity_call
 
 __all__ = [
     "IdentityPipelineRunner",
+    "kontext_size",
     "check_controlnet_fits",
     "load_controlnet",
     "load_loras",
@@ -167,153 +169,100 @@ class IdentityPipelineRunner:
         prompt: str | list[str],
         id_embeds: Any = None,
         *,
-        preset: Any = D.DEFAULT_PRESET,
-        id_weight: float = D.DEFAULT_ID_WEIGHT,
-        start_step: int = D.DEFAULT_START_STEP,
-        true_cfg: float = D.DEFAULT_TRUE_CFG,
-        negative_prompt: str = "",
-        cfg_start_step: int = D.DEFAULT_CFG_START_STEP,
-        guidance_scale: float = D.DEFAULT_GUIDANCE,
-        num_inference_steps: int | None = None,
+        people: Any = None,
+        id_image: Any = None,
+        regions: Any = None,
+        noise: str = D.DEFAULT_NOISE,
         height: int | None = None,
         width: int | None = None,
-        seed: int | None = None,
-        num_images_per_prompt: int = 1,
-        max_sequence_length: int | None = None,
-        schedule_overrides: dict[str, float] | None = None,
-        noise: str = D.DEFAULT_NOISE,
-        return_masks: bool = False,
         init_image: Any = None,
         strength: float | None = None,
         inpaint_mask: Any = None,
         control_image: Any = None,
         controlnet_scale: float | None = None,
-        **recorded: Any,
+        **kwargs: Any,
     ) -> Any:
-        """Generate with ``self.mode``'s pipeline; returns a ``SpatialIDPipelineOutput`` (images, masks, settings)."""
-        from spatialid.masks import apply_overrides, resolve_preset
-        from spatialid.pipeline.pipeline_spatialid import (
-            TINY_NOTE,
-            SpatialIDPipelineOutput,
-            _CFGWarmup,
-            _collect_masks,
-            _seed_generators,
-        )
-        from spatialid.pipeline.settings import GenerationSettings
+        """Generate with ``self.mode``'s pipeline; returns a ``SpatialIDPipelineOutput`` (images, masks, settings).
+
+        Takes :meth:`SpatialIDPipeline.__call__`'s arguments plus the pipeline inputs.
+        """
         from spatialid.utils.images import load_image
 
         if noise != "diffusers":
             raise SpatialIDError(f"--noise {noise} applies to text-to-image only; the {self.mode} pipeline draws diffusers' noise")
-        steps = int(num_inference_steps or self.base.default_num_inference_steps)
         height = int(height or self.base.default_height)
         width = int(width or self.base.default_width)
-        max_len = int(max_sequence_length or self.base.default_max_sequence_length)
-        use_cfg = float(true_cfg) > 1.0
-        if use_cfg and not self.has_true_cfg:
-            raise SpatialIDError(f"{type(self.pipe).__name__} has no true CFG; use --true-cfg 1")
-        total = (1 if isinstance(prompt, str) else len(prompt)) * int(num_images_per_prompt)
-        seed = int(seed) if seed is not None else secrets.randbelow(2**32)
-        kwargs: dict[str, Any] = {
-            "prompt": prompt,
-            "height": height,
-            "width": width,
-            "num_inference_steps": steps,
-            "guidance_scale": float(guidance_scale),
-            "num_images_per_prompt": int(num_images_per_prompt),
-            "generator": _seed_generators(seed, total),
-            "max_sequence_length": max_len,
-            "output_type": "pil",
-        }
-        if use_cfg:
-            kwargs.update(true_cfg_scale=float(true_cfg), negative_prompt=negative_prompt or "")
-        region = None
+        inputs: dict[str, Any] = {}
+        bound = None
         if self.mode in IMAGE_PIPELINES:
             if init_image is None:
                 raise SpatialIDError(f"the {self.mode} pipeline needs an input image (--init-image)")
-            kwargs["image"] = load_image(init_image)
+            inputs["image"] = load_image(init_image)
         if self.mode in STRENGTH_PIPELINES and strength is not None and "strength" in self._params:
-            kwargs["strength"] = float(strength)
+            inputs["strength"] = float(strength)
         if self.mode in ("inpaint", "fill"):
             if inpaint_mask is None:
                 raise SpatialIDError(f"the {self.mode} pipeline needs a mask (--inpaint-mask)")
-            region = load_image(inpaint_mask).convert("L")
-            kwargs["mask_image"] = region
+            bound = load_image(inpaint_mask).convert("L")  # identity only where the picture is repainted
+            inputs["mask_image"] = bound
+        size: tuple[int, int] | None = (height, width)
         if self.mode == "kontext":
-            kwargs.update(max_area=height * width, _auto_resize=not self.is_tiny)
+            inputs.update(max_area=height * width, _auto_resize=not self.is_tiny)
+            size = kontext_size(height, width, height * width, int(getattr(self.pipe, "vae_scale_factor", 8)))
         if self.mode in ("controlnet", "control"):
             if control_image is None:
                 raise SpatialIDError(f"the {self.mode} pipeline needs a control image (--control-image)")
-            kwargs["control_image"] = load_image(control_image)
+            inputs["control_image"] = load_image(control_image)
             if self.mode == "controlnet":
-                kwargs["controlnet_conditioning_scale"] = float(controlnet_scale if controlnet_scale is not None else 1.0)
-
-        tokens, uncond, identity_info = self.base._resolve_identity(
-            None, id_embeds, None, need_uncond=use_cfg and float(id_weight) > 0
-        )
-        inject = tokens is not None and float(id_weight) > 0
-        schedule = apply_overrides(resolve_preset(preset), schedule_overrides)
-        if inject:
-            identity = PuLIDIdentity(
-                tokens, uncond, id_weight=float(id_weight), preset=schedule, start_step=int(start_step),
-                region=region, record_masks=return_masks,
-            )
-            kwargs["joint_attention_kwargs"] = {IDENTITY_KEY: identity}
-        if recorded.get("callback_on_step_end") is not None:  # progress and Stop of the web UI, as for SpatialIDPipeline
-            kwargs["callback_on_step_end"] = recorded["callback_on_step_end"]
-        warmup = _CFGWarmup(self.pipe.transformer, cfg_start_step) if use_cfg and cfg_start_step > 0 else None
-        try:
-            out = self.pipe(**kwargs)
-        finally:
-            if warmup is not None:
-                warmup.remove()
-        loader = getattr(self.pipe, "_spatialid_pulid", None)
-        records = loader.records if inject and loader is not None else None
-        rows, cols = height // 16, width // 16
-        masks = _collect_masks(records, 2 if use_cfg else 1, rows, cols) if return_masks and records else None
-        if return_masks and masks is None:
-            masks = []
-        preset_name = preset if isinstance(preset, str) else ("pulid" if preset is None else "custom")
-        record = GenerationSettings(
-            prompt=prompt if isinstance(prompt, str) else prompt[0],
-            negative_prompt=negative_prompt if use_cfg else None,
-            preset=preset_name,
-            id_weight=float(id_weight),
-            start_step=int(start_step),
-            true_cfg=float(true_cfg),
-            cfg_start_step=int(cfg_start_step) if use_cfg else None,
-            guidance=float(guidance_scale),
-            steps=steps,
-            width=width,
-            height=height,
-            seed=seed,
-            num_images=total,
-            max_sequence_length=max_len,
-            schedule_overrides=dict(schedule_overrides) if schedule_overrides else None,
-            noise=noise,
-        )
-        pipeline_record = {
+                inputs["controlnet_conditioning_scale"] = float(controlnet_scale if controlnet_scale is not None else 1.0)
+        record = {
             "pipeline": self.mode,
             "init_image": _name(init_image),
             "strength": float(strength) if strength is not None and self.mode in STRENGTH_PIPELINES else None,
             "inpaint_mask": _name(inpaint_mask),
             "control_image": _name(control_image),
             "controlnet_scale": float(controlnet_scale) if controlnet_scale is not None and self.mode == "controlnet" else None,
+            **{k: kwargs.pop(k) for k in ("controlnet", "loras") if k in kwargs},
         }
-        settings = {
-            "version": __version__,
-            **record.to_dict(),
-            **{k: v for k, v in recorded.items() if k in ("controlnet", "loras")},
-            **pipeline_record,
-            "seeds": [seed + i for i in range(total)],
-            "schedule": schedule.to_dict() if schedule is not None else None,
-            "identity": identity_info,
-            "identity_injected": bool(inject),
-            "offload": getattr(self.base, "_offload_mode", None),
-            **(getattr(self.base, "model_info", None) or {}),
-        }
-        if self.is_tiny:
-            settings["note"] = TINY_NOTE
-        return SpatialIDPipelineOutput(images=out.images, masks=masks, settings=settings)
+        flux_kwargs = {k: v for k, v in kwargs.items() if k in self._params or k in _IDENTITY_ARGS}
+        unknown = sorted(set(kwargs) - set(flux_kwargs))
+        if unknown:
+            raise SpatialIDError(f"{type(self.pipe).__name__} does not take {', '.join(unknown)}")
+        return run_identity_call(
+            self.pipe.__call__,
+            self.base,
+            prompt=prompt,
+            id_image=id_image,
+            id_embeds=id_embeds,
+            people=people,
+            regions=regions,
+            bound=bound,
+            noise=noise,
+            height=height,
+            width=width,
+            pipeline_inputs=inputs,
+            pipeline_record=record,
+            identity_size=size,
+            has_true_cfg=self.has_true_cfg,
+            **flux_kwargs,
+        )
+
+
+#: SpatialIDPipeline arguments that are not the diffusers pipeline's own.
+_IDENTITY_ARGS = frozenset({
+    "preset", "id_weight", "start_step", "true_cfg", "cfg_start_step", "seed", "return_masks", "uncond_id_embeds",
+    "save_masks", "masks_from", "schedule_overrides", "return_dict", "output_type",
+})
+
+
+def kontext_size(height: int, width: int, max_area: int, vae_scale_factor: int) -> tuple[int, int]:
+    """The size FluxKontextPipeline generates for ``height`` x ``width`` and ``max_area``: the same
+    aspect ratio scaled to the area, rounded down to multiples of ``2 * vae_scale_factor`` (its rule)."""
+    aspect = width / height
+    multiple = vae_scale_factor * 2
+    out_w = round((max_area * aspect) ** 0.5) // multiple * multiple
+    out_h = round((max_area / aspect) ** 0.5) // multiple * multiple
+    return out_h, out_w
 
 
 def _name(source: Any) -> str | None:
