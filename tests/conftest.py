@@ -201,3 +201,17 @@ def bench_inputs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pat
     ids_json, prompts_json = write_sample_inputs(root)
     for folder in _shared_folder(root):
         yield folder, ids_json, prompts_json
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Toy-size ops: one thread is ~10x faster than several fighting over 2 shared cores.
+
+    Use it per module: ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

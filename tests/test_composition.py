@@ -26,12 +26,7 @@ C = TINY_FLUX.latent_channels
 MODES = ["text2image", "img2img", "inpaint", "fill", "kontext", "controlnet", "control"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _photo(seed: int = 0) -> Image.Image:

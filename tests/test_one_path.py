@@ -18,12 +18,7 @@ SIZE = 64
 STEPS = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +103,6 @@ def test_set_pulid_scale_scales_the_identity(base, tokens):
 
 
 def _count_graph_breaks(run):
-    import torch._dynamo
     from torch._dynamo.utils import counters
 
     counters.clear()

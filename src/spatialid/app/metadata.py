@@ -160,7 +160,18 @@ class _NotPNG(Exception):
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_MAX_TEXT = 64 * 2**20  # settings are a few kB; a larger text chunk is not ours
+_MAX_TEXT = 4 * 2**20  # settings are a few kB; a larger text chunk is not ours (skipped, never read)
+# Inflated text is capped like Pillow's own MAX_TEXT_CHUNK: a zlib bomb (1000:1) must not inflate unbounded.
+MAX_INFLATED_TEXT = 2**20
+
+
+def _inflate(data: bytes) -> bytes:
+    """``data`` inflated, at most :data:`MAX_INFLATED_TEXT` bytes (a larger text is refused, never built)."""
+    inflater = zlib.decompressobj()
+    out = inflater.decompress(data, MAX_INFLATED_TEXT)
+    if inflater.unconsumed_tail or (len(out) >= MAX_INFLATED_TEXT and not inflater.eof):
+        raise ValueError(f"text chunk inflates beyond {MAX_INFLATED_TEXT // 2**20} MB (a settings text is a few kB)")
+    return out
 
 
 def _png_text(path: Path, keyword: str) -> str | None:
@@ -190,11 +201,13 @@ def _png_text(path: Path, keyword: str) -> str | None:
                 if kind == b"tEXt":
                     return rest.decode("latin-1")
                 if kind == b"zTXt":
-                    return zlib.decompress(rest[1:], bufsize=1 << 16).decode("latin-1")
+                    return _inflate(rest[1:]).decode("latin-1")
+                if len(rest) < 2:
+                    raise ValueError("iTXt chunk holds only its keyword")
                 compressed, rest = rest[0], rest[2:]  # flag, method
                 _lang, _, rest = rest.partition(b"\0")
                 _translated, _, text = rest.partition(b"\0")
-                return (zlib.decompress(text) if compressed else text).decode("utf-8")
+                return (_inflate(text) if compressed else text).decode("utf-8")
             if kind == b"IEND":
                 return None
             fh.seek(length + 4, 1)
@@ -232,6 +245,9 @@ def read_image_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise InputImageError(f"{p}: spatialid metadata is not valid JSON ({exc.msg})") from None
+    except (RecursionError, ValueError) as exc:  # nesting thousands deep, an integer of 5000 digits
+        what = "nested too deeply" if isinstance(exc, RecursionError) else " ".join(str(exc).split())[:80]
+        raise InputImageError(f"{p}: spatialid metadata is not usable settings ({what})") from None
     if not isinstance(data, dict):
         raise InputImageError(f"{p}: spatialid metadata is not a JSON object")
     return data

@@ -454,7 +454,8 @@ def _load_groups(groups: Any, path: Path, id_root: str | os.PathLike[str] | None
                 missing.append(person["id"])
                 found = Path(person["id"])
             members.append(Identity(identity_key(person["id"]), person["id"], found, str(gender), index=j))
-        if len({m.id for m in members}) != len(members):
+        # by the file found (resolved), so "a.png" and "./a.png" or a symlink are the same photo
+        if len({str(m.path) if m.path.is_absolute() else os.path.normpath(m.id) for m in members}) != len(members):
             raise BenchInputError(f"{where} lists the same photo twice; a group is different people")
         regions_raw = entry.get("regions")
         if regions_raw is not None and (not isinstance(regions_raw, list) or len(regions_raw) != len(members)):

@@ -62,6 +62,38 @@ def _copy_atomic(src: Path, dst: Path) -> None:
         shutil.copyfile(src, tmp)
 
 
+def _entry_rel(entry: dict[str, Any], src_dir: Path, key: str) -> str:
+    """The image path of a results entry, relative to its preset folder (checked to be text)."""
+    rel = entry.get("image")
+    if rel in (None, ""):
+        withid = entry.get("imagewithid", "")
+        if not isinstance(withid, str):
+            raise BenchStateError(f"{src_dir}: entry {key!r} has a non-text \"imagewithid\" ({type(withid).__name__}); "
+                                  "give folders written by spatialid bench")
+        rel = f"images/{Path(withid).name}"
+    if not isinstance(rel, str):
+        raise BenchStateError(f"{src_dir}: entry {key!r} has a non-text \"image\" ({type(rel).__name__}); "
+                              "give folders written by spatialid bench")
+    return rel
+
+
+def _inside(folder: Path, rel: str, src_dir: Path, key: str, field_name: str, base: Path | None = None) -> Path:
+    """``(base or folder) / rel``, refused unless it resolves inside ``folder`` (a results file names no path outside it)."""
+    bad = "\0" in rel
+    if not bad:
+        path = (folder if base is None else base) / rel
+        try:
+            bad = not path.resolve().is_relative_to(folder.resolve())
+        except (OSError, ValueError, RuntimeError):
+            bad = True
+    if bad:
+        raise BenchStateError(
+            f"{src_dir}: entry {key!r} names {field_name} {rel!r}, which is outside {folder}; "
+            "a results file may only name images inside its own folder"
+        )
+    return path
+
+
 def _merge_manifests(docs: list[tuple[Path, dict[str, Any]]]) -> dict[str, Any]:
     base_path, base = docs[0]
     merged = {**base, "identities": dict(base.get("identities", {})), "prompts": dict(base.get("prompts", {}))}
@@ -174,14 +206,14 @@ def _merge_locked(sources: list[str | os.PathLike[str]], out_dir: Path) -> Merge
             for key, fail in fails.items():
                 failures.setdefault(key, fail)
             for key, entry in entries.items():
-                rel = entry.get("image") or f"images/{Path(entry.get('imagewithid', '')).name}"
-                src_img = src_dir / rel
-                if not src_img.is_file():
-                    src_img = Path(entry.get("imagewithid", ""))
+                rel = _entry_rel(entry, src_dir, key)
+                src_img = _inside(src_dir, rel, src_dir, key, "image")
+                if not src_img.is_file() and isinstance(entry.get("imagewithid"), str) and entry["imagewithid"]:
+                    src_img = _inside(src_dir, entry["imagewithid"], src_dir, key, "imagewithid", base=Path.cwd())
                 if not src_img.is_file():
                     log.warning("%s: image of %s missing; left out", src_dir, key)
                     continue
-                dst_img = target_dir / rel
+                dst_img = _inside(target_dir, rel, src_dir, key, "image")
                 if key in merged:
                     if src_img.resolve() != dst_img.resolve() and not filecmp.cmp(src_img, dst_img, shallow=False):
                         summary.conflicts.append(key)

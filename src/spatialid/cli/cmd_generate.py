@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from spatialid import defaults as D
+from spatialid.cli.from_png import apply_from_png
 from spatialid.cli.options import (
     add_model_arguments,
     add_people_arguments,
@@ -124,6 +125,10 @@ def parse_seed(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"invalid seed {text!r}: give an integer, or 'random'") from None
 
 
+MAX_PROMPTS_BYTES = 2**20  # --prompts: a prompt is at most a few hundred bytes
+MAX_PROMPTS_LINES = 10_000
+
+
 def read_prompts(path: str) -> list[str]:
     """The prompts of a ``--prompts`` file: one per line, blank lines and ``#`` comments skipped."""
     from spatialid.errors import SpatialIDError
@@ -131,11 +136,21 @@ def read_prompts(path: str) -> list[str]:
 
     p = Path(path).expanduser()
     try:
-        text = p.read_text(encoding="utf-8")
+        with p.open("rb") as fh:  # bounded: /dev/zero or a huge file must not fill the memory
+            data = fh.read(MAX_PROMPTS_BYTES + 1)
     except FileNotFoundError:
         raise SpatialIDError(f"{p}: prompt file not found") from None
     except IsADirectoryError:
         raise SpatialIDError(f"{p}: is a folder; --prompts wants a text file with one prompt per line") from None
+    if len(data) > MAX_PROMPTS_BYTES:
+        raise SpatialIDError(f"{p}: larger than {MAX_PROMPTS_BYTES // 2**20} MB; --prompts wants a text file with "
+                             f"one prompt per line (at most {MAX_PROMPTS_LINES} lines)")
+    if data.count(b"\n") >= MAX_PROMPTS_LINES:
+        raise SpatialIDError(f"{p}: more than {MAX_PROMPTS_LINES} lines; split the prompts into several files")
+    if b"\0" in data:
+        raise SpatialIDError(f"{p}: holds NUL bytes, so it is no text file; --prompts wants one prompt per line")
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise SpatialIDError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
@@ -147,193 +162,6 @@ def read_prompts(path: str) -> list[str]:
 
 
 # Settings-record fields that --from-png restores, as (metadata key, flag dest).
-_FROM_PNG = (
-    ("negative_prompt", "negative_prompt"), ("preset", "preset"), ("id_weight", "id_weight"),
-    ("start_step", "start_step"), ("true_cfg", "true_cfg"), ("cfg_start_step", "cfg_start_step"),
-    ("guidance", "guidance"), ("steps", "steps"), ("seed", "seed"), ("max_sequence_length", "max_sequence_length"),
-    ("noise", "noise"),
-)
-
-
-def apply_from_png(args: argparse.Namespace) -> dict | None:
-    """Fill the flags not given on the command line from ``--from-png``'s stored settings.
-
-    Works on the parsed flags (not on the record) so that every later check and default applies
-    exactly as if the user had typed them; returns the stored metadata. The input files the
-    image names (identity photos or files, people, mask regions, init image, inpainting mask,
-    control image) are found again (see :func:`_restore_inputs`); when any is missing this stops
-    with one line naming them all, before any model or picture is loaded. No model, LoRA,
-    ControlNet or PuLID weights are ever taken from the image; a model, LoRA or ControlNet the
-    image was made with that this run does not use is named in a one-line notice.
-    """
-    if not getattr(args, "from_png", None):
-        return None
-    from spatialid.app.metadata import read_image_metadata
-    from spatialid.cli.options import _SCHEDULE_FLAGS
-    from spatialid.pipeline.settings import GenerationSettings
-
-    meta = read_image_metadata(args.from_png)
-    stored = GenerationSettings.from_dict({k: v for k, v in meta.items() if k in _SETTINGS_KEYS})
-    given = getattr(args, "explicit", set())
-    for key, dest in _FROM_PNG:
-        if dest not in given and meta.get(key) is not None:
-            setattr(args, dest, getattr(stored, key))
-    if not {"prompt", "prompts"} & given and meta.get("prompt") is not None:
-        args.prompt = stored.prompt
-    if "size" not in given and stored.width and stored.height:
-        args.size = f"{stored.width}x{stored.height}"
-    for name in _SCHEDULE_FLAGS:
-        value = (stored.schedule_overrides or {}).get(name)
-        if name not in given and value is not None:
-            setattr(args, name, float(value))
-    notices = _model_notices(args, meta)
-    notices += _restore_inputs(args, meta, given)  # raises (one line) when a file is missing
-    for line in notices:
-        log.warning("%s", line)
-    return meta
-
-
-# what GenerationSettings.from_dict may read from an image (its file fields are restored as flags instead)
-_SETTINGS_KEYS = (
-    "prompt", "negative_prompt", "preset", "id_weight", "start_step", "true_cfg", "cfg_start_step", "guidance",
-    "steps", "width", "height", "seed", "max_sequence_length", "schedule_overrides", "noise",
-)
-
-
-def _same_model(stored: str, current: str) -> bool:
-    if str(stored) == str(current):
-        return True
-    a, b = Path(str(stored)).expanduser(), Path(str(current)).expanduser()
-    try:
-        return a.exists() and b.exists() and a.resolve() == b.resolve()
-    except OSError:
-        return False
-
-
-def _model_notices(args: argparse.Namespace, meta: dict) -> list[str]:
-    """One line per model the image was made with that this run does not use (none is ever loaded from it)."""
-    image = args.from_png
-    lines = []
-    model = meta.get("model")
-    if isinstance(model, str) and model and not _same_model(model, args.model):
-        lines.append(f"{image} was made with --model {model}; this run uses --model {args.model} (the model is "
-                     f"never taken from an image: give --model {model} to use the same one)")
-    loras = meta.get("loras")
-    if isinstance(loras, (list, tuple)) and loras and not getattr(args, "lora", None):
-        lines.append(f"{image} was made with LoRA {', '.join(map(str, loras))}; not loaded from the image: give "
-                     "--lora FILE_OR_HUB_ID[:SCALE] for each to use it again")
-    controlnet = meta.get("controlnet")
-    if isinstance(controlnet, str) and controlnet and not getattr(args, "controlnet", None) \
-            and "control_image" not in getattr(args, "explicit", set()):
-        lines.append(f"{image} was made with the ControlNet {controlnet}; not loaded from the image, so its control "
-                     f"image is not used either: give --controlnet {controlnet} to use them again")
-    return lines
-
-
-def _control_model(model: str) -> bool:
-    """A FLUX.1 Canny/Depth model (FluxControlPipeline), as ``check_pipeline_arguments`` decides it."""
-    name = str(model or "").lower()
-    return any(word in name for word in ("canny", "depth")) and "controlnet" not in name
-
-
-def _restore_inputs(args: argparse.Namespace, meta: dict, given: set) -> list[str]:
-    """Set the input-file flags the command line left out from ``--from-png``'s record; return notices.
-
-    Each file is looked for at its recorded absolute path, else under the same name next to the
-    image, else in the current folder. A flag given on the command line wins (the whole identity:
-    ``--id``/``--id-embeds``/``--person``/``--person-embeds`` replace all of the image's people).
-    Raises a one-line :class:`SpatialIDError` naming every file that cannot be found.
-    """
-    from spatialid.app.metadata import StoredFile, stored_inputs
-    from spatialid.errors import SpatialIDError
-
-    image = args.from_png
-    inputs = stored_inputs(meta)
-    notices: list[str] = []
-    missing: list[str] = []
-    used: list[str] = []
-    flags: list[str] = []
-
-    def find(flag: str, item: StoredFile) -> str:
-        path = item.locate(image)
-        if path is None:
-            missing.append(f"{flag} {item.name}")
-            if flag.split()[0] not in flags:
-                flags.append(flag.split()[0])
-            return item.name
-        used.append(f"{flag} {path}")
-        return str(path)
-
-    # the identity: one person (--id / --id-embeds) or several (--person / --person-embeds)
-    identity_flags = {"id_images", "id_embeds", "people", "people_embeds"}
-    own = bool(identity_flags & given) or any(getattr(args, k, None) for k in identity_flags)
-    if own:
-        count = len(getattr(args, "people", None) or []) + len(getattr(args, "people_embeds", None) or [])
-        count = count or (1 if args.id_images or args.id_embeds else 0)
-    else:
-        photos, embeds = inputs.get("people") or [], inputs.get("people_embeds") or []
-        if photos or embeds:
-            args.people = [",".join(find(f"--person {k}", f) for f in person)
-                           for k, person in enumerate(photos, 1)] or None
-            args.people_embeds = [find(f"--person-embeds {k}", f)
-                                  for k, f in enumerate(embeds, len(photos) + 1)] or None
-            count = len(photos) + len(embeds)
-        elif inputs.get("id_images"):
-            args.id_images = [find("--id", f) for f in inputs["id_images"]]
-            count = 1
-        elif inputs.get("id_embeds"):
-            args.id_embeds = find("--id-embeds", inputs["id_embeds"])
-            count = 1
-        else:
-            count = 0
-
-    # the regions, one per person: only for as many people as the image had
-    regions = inputs.get("regions")
-    if regions and "regions" not in given:
-        if count == len(regions):
-            args.regions = [
-                ",".join(repr(v) for v in region) if isinstance(region, tuple) else find(f"--region {k}", region)
-                for k, region in enumerate(regions, 1)
-            ]
-        else:
-            notices.append(f"{image} has {len(regions)} region(s) but this run has {count} person(s): its regions "
-                           "are not used (give one --region per person)")
-
-    # the pipeline and its input pictures
-    pipeline = meta.get("pipeline")
-    for key, flag in (("init_image", "--init-image"), ("inpaint_mask", "--inpaint-mask")):
-        if key not in given and inputs.get(key):
-            setattr(args, key, find(flag, inputs[key]))
-    if pipeline == "kontext" and "kontext" not in given and not getattr(args, "kontext", False):
-        args.kontext = True
-    if "control_image" not in given and inputs.get("control_image"):
-        if pipeline == "controlnet" and not getattr(args, "controlnet", None):
-            pass  # named in _model_notices: the ControlNet is never loaded from an image
-        elif pipeline == "control" and not _control_model(args.model):
-            notices.append(f"{image} was made with a FLUX.1 Canny/Depth model and control image "
-                           f"{inputs['control_image'].name}; give such a --model to use it again")
-        else:
-            args.control_image = find("--control-image", inputs["control_image"])
-    if pipeline not in (None, "text2image", "controlnet", "control") and not getattr(args, "init_image", None):
-        notices.append(f"{image} was made with the {pipeline} pipeline from a picture without a file name: "
-                       "give --init-image PATH to use it again")
-    if "strength" not in given and meta.get("strength") is not None and getattr(args, "init_image", None):
-        args.strength = float(meta["strength"])
-    if "controlnet_scale" not in given and meta.get("controlnet_scale") is not None and getattr(args, "controlnet", None) \
-            and getattr(args, "control_image", None):
-        args.controlnet_scale = float(meta["controlnet_scale"])
-
-    if missing:
-        raise SpatialIDError(
-            f"{image} names {len(missing)} file(s) that cannot be found: {'; '.join(missing)} (looked at the recorded "
-            f"path, next to {Path(image).name} and in the current folder); pass them explicitly "
-            f"({', '.join(f + ' PATH' for f in flags)})"
-        )
-    if used:
-        log.info("%s: using %s", image, "; ".join(used))
-    return notices
-
-
 def parse_compare(text: str | None) -> list[str] | None:
     from spatialid.errors import SpatialIDError
 

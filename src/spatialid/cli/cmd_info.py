@@ -225,10 +225,28 @@ def run(args: argparse.Namespace) -> int:
     results = [(path, read_image_metadata(path)) for path in args.images]
     if args.json:
         data = results[0][1] if len(results) == 1 else [{"file": p, **s} for p, s in results]
-        print(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False))
+        # json escapes C0 controls itself; C1 controls (e.g. U+009B, a CSI) are escaped too
+        print(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False).translate(_C1_JSON))
         return 0
-    for i, (path, settings) in enumerate(results):
+    texts = [_summary(path, settings, full=args.full) for path, settings in results]
+    for i, ((path, _), text) in enumerate(zip(results, texts)):
         if len(results) > 1:
             print(("\n" if i else "") + f"== {_safe(path)}")
-        print(format_settings(settings) if args.full else format_summary(settings))
+        print(text)
     return 0
+
+
+_C1_JSON = {c: f"\\u{c:04x}" for c in range(0x7F, 0xA0)}
+
+
+def _summary(path: str, settings: dict[str, Any], *, full: bool = False) -> str:
+    """:func:`format_summary` (or ``format_settings``), one line when the settings have shapes no spatialid writes."""
+    from spatialid.errors import InputImageError
+
+    try:
+        return format_settings(settings) if full else format_summary(settings)
+    except (TypeError, ValueError, AttributeError, IndexError, KeyError, OverflowError, RecursionError) as exc:
+        raise InputImageError(
+            f"{path}: stored settings have an unexpected shape ({type(exc).__name__}: {' '.join(str(exc).split())[:80]}); "
+            f"`spatialid info --json {path}` prints them as stored"
+        ) from None

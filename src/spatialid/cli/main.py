@@ -133,7 +133,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from spatialid.errors import SpatialIDError
 
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
+    except BrokenPipeError:
+        return _closed_pipe()
     except KeyboardInterrupt:
         print("spatialid: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -162,8 +166,28 @@ _ENVIRONMENT_ERRNOS = {
 }
 
 
+EXIT_BROKEN_PIPE = 128 + 13  # as a Unix tool killed by SIGPIPE (`spatialid info FILE | head -1`)
+
+
+def _closed_pipe() -> int:
+    """The reader of stdout went away: stop quietly, as Unix tools do (no traceback, no message).
+
+    stdout is pointed at /dev/null so that Python's final flush at exit does not complain again.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (AttributeError, OSError, ValueError):
+        pass  # stdout is no file (tests, embedding): nothing will flush it at exit
+    return EXIT_BROKEN_PIPE
+
+
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+    """The message on one line, control characters (ANSI escapes from files' metadata) shown, not executed."""
+    from spatialid.cli.cmd_info import _safe
+
+    return _safe(" ".join(str(exc).split()) or type(exc).__name__)
 
 
 if __name__ == "__main__":  # pragma: no cover

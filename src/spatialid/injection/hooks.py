@@ -50,6 +50,8 @@ class CallHook(ModelHook):  # type: ignore[misc,valid-type]
             return args, kwargs
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         timestep = kwargs.get("timestep", args[3] if len(args) > 3 else None)
+        text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        injector._text_tokens = int(text.shape[1]) if isinstance(text, torch.Tensor) else 0
         call = injector.begin_call(hidden, timestep, identity=value, img_ids=kwargs.get("img_ids"))
         if not torch.compiler.is_compiling():
             injector.calls += 1
@@ -102,13 +104,17 @@ class PointHook(ModelHook):  # type: ignore[misc,valid-type]
             injector.full_calls += 1  # the last block ran: a step cache did not skip this call
         if not injector._on:
             return output
-        if not (isinstance(output, tuple) and len(output) == 2):
-            raise RuntimeError(
-                "FLUX blocks must return (encoder_hidden_states, hidden_states); this diffusers "
-                "version is not supported (need diffusers >= 0.35)"
-            )
-        text, image = output
-        return text, injector.inject(self.point, image)
+        if isinstance(output, tuple) and len(output) == 2:  # (text, image): FLUX.1's blocks, Chroma's double blocks
+            text, image = output
+            return text, injector.inject(self.point, image)
+        if isinstance(output, torch.Tensor) and output.dim() == 3:
+            # a single block on the joint stream [text tokens, image tokens] (Chroma's single blocks)
+            n_text = injector._text_tokens
+            return torch.cat([output[:, :n_text], injector.inject(self.point, output[:, n_text:])], dim=1)
+        raise RuntimeError(
+            "transformer blocks must return (encoder_hidden_states, hidden_states) or the joint "
+            "[text, image] hidden states; this diffusers version is not supported (need diffusers >= 0.35)"
+        )
 
 
 def register_innermost(module: nn.Module, hook: Any, name: str) -> None:

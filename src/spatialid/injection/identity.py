@@ -33,7 +33,8 @@ IDENTITY_KEY = "identity"
 
 
 class IdentityError(SpatialIDError, ValueError):
-    """An identity argument is invalid (also a ``ValueError``, as diffusers' ``check_inputs`` raises)."""
+    """An identity or pipeline-call argument is invalid (also a ``ValueError``, as diffusers'
+    ``check_inputs`` raises; the CLI shows it as one line)."""
 
 
 @dataclass

@@ -175,6 +175,7 @@ class IdentityInjector:
         self.scheduler = scheduler
         self._blocks = [double_blocks[i] if s == "double" else single_blocks[i] for s, i in points]
         self._standing: PuLIDIdentity | None = None  # the identity of an active() block
+        self._text_tokens = 0  # text tokens before the image tokens in a joint-stream block's output
         self._active_sigmas: torch.Tensor | None = None
         self._session: InjectionSession | None = None
         self._converted: tuple[Any, PuLIDIdentity] | None = None

@@ -189,6 +189,26 @@ def save_mask_file(path: str | os.PathLike[str], records: Sequence[Any], rows: i
     return atomic_write_bytes(path, save({"masks": masks.contiguous()}, metadata=meta))
 
 
+_MAX_MASK_STEP = 10_000  # denoising steps are at most settings.MAX_STEPS (1000); the replay table has one row per step
+
+
+def _mask_steps(p: Path, text: Any) -> list[int]:
+    """The ``steps`` metadata of a mask file: a JSON list of whole step numbers (one line otherwise)."""
+    if text is None:
+        raise MaskFileError(f"{p}: no 'steps' metadata; give a file written by --save-masks")
+    try:
+        steps = json.loads(text)
+    except (ValueError, RecursionError):
+        steps = None
+    if not isinstance(steps, list) or not all(
+        isinstance(s, int) and not isinstance(s, bool) and -_MAX_MASK_STEP <= s < _MAX_MASK_STEP for s in steps
+    ):
+        shown = str(text) if len(str(text)) <= 40 else str(text)[:37] + "..."
+        raise MaskFileError(f"{p}: 'steps' metadata {shown!r} is not a list of whole step numbers below {_MAX_MASK_STEP}; "
+                            "give a file written by --save-masks")
+    return steps
+
+
 def load_mask_file(path: str | os.PathLike[str]) -> tuple[torch.Tensor, dict[str, Any]]:
     """Read a mask file: ``(masks [S, P, K, B, rows, cols] float32, metadata with parsed lists)``."""
     from safetensors import SafetensorError, safe_open
@@ -202,7 +222,7 @@ def load_mask_file(path: str | os.PathLike[str]) -> tuple[torch.Tensor, dict[str
             if "masks" not in set(f.keys()):
                 raise MaskFileError(f"{p}: no 'masks' tensor; give a file written by --save-masks")
             masks = f.get_tensor("masks")
-        steps = [int(s) for s in json.loads(meta.get("steps", "null"))]
+        steps = _mask_steps(p, meta.get("steps"))
     except MaskFileError:
         raise
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:  # a damaged or foreign file
@@ -217,7 +237,7 @@ def load_mask_file(path: str | os.PathLike[str]) -> tuple[torch.Tensor, dict[str
     for key in ("times", "phases"):
         try:
             parsed[key] = list(json.loads(meta.get(key, "[]")))
-        except ValueError:
+        except (ValueError, TypeError, RecursionError):  # odd metadata of a file from elsewhere
             parsed[key] = []
     return masks, parsed
 

@@ -26,8 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from spatialid.errors import SpatialIDError
-from spatialid.injection.identity import IDENTITY_KEY, PuLIDIdentity
+from spatialid.injection.identity import IDENTITY_KEY, IdentityError, PuLIDIdentity
 from spatialid.injection.injector import IdentityInjector
 
 __all__ = [
@@ -186,7 +185,7 @@ def load_pulid(
 
     transformer = getattr(pipe, "transformer", None)
     if transformer is None or not hasattr(transformer, "single_transformer_blocks"):
-        raise SpatialIDError(f"{type(pipe).__name__} has no FLUX transformer; load_pulid needs a FLUX.1 pipeline")
+        raise IdentityError(f"{type(pipe).__name__} has no FLUX transformer; load_pulid needs a FLUX.1 pipeline")
     cas, cfg, container = _pulid_weights(
         pulid_model_or_path, weight_name, config, torch_dtype, cache_dir, local_files_only, transformer
     )
@@ -205,7 +204,7 @@ def load_pulid(
         try:
             injector = IdentityInjector(transformer, cas, di, si, scheduler=getattr(pipe, "scheduler", None))
         except ValueError as exc:  # CA count does not fit the transformer's blocks
-            raise SpatialIDError(str(exc)) from None
+            raise IdentityError(str(exc)) from None
         injector.users = 0
     injector.scheduler = getattr(pipe, "scheduler", None) or injector.scheduler
     injector.users += 1
@@ -231,9 +230,9 @@ def set_pulid_scale(pipe: Any, scale: float) -> None:
     """Multiply every identity's ``id_weight`` on ``pipe`` by ``scale`` (as ``set_ip_adapter_scale``)."""
     loader = pulid_loader(pipe)
     if loader is None:
-        raise SpatialIDError("set_pulid_scale needs PuLID loaded on this pipeline (load_pulid)")
+        raise IdentityError("set_pulid_scale needs PuLID loaded on this pipeline (load_pulid)")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0.0 <= float(scale) <= 10.0):
-        raise SpatialIDError(f"the PuLID scale must be a number in [0, 10], got {scale!r}")
+        raise IdentityError(f"the PuLID scale must be a number in [0, 10], got {scale!r}")
     loader.injector.scale = float(scale)
 
 

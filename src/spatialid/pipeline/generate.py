@@ -26,8 +26,7 @@ import torch
 
 from spatialid import __version__
 from spatialid import defaults as D
-from spatialid.errors import SpatialIDError
-from spatialid.injection.identity import IDENTITY_KEY, PuLIDIdentity, resolve_person
+from spatialid.injection.identity import IDENTITY_KEY, IdentityError, PuLIDIdentity, resolve_person
 from spatialid.pipeline.outputs import TINY_NOTE, SpatialIDPipelineOutput, collect_step_masks, seed_generators
 from spatialid.pipeline.settings import GenerationSettings, check_generation_settings, check_prompt
 
@@ -55,7 +54,7 @@ def describe_sources(source: Any) -> list[str]:
 def _person(base: Any, id_image: Any, id_embeds: Any, uncond: Any) -> tuple[torch.Tensor, Any, dict[str, Any]]:
     """One person's ``(tokens, uncond, info)`` from photos (encoded by ``base``) or an encoded identity."""
     if id_image is not None and id_embeds is not None:
-        raise SpatialIDError("give either id_image or id_embeds, not both")
+        raise IdentityError("give either id_image or id_embeds, not both")
     if id_image is not None:
         emb = base.encode_identity(id_image)
         tokens, uncond_tokens, info = resolve_person(emb, uncond)
@@ -68,14 +67,14 @@ def _person(base: Any, id_image: Any, id_embeds: Any, uncond: Any) -> tuple[torc
     num_queries = getattr(getattr(base, "idformer", None), "num_queries", None)
     if id_image is not None or not isinstance(id_embeds, torch.Tensor):
         if num_queries and tokens.shape[1] != num_queries:
-            raise SpatialIDError(
+            raise IdentityError(
                 f"the identity has {tokens.shape[1]} tokens but this model's IDFormer makes {num_queries}; "
                 "encode the photo with the same model"
             )
     cas = getattr(base, "ca_modules", None)
     kv_dim = getattr(cas[0], "kv_dim", tokens.shape[-1]) if cas else tokens.shape[-1]
     if tokens.shape[-1] != kv_dim:
-        raise SpatialIDError(
+        raise IdentityError(
             f"identity tokens have width {tokens.shape[-1]} but this model's PuLID modules expect {kv_dim}; "
             "encode the photo with the same model (e.g. `spatialid encode --model tiny` for the tiny model)"
         )
@@ -100,9 +99,9 @@ def identity_for_call(
         from spatialid.injection.people import check_people_count, split_person
 
         if id_image is not None or id_embeds is not None:
-            raise SpatialIDError("give people=[...] (several people) or id_image/id_embeds (one person), not both")
+            raise IdentityError("give people=[...] (several people) or id_image/id_embeds (one person), not both")
         if isinstance(people, (str, os.PathLike)) or not isinstance(people, Sequence):
-            raise SpatialIDError("people must be a list with one entry per person (a photo, a list of photos or an embedding)")
+            raise IdentityError("people must be a list with one entry per person (a photo, a list of photos or an embedding)")
         check_people_count(len(people))
         resolved = [_person(base, *split_person(p), uncond_id_embeds) for p in people]
         infos = [r[2] for r in resolved]
@@ -115,7 +114,7 @@ def identity_for_call(
     tokens = [r[0] for r in resolved]
     uncond = [r[1] for r in resolved]
     if need_uncond and any(u is None for u in uncond):
-        raise SpatialIDError(
+        raise IdentityError(
             "true CFG needs the zero-identity (uncond) tokens; pass an IdentityEmbedding or uncond_id_embeds"
         )
     return tokens, (uncond if all(u is not None for u in uncond) else None), info, infos
@@ -183,19 +182,19 @@ def run_identity_call(
         true_cfg=true_cfg, guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, seed=seed,
     )
     if not isinstance(cfg_start_step, int) or isinstance(cfg_start_step, bool) or cfg_start_step < 0:
-        raise SpatialIDError(f"cfg_start_step must be a whole number >= 0, got {cfg_start_step!r}")
+        raise IdentityError(f"cfg_start_step must be a whole number >= 0, got {cfg_start_step!r}")
     preset_name = preset if isinstance(preset, str) else ("pulid" if preset is None else "custom")
     schedule = apply_overrides(resolve_preset(preset), schedule_overrides)
     if schedule is None:
         schedule_overrides = None  # uniform injection: nothing was overridden
     if noise not in D.NOISE_MODES:
-        raise SpatialIDError(f"noise must be one of {', '.join(D.NOISE_MODES)}, got {noise!r}")
+        raise IdentityError(f"noise must be one of {', '.join(D.NOISE_MODES)}, got {noise!r}")
     use_true_cfg = float(true_cfg) > 1.0
     if use_true_cfg and not has_true_cfg:
-        raise SpatialIDError("this pipeline has no true CFG; use true_cfg=1 (--true-cfg 1)")
+        raise IdentityError("this pipeline has no true CFG; use true_cfg=1 (--true-cfg 1)")
     identity_given = id_image is not None or id_embeds is not None or bool(people)
     if identity_given and getattr(base, "injector", None) is None:
-        raise SpatialIDError(
+        raise IdentityError(
             "this pipeline has no PuLID modules; build it with SpatialIDPipeline.from_pretrained(...) or .tiny()"
         )
     need_uncond = use_true_cfg and float(id_weight) > 0
@@ -204,7 +203,7 @@ def run_identity_call(
         need_uncond=need_uncond,
     )
     if (regions is not None or masks_from is not None) and not tokens:
-        raise SpatialIDError("regions and masks_from need an identity (id_image, id_embeds or people)")
+        raise IdentityError("regions and masks_from need an identity (id_image, id_embeds or people)")
 
     batch = 1 if isinstance(prompt, str) or prompt is None else len(prompt)
     total = batch * int(num_images_per_prompt)
@@ -216,7 +215,7 @@ def run_identity_call(
         generator = seed_generators(int(seed), total)
     if noise == "reference" and flux_kwargs.get("latents") is None:
         if seeds is None:
-            raise SpatialIDError('noise="reference" needs seed=..., not generator=...')
+            raise IdentityError('noise="reference" needs seed=..., not generator=...')
         flux_kwargs["latents"] = base.reference_noise(seeds, height, width)
 
     inject = bool(tokens) and float(id_weight) > 0.0

@@ -60,7 +60,8 @@ from transformers import (
 
 from spatialid import defaults as D
 from spatialid.errors import SpatialIDError
-from spatialid.loaders.pulid import PuLIDLoaderMixin, load_pulid, pulid_loader, unload_pulid
+from spatialid.injection.identity import IdentityError
+from spatialid.loaders.pulid import PuLIDLoaderMixin, load_pulid
 from spatialid.models.pulid_flux import PuLIDFluxModel
 from spatialid.pipeline.generate import run_identity_call
 from spatialid.pipeline.loading import (
@@ -629,7 +630,7 @@ class SpatialIDPipeline(FluxPipeline, PuLIDLoaderMixin):
         """
         if true_cfg_scale is not None:  # diffusers' name for true_cfg
             if true_cfg != D.DEFAULT_TRUE_CFG and float(true_cfg) != float(true_cfg_scale):
-                raise SpatialIDError("give true_cfg or true_cfg_scale (the same setting), not both")
+                raise IdentityError("give true_cfg or true_cfg_scale (the same setting), not both")
             true_cfg = true_cfg_scale
         return run_identity_call(
             functools.partial(FluxPipeline.__call__, self),

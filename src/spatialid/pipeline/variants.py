@@ -29,6 +29,7 @@ from spatialid.loaders.names import (
     controlnet_misfit,
     parse_lora,
 )
+from spatialid.injection.identity import IdentityError
 from spatialid.loaders.pulid import load_pulid
 from spatialid.pipeline.generate import run_identity_call
 
@@ -46,14 +47,14 @@ def variant_pipeline(base: Any, mode: str, controlnet: Any = None) -> Any:
     import diffusers
 
     if mode not in PIPELINE_CLASSES:
-        raise SpatialIDError(f"unknown pipeline {mode!r}; one of: {', '.join(PIPELINE_CLASSES)}")
+        raise IdentityError(f"unknown pipeline {mode!r}; one of: {', '.join(PIPELINE_CLASSES)}")
     cls = getattr(diffusers, PIPELINE_CLASSES[mode])
     names = set(inspect.signature(cls.__init__).parameters) - {"self"}
     components = getattr(base, "flux_components", None) or dict(base.components)
     parts = {k: v for k, v in components.items() if k in names}
     if "controlnet" in names:
         if controlnet is None:
-            raise SpatialIDError(f"{cls.__name__} needs a ControlNet (--controlnet ID)")
+            raise IdentityError(f"{cls.__name__} needs a ControlNet (--controlnet ID)")
         parts["controlnet"] = controlnet
     pipe = cls(**parts)
     pulid = getattr(base, "pulid", None)
@@ -73,7 +74,7 @@ def load_loras(pipe: Any, loras: list[str] | tuple[str, ...], **hub_kwargs: Any)
     try:
         import peft  # noqa: F401
     except ImportError:
-        raise SpatialIDError("--lora needs the PEFT library: pip install peft") from None
+        raise IdentityError("--lora needs the PEFT library: pip install peft") from None
     names: list[str] = []
     scales: list[float] = []
     for i, text in enumerate(loras):
@@ -93,11 +94,11 @@ def load_loras(pipe: Any, loras: list[str] | tuple[str, ...], **hub_kwargs: Any)
             raise
         except Exception as exc:  # noqa: BLE001 - peft/diffusers raise many types: size mismatch, unknown keys, missing file
             reason = " ".join(str(exc).split())[:200]
-            raise SpatialIDError(
+            raise IdentityError(
                 f"LoRA {source} does not fit this FLUX transformer (made for another base model?): {reason}"
             ) from None
         if name not in set(_adapters(pipe)) - before:
-            raise SpatialIDError(
+            raise IdentityError(
                 f"LoRA {source} has no weights for this FLUX transformer (made for another base model?)"
             )
         names.append(name)
@@ -127,7 +128,7 @@ def check_controlnet_fits(controlnet_config: Any, transformer_config: Any, sourc
     """Refuse a ControlNet made for another transformer (widths that cannot add to its blocks)."""
     problems = controlnet_misfit(dict(controlnet_config), dict(transformer_config))
     if problems:
-        raise SpatialIDError(f"ControlNet {source} does not fit this FLUX transformer ({problems})")
+        raise IdentityError(f"ControlNet {source} does not fit this FLUX transformer ({problems})")
 
 
 class IdentityPipelineRunner:
@@ -189,20 +190,20 @@ class IdentityPipelineRunner:
         from spatialid.utils.images import load_image
 
         if noise != "diffusers":
-            raise SpatialIDError(f"--noise {noise} applies to text-to-image only; the {self.mode} pipeline draws diffusers' noise")
+            raise IdentityError(f"--noise {noise} applies to text-to-image only; the {self.mode} pipeline draws diffusers' noise")
         height = int(height or self.base.default_height)
         width = int(width or self.base.default_width)
         inputs: dict[str, Any] = {}
         bound = None
         if self.mode in IMAGE_PIPELINES:
             if init_image is None:
-                raise SpatialIDError(f"the {self.mode} pipeline needs an input image (--init-image)")
+                raise IdentityError(f"the {self.mode} pipeline needs an input image (--init-image)")
             inputs["image"] = load_image(init_image)
         if self.mode in STRENGTH_PIPELINES and strength is not None and "strength" in self._params:
             inputs["strength"] = float(strength)
         if self.mode in ("inpaint", "fill"):
             if inpaint_mask is None:
-                raise SpatialIDError(f"the {self.mode} pipeline needs a mask (--inpaint-mask)")
+                raise IdentityError(f"the {self.mode} pipeline needs a mask (--inpaint-mask)")
             bound = load_image(inpaint_mask).convert("L")  # identity only where the picture is repainted
             inputs["mask_image"] = bound
         size: tuple[int, int] | None = (height, width)
@@ -211,7 +212,7 @@ class IdentityPipelineRunner:
             size = kontext_size(height, width, height * width, int(getattr(self.pipe, "vae_scale_factor", 8)))
         if self.mode in ("controlnet", "control"):
             if control_image is None:
-                raise SpatialIDError(f"the {self.mode} pipeline needs a control image (--control-image)")
+                raise IdentityError(f"the {self.mode} pipeline needs a control image (--control-image)")
             inputs["control_image"] = load_image(control_image)
             if self.mode == "controlnet":
                 inputs["controlnet_conditioning_scale"] = float(controlnet_scale if controlnet_scale is not None else 1.0)
@@ -227,7 +228,7 @@ class IdentityPipelineRunner:
         flux_kwargs = {k: v for k, v in kwargs.items() if k in self._params or k in _IDENTITY_ARGS}
         unknown = sorted(set(kwargs) - set(flux_kwargs))
         if unknown:
-            raise SpatialIDError(f"{type(self.pipe).__name__} does not take {', '.join(unknown)}")
+            raise IdentityError(f"{type(self.pipe).__name__} does not take {', '.join(unknown)}")
         return run_identity_call(
             self.pipe.__call__,
             self.base,
