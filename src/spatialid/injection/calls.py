@@ -26,7 +26,6 @@ name (one graph per branch) and on ints that become dynamic after their first ch
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -276,6 +275,3 @@ def remove_hook_keeping_wrappers(module: nn.Module, name: str, installed: Any) -
     restored = vars(module).get("forward")
     if getattr(restored, "__func__", None) is type(module).forward and getattr(restored, "__self__", None) is module:
         del module.forward
-    old = getattr(module, "_old_forward", None)
-    if getattr(old, "__func__", None) is None and isinstance(old, functools.partial) and not registry.hooks:
-        pass  # an accelerate wrapper around a diffusers wrapper that is gone: left to accelerate

@@ -291,9 +291,7 @@ class IdentityInjector:
         ident = self._identity_of(identity)
         self._reset_call()
         if ident is None:
-            if self._session is None and identity is None:
-                raise RuntimeError("IdentityInjector.begin_call() needs an identity or an active() block")
-            return TransformerCall(0, 0, "cond", False)
+            raise RuntimeError("IdentityInjector.begin_call() needs an identity or an active() block")
         call = self._number_call(ident)
         if self._session is not None:
             self._session.calls += 1

@@ -205,7 +205,6 @@ def load_pulid(
             injector = IdentityInjector(transformer, cas, di, si, scheduler=getattr(pipe, "scheduler", None))
         except ValueError as exc:  # CA count does not fit the transformer's blocks
             raise IdentityError(str(exc)) from None
-        injector.users = 0
     injector.scheduler = getattr(pipe, "scheduler", None) or injector.scheduler
     injector.users += 1
     loader = PuLIDLoader(pipe, injector, container)

@@ -61,9 +61,6 @@ def _person(base: Any, id_image: Any, id_embeds: Any, uncond: Any) -> tuple[torc
         info = {**info, "source": "image", "files": describe_sources(id_image)}
     else:
         tokens, uncond_tokens, info = resolve_person(id_embeds, uncond)
-        bare = isinstance(id_embeds, torch.Tensor)
-        if bare:
-            info = {"source": "embeds"}
     num_queries = getattr(getattr(base, "idformer", None), "num_queries", None)
     if id_image is not None or not isinstance(id_embeds, torch.Tensor):
         if num_queries and tokens.shape[1] != num_queries:
