@@ -50,6 +50,8 @@ Examples (see docs/performance.md for the recorded numbers)::
     python benchmarks/step_cost.py --size mid --device cpu --threads 1 --repeats 20 --json mid_cpu.json
     python benchmarks/step_cost.py --size full --device cuda --resolution 1024 --json full_gpu.json
     python benchmarks/step_cost.py --summarize mid_cpu.json full_gpu.json   # markdown rows
+    python benchmarks/step_cost.py --size mid --threads 1 --variants plain,pulid --people "" --words --skip-memory \
+        --skip-idformer   # 2 people bound to words vs 2 unbound (goal <= 1.02 per step)
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ from step_cost_measure import (  # noqa: E402
     time_people,
     time_points,
     time_steps,
+    time_words,
 )
 from step_cost_setup import SIZES, _max_rss_mb, _ms, _summary, build_models, make_inputs  # noqa: E402
 from step_cost_setup import _sync  # noqa: E402, F401  (cache_drift.py times with it)
@@ -253,6 +256,10 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
                 models, injector, inputs, embeds, grid, args.people, args.people_preset, args.repeats, args.warmup,
                 device, timer,
             )
+        if args.words:
+            result["words"] = time_words(
+                models, injector, inputs, embeds, grid, args.people_preset, args.repeats, args.warmup, device, timer,
+            )
         if not args.skip_memory:
             result["memory"] = measure_memory(models, injector, inputs, embeds, grid, variants, device)
             result["max_rss_mb"] = _max_rss_mb()
@@ -316,6 +323,14 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append("  step ratios: " + ", ".join(f"{k} {v:.4f}" for k, v in people["ratios"].items())
                      + " | paired: " + ", ".join(f"{k} {v:.4f}" for k, v in people["paired_ratios"].items())
                      + " | estimated from points: " + ", ".join(f"{k} {v:.4f}" for k, v in people["estimated_ratios"].items()))
+    if result.get("words"):
+        words = result["words"]
+        lines.append(f"2 people bound to words vs unbound (preset {words['preset']}, t {words['t']:g}, "
+                     f"{words['capture_blocks']} capture blocks): " + ", ".join(
+                         f"{k} step {v['median']:.2f} ms" for k, v in words["step_ms"].items())
+                     + f" | ratio {words['ratio']:.4f}, paired {words['paired_ratio']:.4f}, estimated from the "
+                     f"pieces {words['estimated_ratio']:.4f} (capture {words['capture_ms_per_block']['median']:.3f} ms "
+                     f"per block, layout {words['layout_ms_per_call']['median']:.3f} ms per call)")
     if result.get("mask_ms"):
         lines.append("mask alone (schedule.mask, tensor t): " + ", ".join(
             f"{k} {v['median']:.3f} ms / {v['allocated_kib']:.0f} KiB" for k, v in result["mask_ms"].items())
@@ -408,6 +423,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--people", type=lambda s: [int(x) for x in s.split(",") if x.strip()], default=[1, 2, 4],
                         help="identity counts for the several-people rows, e.g. 1,2,4 (empty string: skip them)")
     parser.add_argument("--people-preset", default="paper", help="schedule of the several-people rows (default paper)")
+    parser.add_argument("--words", action="store_true",
+                        help="also time 2 people bound to words against 2 people unbound (--people-preset; t 0.9)")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--json", type=Path, default=None, help="write the results here (atomic)")
     parser.add_argument("--summarize", type=Path, nargs="+", default=None, metavar="RESULT_JSON",

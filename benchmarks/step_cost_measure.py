@@ -477,3 +477,107 @@ def time_idformer(spec: SizeSpec, device: torch.device, dtype: torch.dtype, repe
     result["config"] = cfg.to_dict()
     result["vit_tokens"] = VIT_TOKENS
     return result
+
+
+def time_words(
+    models: dict[bool, Callable[..., Any]],
+    injector: IdentityInjector,
+    inputs: dict[str, Any],
+    embeds: torch.Tensor,
+    grid: tuple[int, int],
+    preset: str,
+    repeats: int,
+    warmup: int,
+    device: torch.device,
+    timer: str,
+    t: float = 0.9,
+) -> dict[str, Any]:
+    """Steps with 2 people bound to words against the same 2 people unbound (issue 22).
+
+    Bound people add the word capture (the image queries and a few text keys of the middle
+    double blocks' attention, softmax over the image) and the layout from the accumulated maps.
+    Timed at ``t`` (default 0.9: a layout step, where the maps are gathered), interleaved round
+    by round; each person is bound to two text tokens, as "the boy".
+    """
+    gen = torch.Generator(device="cpu").manual_seed(6)
+    other = torch.randn(embeds.shape, generator=gen).to(device=device, dtype=embeds.dtype)
+    people = [embeds, other]
+    n_text = int(inputs["encoder_hidden_states"].shape[1])
+    words = [[1 % n_text, 2 % n_text], [4 % n_text, 5 % n_text]]
+    step_inputs = {**inputs, "timestep": torch.full_like(inputs["timestep"], t)}
+    schedule = PRESETS[preset]
+    model = models[False]
+    clock = time.perf_counter if timer == "wall" else time.process_time
+    times: dict[str, list[float]] = {"unbound": [], "words": []}
+    for r in range(warmup + repeats):
+        order = ["unbound", "words"] if r % 2 == 0 else ["words", "unbound"]
+        for name in order:
+            with injector.active(people, 1.0, schedule, grid, word_tokens=words if name == "words" else None):
+                model(**step_inputs)  # the first call of a session (its word maps start empty)
+                _sync(device)
+                start = clock()
+                model(**step_inputs)
+                _sync(device)
+                elapsed = clock() - start
+            if r >= warmup:
+                times[name].append(elapsed)
+    step_ms = {k: _ms(_summary(v)) for k, v in times.items()}
+    extra = _words_extra_ms(model, injector, step_inputs, words, grid, repeats, device, clock)
+    blocks = len(getattr(injector, "_word_attns", []))
+    unbound = step_ms["unbound"]["median"]
+    return {
+        "preset": preset,
+        "t": t,
+        "capture_blocks": blocks,
+        "step_ms": step_ms,
+        "ratio": step_ms["words"]["median"] / unbound,
+        "paired_ratio": statistics.median(a / b for a, b in zip(times["words"], times["unbound"])),
+        "capture_ms_per_block": extra["capture"],
+        "layout_ms_per_call": extra["layout"],
+        # the extra work timed alone (far less noisy than whole steps on a shared machine)
+        "estimated_ratio": (unbound + blocks * extra["capture"]["median"] + extra["layout"]["median"]) / unbound,
+    }
+
+
+def _words_extra_ms(
+    model: Any, injector: IdentityInjector, inputs: dict[str, Any], words: list[list[int]], grid: tuple[int, int],
+    repeats: int, device: torch.device, clock: Callable[[], float],
+) -> dict[str, dict[str, float]]:
+    """The two pieces people bound to words add, timed alone: one block's capture (image queries,
+    a few text keys, softmax over the image, accumulation) and one call's layout from the maps."""
+    from spatialid.injection.words import word_maps, word_table
+    from spatialid.masks.compute import bind_words, build_layout
+
+    attn = injector._word_attns[0]
+    batch, n = inputs["hidden_states"].shape[:2]
+    width = attn.to_q.in_features if hasattr(attn, "to_q") else attn.to_qkv.in_features
+    dtype = next(attn.parameters()).dtype
+    gen = torch.Generator().manual_seed(13)
+    image = torch.randn(batch, n, width, generator=gen).to(device=device, dtype=dtype)
+    text = torch.randn(batch, inputs["encoder_hidden_states"].shape[1], width, generator=gen).to(device=device, dtype=dtype)
+    ids = torch.cat([inputs["txt_ids"], inputs["img_ids"]], dim=0)
+    rotary = model.pos_embed(ids)
+    index, weight, bound, _ = word_table(words, 2)
+    index, weight = index.to(device).expand(batch, -1), weight.to(device).expand(batch, -1, -1)
+    acc = torch.zeros(2, batch, n, device=device)
+    gate = torch.ones(batch, device=device)
+    base = build_layout(2, grid[0], grid[1], 0.3, None, device)
+
+    def capture() -> None:
+        acc.add_(word_maps(attn, image, text, rotary, index, weight) * gate[None, :, None])
+
+    def layout() -> None:
+        bind_words(base, acc, bound, grid[0], grid[1], 0.3)
+
+    out = {}
+    for name, fn in (("capture", capture), ("layout", layout)):
+        fn()
+        samples = []
+        for _ in range(max(repeats, 10)):
+            _sync(device)
+            start = clock()
+            fn()
+            _sync(device)
+            samples.append(clock() - start)
+        out[name] = _ms(_summary(samples))
+    return out

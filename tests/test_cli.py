@@ -154,10 +154,10 @@ def test_demo_in_process(tmp_path, capsys):
     code, stdout, err = _run(["demo", "--out", out_dir, "--size", "64x64", "--steps", 2], capsys)
     assert code == 0, err
     names = sorted(p.name for p in out_dir.iterdir())
-    assert names == ["demo.png", "demo_compare.png", "demo_masks.png"]
+    assert names == ["astronaut.png", "demo.png", "demo_compare.png", "demo_masks.png"]  # the photo: a command that works
     assert "wall time" in stdout and "noise by design" in err
     s = read_png_metadata(out_dir / "demo.png")
-    assert s["identity"]["files"] == ["skimage astronaut"] and s["demo"] is True
+    assert s["identity"]["files"] == ["astronaut.png"] and s["demo"] is True
 
 
 # ----------------------------------------------------------------------------- bad input

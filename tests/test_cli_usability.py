@@ -124,7 +124,7 @@ def test_global_flags_after_the_sub_command_and_short_flags(tmp_path, capsys):
     out = tmp_path / "q.png"
     code, stdout, err = _run(["generate", "-q", *FAST, "-p", "x", "-s", 3, "-n", 2, "-o", out], capsys)
     assert code == 0, err
-    assert [Path(p).name for p in stdout.split()] == ["q-0.png", "q-1.png"]
+    assert [Path(p).name for p in stdout.split()] == ["q_0.png", "q_1.png"]
     assert "image(s)" not in err  # quiet: no summary line
     from spatialid.pipeline.settings import GenerationSettingsError
 
@@ -148,7 +148,7 @@ def test_info_prints_a_command_that_reproduces_the_image(tmp_path, embeds_file, 
     assert "given again" in stdout or "give the same file" in stdout
     (command,) = [ln.strip() for ln in stdout.splitlines() if ln.strip().startswith("spatialid generate")]
     argv = shlex.split(command)
-    assert argv[argv.index("--id-embeds") + 1] == "me.safetensors"
+    assert argv[argv.index("--id-embeds") + 1] == str(embeds_file)  # where it was: the command works from any folder
     for flag in ("--preset", "--early", "--seed", "--steps", "--size", "--guidance", "--id-weight", "--start-step",
                  "--true-cfg", "--noise", "--max-sequence-length"):
         assert flag in argv, flag

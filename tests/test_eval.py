@@ -232,8 +232,9 @@ def tiny_models():
     return MetricModels.tiny()
 
 
-ALL_KEYS = ["clip_t", "clip_i", "clip_ref", "face_sim", "face_det", "anti_face_sim", "iq", "iq_01", "aesthetic", "fid",
-            "bg_lpips", "bg_clip_dist", "bg_mae", "bg_clip_t"]
+ALL_KEYS = ["clip_t", "clip_i", "clip_ref", "face_sim", "face_det", "anti_face_sim", "count_acc", "sim_ref", "id_conf",
+            "landmark_diff", "pose_div_yaw", "pose_div_pitch", "pose_div_roll", "expr_div",
+            "iq", "iq_01", "aesthetic", "fid", "bg_lpips", "bg_clip_dist", "bg_mae", "bg_clip_t"]
 
 
 def test_evaluate_writes_every_metric_and_measures_contamination(fake_bench, tiny_models, tmp_path):

@@ -111,7 +111,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     }
     cmd = [
         sys.executable, "-m", "spatialid", "serve", "--model", "tiny", "--host", "127.0.0.1",
-        "--port", str(port), "--output-dir", str(work / "outputs"), "--device", "cpu", "--max-upload-mb", "1",
+        # no --output-dir: a server on 127.0.0.1 keeps its results in ./outputs by default (cwd: work)
+        "--port", str(port), "--device", "cpu", "--max-upload-mb", "1",
         "--max-cost", "2000",  # the queue test asks for every preset at 50 steps and 256 px
     ]
     with open(log_path, "wb") as log:
@@ -179,7 +180,8 @@ def _upload(page: object, photo: Path, box: str = "#id-photo") -> None:
         page.wait_for_selector("#generate")  # type: ignore[attr-defined]
     field.set_input_files(str(photo))
     # upload finished: the list of photos used names it, with a download link to the server's copy
-    page.locator(f'#id-photos a[download="{photo.name}"]').wait_for()  # type: ignore[attr-defined]
+    # (the list itself shows once there are two photos to choose from)
+    page.locator(f'#id-photos a[download="{photo.name}"]').wait_for(state="attached")  # type: ignore[attr-defined]
 
 
 def _upload_and_generate(page: object, photo: Path, prompt: str) -> None:
@@ -194,6 +196,12 @@ def _wait_done(page: object) -> None:
     status.get_by_text("Done:").or_(status.get_by_text("Not generated")).first.wait_for()
     text = status.inner_text()
     assert "Done:" in text, f"the run did not finish: {text.strip()}"
+    _wait_chain_end(page)
+
+
+def _wait_chain_end(page: object) -> None:
+    """The run's last event (the used seed back in its box, the history) has run: Stop is off again."""
+    page.wait_for_function("() => document.querySelector('#stop').disabled")  # type: ignore[attr-defined]
 
 
 def _image_loaded(page: object, selector: str) -> dict:
@@ -222,7 +230,10 @@ def test_generate_shows_image_masks_and_no_face_error(page: object, server: dict
     assert face["w"] > 0
     settings = page.locator("#settings textarea").input_value()  # type: ignore[attr-defined]
     assert "portrait photo of a woman wearing a space suit" in settings
-    assert '"preset": "relaxed"' in settings and "astronaut.png" in settings  # the default preset
+    assert "preset relaxed" in settings and "photos: astronaut.png" in settings  # the default preset, compact
+    assert "null" not in settings and len(settings.splitlines()) <= 5
+    note = page.locator("#storage-note").inner_text()  # type: ignore[attr-defined]
+    assert "Kept" in note and str(server["outputs"].resolve()) in note  # where the kept results are
     assert page.locator('#downloads a[download$=".png"]').count() == 2  # type: ignore[attr-defined]  # image + masks
     # download names say what each file is, shown in full (not cut to the same prefix)
     used = page.locator("#seed textarea, #seed input").first.input_value()  # type: ignore[attr-defined]
@@ -250,17 +261,11 @@ def test_generate_shows_image_masks_and_no_face_error(page: object, server: dict
         assert page.locator(f"{box} img").count() == 0, box  # type: ignore[attr-defined]
     assert page.locator("#downloads a[download]").count() == 0  # type: ignore[attr-defined]
     assert page.locator("#settings textarea").input_value() == ""  # type: ignore[attr-defined]
-    toast = page.locator(".toast-body").filter(has_text="no face found")  # type: ignore[attr-defined]
-    toast.first.wait_for(state="visible")  # the red popup, top right
-    page.wait_for_timeout(600)  # let the popup finish fading in before the screenshot
+    # the refusal is said once, in the status line: no popup, no red badge on the outputs
+    page.wait_for_timeout(600)
+    assert page.locator(".toast-body:visible").count() == 0  # type: ignore[attr-defined]
+    assert page.locator("#images .error:visible, #mask-picture .error:visible").count() == 0  # type: ignore[attr-defined]
     page.screenshot(path=str(ARTIFACTS / "ui-error.png"), full_page=False)  # type: ignore[attr-defined]
-    # the same mistake again: still one popup (the old one goes when a run starts), not a pile
-    page.locator("#generate").click()  # type: ignore[attr-defined]
-    page.locator("#status").get_by_text("Generating").wait_for()  # type: ignore[attr-defined]
-    status.wait_for()
-    toast.first.wait_for(state="visible")
-    page.wait_for_timeout(300)
-    assert page.locator(".toast-body:visible").count() == 1  # type: ignore[attr-defined]
 
     assert page.outside_requests == []  # type: ignore[attr-defined]
     assert time.monotonic() - started < 90
@@ -268,7 +273,7 @@ def test_generate_shows_image_masks_and_no_face_error(page: object, server: dict
 
 def test_upload_replaces_shows_face_and_adds_same_person(page: object, photos: dict) -> None:
     """A dropped photo replaces the last one; the face check runs on upload; adding is explicit."""
-    assert "same person" in page.locator("#photo-help").inner_text()  # type: ignore[attr-defined]
+    assert "One person" in page.locator("#photo-help").inner_text()  # type: ignore[attr-defined]
     _upload(page, photos["coffee"])
     face_check = page.locator("#face-check")  # type: ignore[attr-defined]
     face_check.get_by_text("no face found in coffee.png").wait_for()  # before Generate
@@ -287,7 +292,7 @@ def test_upload_replaces_shows_face_and_adds_same_person(page: object, photos: d
     _wait_done(page)
 
     page.locator("#add-photo").wait_for()  # type: ignore[attr-defined]
-    page.locator("input[type=file][data-testid$='-upload-button']").first.set_input_files(str(photos["astronaut"]))  # type: ignore[attr-defined]
+    page.locator("#add-photo").locator("xpath=preceding-sibling::input[1]").set_input_files(str(photos["astronaut"]))  # type: ignore[attr-defined]
     page.wait_for_function("() => document.querySelectorAll('#id-photos a[download]').length == 2")  # type: ignore[attr-defined]
     face_check.get_by_text("2 photos of one person").wait_for()
     # removing one from "Photos used" checks the faces again
@@ -321,12 +326,13 @@ def test_seed_written_back_randomize_and_reuse(page: object, photos: dict) -> No
     reused = seed_box.input_value()
     page.locator("#generate").click()  # type: ignore[attr-defined]
     page.locator("#status").get_by_text(f"seed {reused},").wait_for()  # type: ignore[attr-defined]
+    _wait_chain_end(page)  # else the seed written back could land after the next fill
 
     big = "2680261499100305976"  # PuLID's own example seed, > 2**32
     seed_box.fill(big)
     page.locator("#generate").click()  # type: ignore[attr-defined]
     page.locator("#status").get_by_text(f"seed {big},").wait_for()  # type: ignore[attr-defined]
-    assert f'"seed": {big}' in page.locator("#settings textarea").input_value()  # type: ignore[attr-defined]
+    assert f"Seed {big}," in page.locator("#settings textarea").input_value()  # type: ignore[attr-defined]
     assert seed_box.input_value() == big
 
 
@@ -340,11 +346,11 @@ def test_example_click_runs_generation(page: object) -> None:
     assert _image_loaded(page, "#images")["w"] == 128
     assert page.locator("#prompt textarea").input_value().startswith("oil painting")  # type: ignore[attr-defined]
     settings = page.locator("#settings textarea").input_value()  # type: ignore[attr-defined]
-    assert '"start_step": 1' in settings and '"id_weight": 1.2' in settings
+    assert "start step 1" in settings and "ID weight 1.2" in settings
     thumbs.nth(0).click()  # the photo: start step 4
     page.locator("#status").get_by_text("Generating").wait_for()  # type: ignore[attr-defined]
     _wait_done(page)
-    assert '"start_step": 4' in page.locator("#settings textarea").input_value()  # type: ignore[attr-defined]
+    assert "start step 4" in page.locator("#settings textarea").input_value()  # type: ignore[attr-defined]
     assert page.locator("#prompt textarea").input_value().startswith("portrait photo")  # type: ignore[attr-defined]
     # the last example is a photo without a face: one click shows why it cannot work
     thumbs.nth(2).click()
@@ -489,95 +495,166 @@ def test_first_screen_fits_1280x720_enter_generates(browser: object, server: dic
         pg.evaluate("() => window.scrollTo(0, 0)")
         pg.wait_for_timeout(300)
         ARTIFACTS.mkdir(exist_ok=True)
-        pg.screenshot(path=str(ARTIFACTS / "ui-1280x720.png"))  # the finished page as a visitor first sees it
+        pg.screenshot(path=str(ARTIFACTS / "ui-1280x720.png"))  # the finished page (docs/images/web-ui.png)
+
+        def result_in_view(when: str) -> None:
+            _image_loaded(pg, "#images")
+            for box in ("#status", "#images"):
+                bb = pg.locator(box).first.bounding_box()
+                assert bb is not None and bb["y"] >= 0 and bb["y"] + min(bb["height"], 150) <= 720, (when, box, bb)
+
+        # an example far below the result column: after its click the run's result is what is in view
+        pg.locator("#examples").scroll_into_view_if_needed()
+        pg.locator("#examples button.thumbnail-item").nth(1).click()
+        pg.locator("#status").get_by_text("Generating").wait_for()
+        _wait_done(pg)
+        result_in_view("after an example click")
+        # a history click far below: the clicked image is shown large, in view
+        pg.locator("#history").scroll_into_view_if_needed()
+        pg.locator("#history button.thumbnail-item").nth(1).click()
+        pg.locator("#status").get_by_text("Loaded the settings of").wait_for()
+        result_in_view("after a history click")
     finally:
         context.close()
 
 
 def test_stop_cancels_and_frees_the_queue(page: object, server: dict, photos: dict) -> None:
-    """Stop ends a long run between two steps, says "Stopped", and the next run starts at once."""
+    """Stop is on only while this tab's run is queued or running; it ends a long run between two steps and
+    says "Stopped" (never "something went wrong"), and the next run starts at once."""
+    stop = page.locator("#stop")  # type: ignore[attr-defined]
+    assert stop.is_disabled()  # idle: nothing to stop
     page.get_by_role("button", name=re.compile("^Settings")).first.click()  # type: ignore[attr-defined]
+    width = page.locator("#width input[type=number]")  # type: ignore[attr-defined]
+    width.fill("5000")  # typed past the slider's end: refused with a line, not silently made 512
+    width.press("Enter")
+    page.locator("#width").get_by_text("5000 refused: Width must be between 64 and 512").wait_for()  # type: ignore[attr-defined]
+    assert width.input_value() == "128"
     steps_box = page.locator("#steps input[type=number]")  # type: ignore[attr-defined]
     steps_box.fill("50")
     steps_box.press("Enter")
-    page.locator("#compare input[type=checkbox]").check()  # type: ignore[attr-defined]
-    for label in page.locator("#compare-presets label").all():  # type: ignore[attr-defined]
-        label.locator("input").check()
-    before = {p.name for p in server["outputs"].rglob("*.png")}
+    for side in ("#width", "#height"):  # 4x the tokens: long enough to be stopped on a fast machine too
+        box = page.locator(f"{side} input[type=number]")  # type: ignore[attr-defined]
+        box.fill("256")
+        box.press("Enter")
+    page.locator("#compare input[type=checkbox]").check()  # type: ignore[attr-defined]  # pulid + relaxed: 2 runs
+    page.locator("#cost").get_by_text(re.compile(r"^Cost: [\d.]+ of this server's cap of 2000")).wait_for()  # type: ignore[attr-defined]
+    seed_box = page.locator("#seed textarea, #seed input").first  # type: ignore[attr-defined]
+    page.locator("#randomize input").uncheck()  # type: ignore[attr-defined]
+    seed_box.fill("4242424242")  # the stopped run's files would be named by it
     _upload_and_generate(page, photos["astronaut"], "portrait photo")
     page.locator("#images").get_by_text(re.compile(r"denoising step")).first.wait_for()  # type: ignore[attr-defined]
+    assert stop.is_enabled()
     started = time.monotonic()
-    page.locator("#stop").click()  # type: ignore[attr-defined]
+    stop.click()
     page.locator("#status").get_by_text("Stopped").wait_for()  # type: ignore[attr-defined]
+    page.wait_for_function("() => document.querySelector('#stop').disabled")  # type: ignore[attr-defined]
+    page.wait_for_timeout(500)  # the cancelled event's own end comes after the click's answer
+    status = page.locator("#status").inner_text()  # type: ignore[attr-defined]
+    assert "Stopped" in status and "went wrong" not in status
     # the queue is free again: a small run finishes quickly (it would wait for 7 x 50 steps otherwise)
     steps_box.fill("2")
     steps_box.press("Enter")
     page.locator("#compare input[type=checkbox]").uncheck()  # type: ignore[attr-defined]
+    seed_box.fill("4242424243")
     page.locator("#generate").click()  # type: ignore[attr-defined]
     _wait_done(page)
-    assert time.monotonic() - started < 30
-    after = {p.name for p in server["outputs"].rglob("*.png")}
-    assert all("_compare" not in n for n in after - before)  # nothing of the stopped comparison was kept
+    assert time.monotonic() - started < 30  # (the stopped job: 2 x 50 steps at 256 px)
+    page.wait_for_function("() => document.querySelector('#stop').disabled")  # type: ignore[attr-defined]
+    assert "Stopped" not in page.locator("#status").inner_text()  # type: ignore[attr-defined]  # no stale words
+    assert not list(server["outputs"].rglob("spatialid-s4242424242*"))  # nothing of the stopped run was kept
 
 
 def test_load_settings_from_png_and_history(page: object, server: dict, photos: dict, tmp_path: Path) -> None:
-    """A PNG written by spatialid dropped on "Load settings" fills the form; the tab's history does too."""
-    big = "1234567890123456789"  # a 64-bit seed no other test uses (their PNGs share --output-dir)
+    """A PNG written by spatialid dropped on "Load settings" fills the form and says so in the status line;
+    the tab's history does too, shows the image large, and survives a reload (a local server keeps its files)."""
+    big = "1234567890123456789"  # a 64-bit seed no other test uses (their PNGs share the outputs folder)
     seed_box = page.locator("#seed textarea, #seed input").first  # type: ignore[attr-defined]
     _upload(page, photos["astronaut"])
     page.locator("#prompt textarea").fill("a knight in armour, oil painting")  # type: ignore[attr-defined]
     page.locator("#randomize input").uncheck()  # type: ignore[attr-defined]
     seed_box.fill(big)
+    page.locator("#people-box").get_by_text("Several people").first.click()  # type: ignore[attr-defined]
+    page.locator("#region-1 input, #region-1 textarea").first.fill("0,0,1,1")  # type: ignore[attr-defined]
     page.locator("#generate").click()  # type: ignore[attr-defined]
     _wait_done(page)
     written = next(server["outputs"].rglob(f"spatialid-s{big}.png"))
     page.locator("#history img").first.wait_for()  # type: ignore[attr-defined]
     page.locator("#prompt textarea").fill("something else")  # type: ignore[attr-defined]
     page.locator("#randomize input").check()  # type: ignore[attr-defined]
+    page.locator("#region-1 input, #region-1 textarea").first.fill("")  # type: ignore[attr-defined]
 
-    page.locator("#load-settings input[type=file]").set_input_files(str(written))  # type: ignore[attr-defined]
-    page.locator("#load-message").get_by_text("Loaded the settings of").wait_for()  # type: ignore[attr-defined]
+    page.locator("#load-settings").locator("xpath=preceding-sibling::input[1]").set_input_files(str(written))  # type: ignore[attr-defined]
+    page.locator("#status").get_by_text("Loaded the settings of").wait_for()  # type: ignore[attr-defined]
     assert page.locator("#prompt textarea").input_value() == "a knight in armour, oil painting"  # type: ignore[attr-defined]
     assert seed_box.input_value() == big
     assert not page.locator("#randomize input").is_checked()  # type: ignore[attr-defined]  # the loaded seed is kept
+    assert page.locator("#region-1 input, #region-1 textarea").first.input_value() == "0,0,1,1"  # type: ignore[attr-defined]
 
-    page.locator("#load-settings input[type=file]").set_input_files(str(photos["coffee"]))  # type: ignore[attr-defined]
-    page.locator("#load-message").get_by_text("No settings loaded").wait_for()  # type: ignore[attr-defined]
+    page.locator("#load-settings").locator("xpath=preceding-sibling::input[1]").set_input_files(str(photos["coffee"]))  # type: ignore[attr-defined]
+    page.locator("#status").get_by_text("No settings loaded").wait_for()  # type: ignore[attr-defined]
     assert "coffee.png" in page.locator("#load-message").inner_text()  # type: ignore[attr-defined]
 
+    page.reload()  # type: ignore[attr-defined]  # the history survives it (this server keeps its results)
+    page.wait_for_selector("#generate")  # type: ignore[attr-defined]
+    page.locator("#history img").first.wait_for()  # type: ignore[attr-defined]
+    assert f"seed {big}" in page.locator("#history").inner_text()  # type: ignore[attr-defined]
     page.locator("#prompt textarea").fill("something else")  # type: ignore[attr-defined]
     page.locator("#history button.thumbnail-item").first.click()  # type: ignore[attr-defined]
     page.wait_for_function(  # type: ignore[attr-defined]
         "() => document.querySelector('#prompt textarea').value === 'a knight in armour, oil painting'"
     )
-    assert f"seed {big}" in page.locator("#history").inner_text()  # type: ignore[attr-defined]
+    _image_loaded(page, "#images")  # the clicked result, large
+    assert f"Seed {big}" in page.locator("#settings textarea").input_value()  # type: ignore[attr-defined]
 
 
 def test_two_people_generate_with_their_mask_picture(page: object, photos: dict) -> None:
-    """Add a person, check their face on upload, generate: one colour per person in the mask picture, both in the settings."""
+    """Add a person (thumbnails and face found), generate: one colour per person in the mask picture, both
+    aligned faces, both in the settings; the mode shows; removing person 2 clears person 1's region."""
     mirrored = photos["mirrored"]
     _upload(page, photos["astronaut"])
     page.locator("#people-box").get_by_text("Several people").first.click()  # type: ignore[attr-defined]
     page.locator("#add-person").click()  # type: ignore[attr-defined]
     page.locator("#person-2-photos input[type=file]").set_input_files(str(mirrored))  # type: ignore[attr-defined]
     page.locator("#person-2-check").get_by_text("Person 2: face found (1 photo)").wait_for()  # type: ignore[attr-defined]
+    page.wait_for_function("() => document.querySelectorAll('#person-2-preview img').length >= 2")  # type: ignore[attr-defined]  # photo + face
+    page.locator("#region-1 input, #region-1 textarea").first.fill("0,0,0.5,1")  # type: ignore[attr-defined]
+    page.locator("#region-2 input, #region-2 textarea").first.fill("0.5,0,1,1")  # type: ignore[attr-defined]
+    page.locator("#active-mode").get_by_text("2 people").wait_for()  # type: ignore[attr-defined]
+    assert "regions" in page.locator("#active-mode").inner_text()  # type: ignore[attr-defined]
     page.locator("#prompt textarea").fill("two astronauts side by side")  # type: ignore[attr-defined]
     page.locator("#generate").click()  # type: ignore[attr-defined]
     _wait_done(page)
+    assert "2 people" in page.locator("#status").inner_text()  # type: ignore[attr-defined]
     masks = _image_loaded(page, "#mask-picture")
     assert masks["w"] > 128  # final image + one tile per phase, one colour per person
+    face = _image_loaded(page, "#aligned-face")
+    assert face["w"] >= 2 * face["h"] - 2  # both people's aligned faces, side by side
     settings = page.locator("#settings textarea").input_value()  # type: ignore[attr-defined]
-    assert '"people"' in settings and "astronaut.png" in settings and "mirrored.png" in settings
-    assert '"source": "people"' in settings
+    assert "people: astronaut.png | mirrored.png" in settings and "regions: 0,0,0.5,1 | 0.5,0,1,1" in settings
     page.locator("#remove-person-2").click()  # type: ignore[attr-defined]
+    page.locator("#person-2").first.wait_for(state="hidden")  # type: ignore[attr-defined]
+    page.locator("#people-message").get_by_text("region of person 1 was cleared").wait_for()  # type: ignore[attr-defined]
+    assert page.locator("#region-1 input, #region-1 textarea").first.input_value() == ""  # type: ignore[attr-defined]
+    page.locator("#active-mode").get_by_text("text to image").wait_for()  # type: ignore[attr-defined]
+    for _ in range(3):
+        page.locator("#add-person").click()  # type: ignore[attr-defined]
+    page.locator("#person-4").first.wait_for()  # type: ignore[attr-defined]
+    page.locator("#add-person").click()  # type: ignore[attr-defined]  # a fifth: said, not silently ignored
+    page.locator("#people-message").get_by_text("At most 4 people").wait_for()  # type: ignore[attr-defined]
+    page.locator("#clear-people").click()  # type: ignore[attr-defined]
     page.locator("#person-2").first.wait_for(state="hidden")  # type: ignore[attr-defined]
     assert page.outside_requests == []  # type: ignore[attr-defined]
 
 
 def test_img2img_from_an_init_image_with_strength(page: object, photos: dict) -> None:
-    """An init image in "Edit a picture / LoRA" with a strength: the img2img pipeline runs and says so in the settings."""
+    """An init image in "Edit a picture / LoRA" with a strength: img2img at the init image's size, said on the
+    folded section's header and above the status line; its Clear ends it."""
+    assert "Reuse last seed" in page.locator("#reuse-seed").inner_text()  # type: ignore[attr-defined]
+    page.locator("#reuse-seed").click()  # type: ignore[attr-defined]  # before any run: says why nothing happens
+    page.locator("#status").get_by_text("No run yet in this tab").wait_for()  # type: ignore[attr-defined]
     _upload(page, photos["astronaut"])
     page.locator("#edit-box").get_by_text("Edit a picture / LoRA").first.click()  # type: ignore[attr-defined]
+    assert page.locator("#loras input").first.is_disabled()  # type: ignore[attr-defined]  # no --lora-dir: looks off
     page.locator("#init-image").get_by_text("Upload an image").wait_for()  # type: ignore[attr-defined]  # the editor is ready
     with page.expect_file_chooser() as chooser:  # type: ignore[attr-defined]  # as a visitor: click, pick the file
         page.locator("#init-image").get_by_text("Upload an image").click()  # type: ignore[attr-defined]
@@ -588,13 +665,20 @@ def test_img2img_from_an_init_image_with_strength(page: object, photos: dict) ->
     strength = page.locator("#strength input[type=number]")  # type: ignore[attr-defined]
     strength.fill("0.6")
     strength.press("Enter")
+    page.locator("#active-mode").get_by_text("img2img, strength 0.6").wait_for()  # type: ignore[attr-defined]
+    page.locator("#edit-box").get_by_text("Edit a picture / LoRA").first.click()  # type: ignore[attr-defined]  # fold it
+    page.locator("#edit-box").get_by_text("Edit a picture / LoRA: ON, img2img").wait_for()  # type: ignore[attr-defined]  # the closed header says so
     page.locator("#prompt textarea").fill("portrait in a coffee shop")  # type: ignore[attr-defined]
     page.locator("#generate").click()  # type: ignore[attr-defined]
     _wait_done(page)
-    assert _image_loaded(page, "#images")["w"] == 128
+    image = _image_loaded(page, "#images")
+    assert (image["w"], image["h"]) == (144, 96)  # the init image's 150x100, in multiples of 16 (as the CLI)
+    assert "img2img (strength 0.6)" in page.locator("#status").inner_text()  # type: ignore[attr-defined]
     settings = page.locator("#settings textarea").input_value()  # type: ignore[attr-defined]
-    assert '"pipeline": "img2img"' in settings and '"strength": 0.6' in settings
-    assert '"init_image": "init-image.png"' in settings
+    assert "img2img from init-image.png, strength 0.6" in settings
+    page.locator("#edit-box").get_by_text("Edit a picture / LoRA").first.click()  # type: ignore[attr-defined]
+    page.locator("#clear-edit").click()  # type: ignore[attr-defined]
+    page.locator("#active-mode").get_by_text("text to image").wait_for()  # type: ignore[attr-defined]
     assert page.outside_requests == []  # type: ignore[attr-defined]
 
 

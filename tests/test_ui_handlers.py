@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -575,3 +576,145 @@ def test_settings_from_a_png_without_settings(photo_dir):
     assert values is None
     assert message.startswith("**No settings loaded**: astronaut.png: PNG image without spatialid settings")
     assert str(photo_dir) not in message and "\n" not in message
+
+
+# ----------------------------------------------------------------------------- the page's events (issue 21)
+
+
+@pytest.fixture()
+def page_app(tmp_path):
+    """The app on a fake tiny pipe, its event functions by name, and a fake browser session."""
+    pytest.importorskip("gradio")
+    from spatialid.ui.app import build_app
+
+    pipe = types.SimpleNamespace(is_tiny=True, model_info={"model": "tiny"})
+    demo = build_app(pipe, output_dir=tmp_path / "out", example_dir=tmp_path / "ex", local=True)
+    fns: dict = {}
+    for f in demo.fns.values():
+        fns.setdefault(f.name, []).append(f.fn)
+    try:
+        yield demo, fns, types.SimpleNamespace(session_hash="tab-1")
+    finally:
+        demo._spatialid_files.close()
+
+
+def _status(update):
+    return update if isinstance(update, str) else None
+
+
+def test_stop_says_stopped_only_for_this_tabs_run(page_app):
+    demo, fns, tab = page_app
+    stop, start, failed = fns["stop_run"][0], fns["start"][0], fns["failed_status"][0]
+    status, button = stop(tab)  # idle (or a late click after the result): nothing changes, Stop goes off
+    assert _status(status) is None and button["interactive"] is False
+    assert start("random", True, tab)[-1]["interactive"] is True  # a run queued: Stop on
+    status, button = stop(tab)
+    assert status.startswith("**Stopped**") and button["interactive"] is False
+    # the cancelled run's own failure event: "Stopped" again, never "something went wrong"
+    status, button = failed(tab)
+    assert status.startswith("**Stopped**") and "went wrong" not in status and button["interactive"] is False
+    # a later real error is still said as an error
+    start("random", True, tab)
+    status, _ = failed(tab)
+    assert status.startswith("**Not generated**")
+
+
+def test_reuse_seed_and_fifth_person_say_why_nothing_happens(page_app):
+    demo, fns, tab = page_app
+    seed, randomize, status = fns["reuse"][0](tab)
+    assert "No run yet in this tab" in status
+    out = fns["add_a_person"][0](4)
+    assert out[-1].startswith("At most 4 people")
+    out = fns["add_a_person"][0](1)
+    assert out[0] == 2 and out[-1] == ""
+
+
+def test_removing_the_last_other_person_clears_person_1s_region(page_app):
+    demo, fns, tab = page_app
+    remove = fns["remove"][0]  # person 2's Remove
+    photos, regions, previews = [["b.png"], None, None], ["0.5,0,1,1", "", ""], [None] * 3
+    out = remove(2, "0,0,0.5,1", *photos, *regions, *previews)
+    count, region_1, note = out[0], out[-2], out[-1]
+    assert count == 1 and region_1 == "" and "region of person 1 was cleared" in note
+    out = remove(3, "0,0,0.3,1", ["b.png"], ["c.png"], None, "0.3,0,0.6,1", "0.6,0,1,1", "", *previews)
+    assert out[0] == 2 and out[-2] == "0,0,0.3,1" and out[-1] == ""  # still several people: their regions stay
+
+
+def test_page_says_where_results_are_kept(tmp_path):
+    pytest.importorskip("gradio")
+    from spatialid.cli.cmd_serve import default_output_dir
+    from spatialid.ui.events import storage_note
+    from spatialid.ui.storage import ServeFiles
+
+    kept = ServeFiles(tmp_path, keep_hours=1, archive_dir=tmp_path / "outputs")
+    shared = ServeFiles(tmp_path, keep_hours=2)
+    try:
+        assert f"`{tmp_path / 'outputs'}`" in storage_note(kept, local=True)
+        for files, local in ((kept, False), (shared, True), (shared, False)):  # a shared server: the tab's files go
+            assert "deleted when you close this tab" in storage_note(files, local)
+        assert "after 2 h" in storage_note(shared, False)
+    finally:
+        kept.close(), shared.close()
+    assert default_output_dir("0.0.0.0") is None  # a shared server keeps no copies unless told
+    assert default_output_dir("127.0.0.1", [("alice", "pw")]) is None  # a login: shared (a proxy in front)
+    assert default_output_dir("127.0.0.1") == str((Path.cwd() / "outputs").resolve())
+
+
+def test_history_comes_back_after_a_reload_only_from_the_output_folder(tmp_path):
+    from PIL import Image as PILImage
+
+    from spatialid.ui.generation import restore_kept
+    from spatialid.ui.storage import ServeFiles
+
+    out = tmp_path / "outputs" / "20261206-1200-x"
+    out.mkdir(parents=True)
+    PILImage.new("RGB", (8, 8)).save(out / "spatialid-s1.png")
+    secret = tmp_path / "secret.png"
+    PILImage.new("RGB", (8, 8)).save(secret)
+    files = ServeFiles(tmp_path / "serve", keep_hours=1, archive_dir=tmp_path / "outputs")
+    try:
+        browser_list = [[str(out / "spatialid-s1.png"), "seed 1, paper"], [str(secret), "x"],
+                        [str(out / ".." / ".." / "secret.png"), "y"], "junk", [str(out / "missing.png"), "z"]]
+        history, sources = restore_kept(files, "tab", browser_list, 8)
+        assert [c for _, c in history] == ["seed 1, paper"] and sources == [(str(out / "spatialid-s1.png"), "seed 1, paper")]
+        assert Path(history[0][0]).is_relative_to(files.root)  # served from the session's own folder
+        assert restore_kept(ServeFiles(tmp_path / "serve2", keep_hours=1), "tab", browser_list, 8) == ([], [])
+    finally:
+        files.close()
+
+
+def test_cost_line_shows_the_price_against_the_cap():
+    pytest.importorskip("gradio")
+    from spatialid.ui.events import cost_line
+
+    limits = h.UILimits(max_side=512, unit_steps=8, unit_width=128, unit_height=128)
+    assert cost_line(8, 128, 128, 1, 1.0, False, [], "paper", limits) == "Cost: 1 of this server's cap of 10 default requests."
+    over = cost_line(12, 512, 512, 1, 1.0, False, [], "paper", limits)  # the issue's 24 > 10
+    assert over.startswith("**Over this server's cap**: this request costs 24 default requests")
+
+
+def test_settings_summary_is_short_and_names_the_mode():
+    from spatialid.ui.generation import GenerationResult, settings_summary
+
+    settings = {"prompt": "a knight", "negative_prompt": "", "seed": 7, "width": 144, "height": 96, "steps": 8,
+                "preset": "relaxed", "id_weight": 1.0, "start_step": 1, "guidance": 3.5, "true_cfg": 1.0,
+                "pipeline": "img2img", "init_image": "init-image.png", "strength": 0.6, "inpaint_mask": None,
+                "loras": ["style.safetensors:0.8"], "people": [["a.png"], ["b.png"]], "regions": [[0, 0, 0.5, 1], [0.5, 0, 1, 1]],
+                "model": "tiny", "controlnet": None, "version": "0.2"}
+    text = settings_summary(settings)
+    assert text.splitlines()[0] == "a knight" and len(text.splitlines()) <= 4 and "None" not in text and "null" not in text
+    assert "img2img from init-image.png, strength 0.6" in text and "LoRAs: style.safetensors:0.8" in text
+    assert "people: a.png | b.png" in text and "regions: 0,0,0.5,1 | 0.5,0,1,1" in text
+    status = GenerationResult([object()], [], None, None, None, [], settings=settings, seconds=1.0).status
+    assert "img2img (strength 0.6), 2 people, regions, LoRA style.safetensors:0.8" in status
+
+
+def test_two_peoples_aligned_faces_side_by_side():
+    from PIL import Image as PILImage
+
+    from spatialid.ui.generation import _aligned_faces
+
+    one, two = (types.SimpleNamespace(aligned_face=PILImage.new("RGB", (112, 112), c)) for c in ("red", "blue"))
+    row = _aligned_faces([one, two])
+    assert row.size == (224, 112) and row.getpixel((0, 0)) == (255, 0, 0) and row.getpixel((200, 0)) == (0, 0, 255)
+    assert _aligned_faces(one) is one.aligned_face and _aligned_faces([types.SimpleNamespace()]) is None

@@ -149,6 +149,72 @@ def test_lora_lines_checked_like_the_cli(tmp_path):
         P.parse_lora_lines("style.safetensors")  # no --lora-dir
 
 
+def test_lora_menu_names_without_the_suffix(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    good = tmp_path / "style.safetensors"
+    save_file({"transformer.x.lora_A.weight": torch.zeros(2, 2)}, str(good))
+    (tmp_path / "notes.txt").write_text("x")
+    assert P.lora_choices(tmp_path) == ["style"] and P.lora_choices(None) == []
+    assert P.lora_lines(["style"], 0.8) == "style:0.8" and P.lora_lines([], 1) == ""
+    assert P.parse_lora_lines(P.lora_lines(["style"], 0.8), tmp_path) == (f"{good.resolve()}:0.8",)
+    assert P.parse_lora_lines("style", tmp_path) == (str(good.resolve()),)  # the menu's name, no suffix
+
+
+def test_init_image_sets_the_size_as_the_cli(photo_dir, tmp_path):
+    """The web's img2img takes the init image's size (as `generate --init-image` without --size), within the cap."""
+    inputs = P.build_inputs([photo_dir / "astronaut.png"], init_image=str(photo_dir / "coffee.png"), folder=tmp_path)
+    settings = inputs.apply(_settings(photo_dir / "astronaut.png"))  # the sliders said 128x128
+    assert (settings.width, settings.height) == (144, 96)  # coffee.png is 150x100
+    assert P.init_size((1000, 600), 512) == (512, 304) and P.init_size((40, 30), 512) == (64, 64)
+    assert P.PictureInputs().apply(_settings(photo_dir / "astronaut.png")).width == 128  # no init image: the sliders
+
+
+def test_active_modes_name_what_the_folded_sections_do(photo_dir):
+    plain = P.active_modes()
+    assert plain.parts == () and "text to image" in plain.line
+    assert plain.people_header == "Several people (up to 4)" and plain.edit_header == "Edit a picture / LoRA"
+    img2img = P.active_modes(init_image={"background": str(photo_dir / "coffee.png"), "layers": []}, strength=0.6)
+    assert img2img.parts == ("img2img, strength 0.6",) and img2img.edit_header == "Edit a picture / LoRA: ON, img2img, strength 0.6"
+    painted = np.zeros((8, 8, 4), np.uint8)
+    painted[2, 2, 3] = 255
+    inpaint = P.active_modes(init_image={"background": str(photo_dir / "coffee.png"), "layers": [painted]}, strength=0.85)
+    assert inpaint.parts == ("inpainting, strength 0.85",)
+    people = P.active_modes(people_count=2, regions=["0,0,0.5,1", "0.5,0,1,1", "", "0,0,1,1"], loras=["style"], lora_weight=0.7)
+    assert people.parts == ("2 people", "regions", "LoRA style:0.7")
+    assert people.people_header.endswith(": ON, 2 people, regions") and "ON, LoRA style:0.7" in people.edit_header
+    assert "2 people · regions" in people.line
+    # a region left for person 1 alone confines the identity: shown too; hidden people's regions do not count
+    assert P.active_modes(regions=["0,0,0.5,1"]).parts == ("a region for person 1",)
+    assert P.active_modes(regions=["", "0,0,1,1"]).parts == ()
+
+
+def test_restore_inputs_from_settings_and_the_servers_record(photo_dir, tmp_path):
+    data = {"people": [["astronaut.png"], ["mirrored.png"]], "regions": [[0, 0, 0.5, 1], [0.5, 0, 1, 1]],
+            "pipeline": "img2img", "init_image": "init-image.png", "strength": 0.6, "loras": ["style:0.8", "other:1"]}
+    (tmp_path / "style.safetensors").write_bytes(b"")
+    values, missing = P.restore_inputs(data, None, lora_dir=str(tmp_path))  # a dropped PNG: values, not files
+    assert values["count"] == 2 and values["regions"] == ["0,0,0.5,1", "0.5,0,1,1", "", ""]
+    assert values["strength"] == 0.6 and values["loras"] == ["style"] and values["lora_weight"] == 0.8
+    assert values["photos"] == [None, None, None] and values["init_image"] is None
+    assert missing == ["the photos of person 2 (mirrored.png): upload them", "the init image (init-image.png): upload it",
+                       "LoRA other (not offered by this server)"]
+    inputs = P.build_inputs([photo_dir / "astronaut.png"], people_count=2, others=[([str(photo_dir / "mirrored.png")], "")],
+                            init_image=str(photo_dir / "coffee.png"), folder=tmp_path / "in")
+    values, missing = P.restore_inputs(data, P.input_record(inputs), lora_dir=str(tmp_path))  # a history click
+    assert values["photos"][0] == [str(photo_dir / "mirrored.png")] and values["init_image"] == str(inputs.init_image)
+    assert missing == ["LoRA other (not offered by this server)"]
+    assert P.restore_inputs({"prompt": "x"}) == (
+        {"count": 1, "photos": [None] * 3, "regions": [""] * 4, "init_image": None, "inpaint_mask": None,
+         "strength": None, "loras": [], "lora_weight": None}, [])
+
+
+def test_person_preview_shows_thumbnails_and_the_face(tiny_pipe, photo_dir):
+    thumbs, line = P.person_preview(tiny_pipe, [str(photo_dir / "mirrored.png")], 2, cache=h.IdentityCache())
+    assert line == "Person 2: face found (1 photo)." and [c for _, c in thumbs] == ["mirrored.png", "face found"]
+
+
 def test_lora_metadata_names_files(tmp_path):
     good = tmp_path / "style.safetensors"
     good.write_bytes(b"")
@@ -205,7 +271,7 @@ def test_img2img_runs_on_the_loaded_components(tiny_pipe, photo_dir, tmp_path):
     meta = read_png_metadata(result.images[0])
     assert (meta["pipeline"], meta["strength"], meta["init_image"]) == ("img2img", 0.5, "init-image.png")
     assert steps  # the step callback reaches diffusers' pipeline (progress and Stop in the web UI)
-    assert Image.open(result.images[0]).size == (128, 128)
+    assert Image.open(result.images[0]).size == (144, 96)  # the init image's 150x100 in multiples of 16, as the CLI
 
 
 def test_person_check_lines(tiny_pipe, photo_dir):

@@ -23,6 +23,9 @@ __all__ = [
     "DEFAULT_TRUE_CFG",
     "DEFAULT_NOISE",
     "IMAGE_PIPELINES",
+    "MAX_CONTROLNET_SCALE",
+    "MAX_LORA_SCALE",
+    "PRESET_NAMES",
     "PIPELINES",
     "NOISE_MODES",
     "BENCH_PRESETS",
@@ -30,7 +33,9 @@ __all__ = [
     "PULID_FILENAME",
     "PULID_REPO_ID",
     "SizeSteps",
+    "TINY_CHROMA_MODEL",
     "TINY_MODEL",
+    "TINY_MODELS",
     "size_steps",
 ]
 
@@ -39,6 +44,8 @@ DEFAULT_FLUX_MODEL = "black-forest-labs/FLUX.1-dev"
 PULID_REPO_ID = "guozinan/PuLID"
 PULID_FILENAME = "pulid_flux_v0.9.1.safetensors"  # v0.9.0 has the same layout
 TINY_MODEL = "tiny"  # the offline toy model with random weights (``--model tiny``)
+TINY_CHROMA_MODEL = "tiny-chroma"  # the same at toy size on Chroma's architecture (``--model tiny-chroma``)
+TINY_MODELS = (TINY_MODEL, TINY_CHROMA_MODEL)
 
 # ----------------------------------------------------------------------------- sampling
 # The authors' IBench configuration ("Config F" of test_ibench_spatial.py), which produced the
@@ -54,6 +61,15 @@ DEFAULT_CFG_START_STEP = 1  # PuLID-FLUX mixes the CFG branches from step 1 on
 DEFAULT_GUIDANCE = 4.0  # PuLID-FLUX's embedded guidance for FLUX.1-dev
 DEFAULT_MAX_SEQUENCE_LENGTH = 128  # T5 prompt tokens, as PuLID-FLUX's app
 BENCH_SEED = 42  # test_ibench_spatial.py: seed 42 for every image
+# The mask presets' names, in help order (their schedules are spatialid.masks.PRESETS, which needs torch;
+# tests/test_cli_first_hour.py checks both list the same names), so the CLI checks a name in milliseconds.
+PRESET_NAMES = (
+    "pulid", "paper", "relaxed", "late-floor-0.7", "global-floor-0.3", "global-floor-0.5", "prior-only",
+    "attention-only", "no-relax", "entropy",
+)
+# Largest |scale| of a LoRA (--lora FILE:SCALE, the web UI's weight): beyond it a LoRA only breaks the image.
+MAX_LORA_SCALE = 4.0
+MAX_CONTROLNET_SCALE = 2.0  # --controlnet-scale: diffusers' examples use 0.3-1.0
 # other FLUX.1 pipelines (docs/pipelines.md): how much of the input image is redrawn, ControlNet weight
 DEFAULT_IMG2IMG_STRENGTH = 0.8
 DEFAULT_INPAINT_STRENGTH = 0.85  # identity repair redraws the face region almost fully
@@ -73,9 +89,13 @@ class SizeSteps:
     steps: int
 
 
-# purpose -> (real model, tiny model). ``generate`` is also the pipeline's own default and the
-# demo's; the web UI keeps the tiny model small so a click takes seconds; the bench uses IBench's
-# size and step count of PuLID-FLUX / SpatialID runs.
+# purpose -> (real model, tiny model). The real model: one rule, the authors' settings (1024x1024 at
+# 20 steps; the bench IBench's 896x1152 at 25). The tiny model's differ on purpose, by how many images
+# a command makes and what it shows: ``generate`` (also the pipeline's own default and the demo's)
+# one image at 256x256 so its pictures are big enough to look at, 6 steps (every mask phase); the web
+# UI 128x128 at 8 steps so a click takes seconds on a shared server and its mask picture reaches all
+# three phases; the bench 64x64 at 2 steps because it makes a grid of many images and draws no
+# mask pictures. Every front-end reads its pair from here, so they cannot drift apart unseen.
 _SIZE_STEPS: dict[str, tuple[SizeSteps, SizeSteps]] = {
     "generate": (SizeSteps(1024, 1024, 20), SizeSteps(256, 256, 6)),
     "ui": (SizeSteps(1024, 1024, 20), SizeSteps(128, 128, 8)),  # 8 tiny steps: the mask picture reaches all three phases

@@ -29,6 +29,8 @@ __all__ = [
     "GenerationJob",
     "JobResult",
     "check_outputs",
+    "claim_output",
+    "compare_order",
     "compare_path",
     "default_output_path",
     "image_paths",
@@ -65,6 +67,8 @@ class GenerationJob:
     # where the input files were, so that ``--from-png`` finds them again (see record_input_paths);
     # None (front-ends without files on disk, e.g. uploads) writes no ``input_paths`` key
     input_paths: dict[str, Any] | None = None
+    # the input files of this job's command: no output may replace one, even with ``overwrite``
+    protected: tuple[Path, ...] = ()
 
 
 @dataclass
@@ -74,10 +78,12 @@ class JobResult:
     compare: Path | None = None
     seconds: float = 0.0
     settings: dict[str, Any] = field(default_factory=dict)
+    mask_file: Path | None = None  # the job's ``save_masks`` file, under the name it got
 
     @property
     def files(self) -> list[Path]:
-        return [*self.images, *self.masks, *([self.compare] if self.compare else [])]
+        return [*self.images, *self.masks, *([self.compare] if self.compare else []),
+                *([self.mask_file] if self.mask_file else [])]
 
 
 def default_output_path(seed: int, folder: str | Path = "outputs", suffix: str = ".png") -> Path:
@@ -86,10 +92,15 @@ def default_output_path(seed: int, folder: str | Path = "outputs", suffix: str =
 
 
 def image_paths(out: Path, num_images: int) -> list[Path]:
-    """``out`` itself for one image; ``stem-0.png, stem-1.png, ...`` for several."""
+    """``out`` itself for one image; ``stem_0.png, stem_1.png, ...`` for several.
+
+    An underscore, as ``_masks`` and ``_compare``: parts of one run. A dash and a number
+    (``stem-2.png``) only ever means another run that found the name taken (see :func:`check_outputs`),
+    so ``-n 2`` and a name collision can never be told apart wrongly.
+    """
     if num_images == 1:
         return [out]
-    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(num_images)]
+    return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(num_images)]
 
 
 def masks_path(image_path: Path) -> Path:
@@ -125,10 +136,65 @@ def check_outputs(job: GenerationJob, *, reserve: bool = True) -> list[Path]:
         )
     if job.reserved:
         return planned_paths(job)
-    for p in planned_paths(job):
+    for p in planned_paths(job) + ([job.save_masks] if job.save_masks else []):
         check_writable(p)
+        _refuse_input(job, p)
     if job.overwrite or not reserve:
         return planned_paths(job)
+    paths = _reserve_images(job)
+    if job.save_masks is not None:
+        job.save_masks = _reserve_one(job, job.save_masks)
+    return paths
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:
+        return False
+
+
+def _refuse_input(job: GenerationJob, path: Path) -> None:
+    """An output that is one of the command's inputs is refused, ``overwrite`` or not (an identity photo is no output)."""
+    for source in job.protected:
+        if _same_file(Path(path), Path(source)):
+            raise OutputPathError(
+                f"{path} is also an input of this command; an output never replaces an input: choose another name"
+            )
+
+
+def claim_output(path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """The name one output file will get: ``path`` itself with ``overwrite``, else ``path`` or the first free
+    ``stem-2``, ``stem-3``, ... claimed create-exclusively (an empty placeholder the atomic write replaces).
+
+    The rule of every output of every command (images, mask files, identity files): an existing file is
+    kept unless the user said ``--overwrite``.
+    """
+    target = Path(path)
+    check_writable(target)
+    if overwrite:
+        return target
+    job = GenerationJob(settings=GenerationSettings(), out=target)
+    return _reserve_one(job, target)
+
+
+def _reserve_one(job: GenerationJob, path: Path) -> Path:
+    """Claim ``path``, or the first free ``stem-2``, ``stem-3``, ... (create-exclusive, as the images' names)."""
+    for number in range(1, 10_000):
+        candidate = path if number == 1 else path.with_name(f"{path.stem}-{number}{path.suffix}")
+        try:
+            os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise OutputPathError(f"cannot write {candidate}: {exc.strerror or exc}") from None
+        job.reserved.append(candidate)
+        _UNWRITTEN.add(candidate)
+        return candidate
+    raise OutputPathError(f"{path}: no free name (tried {path.stem}-2 ... {path.stem}-9999); choose another name")
+
+
+def _reserve_images(job: GenerationJob) -> list[Path]:
     stem, base = job.out.stem, job.out
     for number in range(1, 10_000):
         job.out = base if number == 1 else base.with_name(f"{stem}-{number}{base.suffix}")
@@ -146,8 +212,22 @@ def check_outputs(job: GenerationJob, *, reserve: bool = True) -> list[Path]:
         except OSError as exc:
             raise OutputPathError(f"cannot write {paths[0]}: {exc.strerror or exc}") from None
         job.reserved = created
+        _UNWRITTEN.update(created)
         return paths
     raise OutputPathError(f"{base}: no free output name (tried {stem}-2 ... {stem}-9999); choose another --out")
+
+
+# every name reserved in this process and not yet released: a hard exit (a second Ctrl-C) removes the empty ones
+_UNWRITTEN: set[Path] = set()
+
+
+def release_unwritten() -> None:
+    """Remove every placeholder this process reserved and never wrote (for an exit that skips clean-up)."""
+    for p in list(_UNWRITTEN):
+        with contextlib.suppress(OSError):
+            if p.stat().st_size == 0:
+                p.unlink()
+    _UNWRITTEN.clear()
 
 
 def release_outputs(job: GenerationJob) -> None:
@@ -158,7 +238,13 @@ def release_outputs(job: GenerationJob) -> None:
                 p.unlink()
         except OSError:
             pass
+    _UNWRITTEN.difference_update(job.reserved)
     job.reserved = []
+
+
+def compare_order(preset: str, compare: Any) -> list[str]:
+    """The presets of a comparison grid, left to right: the run's own preset first, then the others as given."""
+    return [preset] + [name for name in compare if name != preset]
 
 
 def _call(pipe: Any, settings: GenerationSettings, identity: Any, masks: bool, **extra: Any) -> Any:
@@ -223,8 +309,6 @@ def record_input_paths(
     ``init_image``, ...), so older readers and ``spatialid info`` are unchanged. Models, LoRAs and
     ControlNets are deliberately not recorded here: they are never loaded from an image.
     """
-    from spatialid.pipeline.people import parse_box
-
     record: dict[str, Any] = {}
     if id_images:
         record["id_images"] = [_absolute(p) for p in id_images]
@@ -235,6 +319,8 @@ def record_input_paths(
     if people_embeds:
         record["people_embeds"] = [_absolute(p) for p in people_embeds]
     if regions:
+        from spatialid.pipeline.people import parse_box  # needs torch: only for regions
+
         boxes = []
         for region in regions:
             if isinstance(region, (list, tuple)):
@@ -280,7 +366,9 @@ def run_job(
     """Generate, then write images (+ mask pictures, + comparison grid) with their settings."""
     check_outputs(job)
     try:
-        return _run(pipe, job, identity, log, extra_settings)
+        result = _run(pipe, job, identity, log, extra_settings)
+        _UNWRITTEN.difference_update(job.reserved)  # written now
+        return result
     except BaseException:
         release_outputs(job)  # a failed run leaves no empty files behind
         raise
@@ -320,13 +408,14 @@ def _run(
         log("no identity given: skipping the mask picture (nothing is injected)")
 
     record = want_masks or (bool(job.compare) and identity is not None)  # the comparison shows masks too
-    shown = [job.settings.preset] + [name for name in (job.compare or []) if name != job.settings.preset]
+    shown = compare_order(job.settings.preset, job.compare or [])
     with _progress_label(pipe, f"preset 1/{len(shown)} ({shown[0]}): denoising" if job.compare else None):
         out = _call(pipe, job.settings, identity, record, **_mask_files(job))
     for i, img in enumerate(out.images):
         _check_image(img, f"image {i + 1}" if len(out.images) > 1 else "image")
     base = {**out.settings, **(extra_settings or {})}
     result.settings = base
+    result.mask_file = job.save_masks
     for i, (img, path) in enumerate(zip(out.images, image_paths(job.out, job.settings.num_images))):
         save_image_with_metadata(img, path, _file_settings(job, base, i))  # format from the suffix
         result.images.append(path)

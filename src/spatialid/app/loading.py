@@ -14,8 +14,10 @@ device, the device itself) is checked by :meth:`ModelSpec.check` before anything
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,8 +106,8 @@ def check_quantize(model: str, quantize: str | None) -> None:
     from spatialid.pipeline.loading import parse_quantization
 
     parse_quantization(quantize)
-    if model == D.TINY_MODEL:
-        raise SpatialIDError("--quantize applies to real FLUX weights, not to --model tiny")
+    if model in D.TINY_MODELS:
+        raise SpatialIDError(f"--quantize applies to real FLUX weights, not to --model {model}")
 
 
 # ----------------------------------------------------------------------------- spec
@@ -144,7 +146,13 @@ class ModelSpec:
 
     @property
     def is_tiny(self) -> bool:
-        return self.model == D.TINY_MODEL
+        """``tiny`` or ``tiny-chroma``: toy size, random weights, built in-process."""
+        return self.model in D.TINY_MODELS
+
+    @property
+    def family(self) -> str:
+        """``flux`` or ``chroma``, from the model's ``model_index.json`` (read, not loaded; refuses other models)."""
+        return _model_family(self.model, self.local_files_only, self.cache_dir)
 
     @property
     def local_files_only(self) -> bool | None:
@@ -201,6 +209,7 @@ class ModelSpec:
 
         parse_cache(self.cache)  # an unknown cache name fails before anything loads
         _check_local_model(self.model)
+        _check_model_fits(self)
         self._check_files()
         self._check_pipeline()
         if self.offload not in OFFLOAD_MODES:
@@ -218,7 +227,7 @@ def _base_transformer_config(model: str) -> dict[str, Any] | None:
     import json
     from pathlib import Path
 
-    if model == D.TINY_MODEL:
+    if model in D.TINY_MODELS:
         from spatialid.models.configs import TINY_FLUX
 
         return {
@@ -244,7 +253,7 @@ def check_lora_files(loras: Any) -> None:
 
     for text in loras:
         source, _ = parse_lora(text)
-        path = Path(source).expanduser()
+        path = Path(os.path.expanduser(source))  # never raises: Path.expanduser does for "~nosuchuser"
         local = path.exists() or source.startswith(("/", "./", "../", "~")) or path.suffix.lower() in (".safetensors", ".bin")
         if not local:
             continue  # a hub id: checked when it loads
@@ -252,7 +261,10 @@ def check_lora_files(loras: Any) -> None:
             raise SpatialIDError(f"--lora {source}: no such LoRA file")
         if path.suffix.lower() == ".safetensors":
             from spatialid.models.checkpoint import read_safetensors_layout
+            from spatialid.utils.weights import sniff_safetensors
 
+            # first bytes, with a LoRA's fix (a pickle is no LoRA; PuLID's download hint would mislead)
+            sniff_safetensors(path, "give a FLUX.1 LoRA saved as .safetensors", name=f"--lora {source}: this file")
             try:
                 shapes, _, _ = read_safetensors_layout(path)
             except SpatialIDError as exc:
@@ -266,10 +278,16 @@ def _check_pipeline_files(spec: ModelSpec) -> None:
     import json
     from pathlib import Path
 
-    from spatialid.loaders.names import PIPELINE_CLASSES
+    from spatialid.loaders.names import PIPELINE_CLASSES, pipeline_classes
 
     if spec.pipeline not in PIPELINE_CLASSES:
         raise SpatialIDError(f"unknown pipeline {spec.pipeline!r}; one of: {', '.join(PIPELINE_CLASSES)}")
+    family = spec.family
+    if spec.pipeline not in pipeline_classes(family):
+        raise SpatialIDError(
+            f"{spec.model} is a {family.capitalize()} model, which has no {spec.pipeline} pipeline; "
+            f"it runs: {', '.join(pipeline_classes(family))}"
+        )
     check_lora_files(spec.loras)
     if spec.pipeline == "controlnet":
         if not spec.controlnet:
@@ -289,7 +307,7 @@ def _check_local_model(model: str) -> None:
     refused before the identity encoder or anything else loads."""
     from pathlib import Path
 
-    if model == D.TINY_MODEL:
+    if model in D.TINY_MODELS:
         return
     text = str(model)
     if text.startswith(("/", "./", "../", "~")) or Path(text).suffix.lower() in (".safetensors", ".sft", ".gguf"):
@@ -300,6 +318,24 @@ def _check_local_model(model: str) -> None:
 
             what = "FLUX file" if path.suffix else "FLUX folder"
             raise ModelFilesMissingError(f"{what} {path} does not exist; {flux_files_hint(D.DEFAULT_FLUX_MODEL)}")
+
+
+@functools.lru_cache(maxsize=32)
+def _model_family(model: str, local_files_only: bool | None, cache_dir: str | None) -> str:
+    from spatialid.pipeline.loading import model_family
+
+    return model_family(model, local_files_only=local_files_only, cache_dir=cache_dir)
+
+
+def _check_model_fits(spec: ModelSpec) -> None:
+    """The pipeline family is known (other models refused) and the transformer fits the PuLID weights."""
+    if spec.family == "chroma" and str(spec.cache or "").lower().startswith("fbc"):  # also refuses FLUX.2, ...
+        raise SpatialIDError("--cache fbc: diffusers' First Block Cache does not support Chroma's transformer blocks; "
+                             "use --cache taylorseer or --cache pab")
+    if not spec.is_tiny:
+        from spatialid.pipeline.loading import check_transformer_fits
+
+        check_transformer_fits(spec.model, spec.pulid, local_files_only=spec.local_files_only, cache_dir=spec.cache_dir)
 
 
 # ----------------------------------------------------------------------------- loading once
@@ -422,6 +458,8 @@ class Models:
             log.info("loading LoRA(s) %s ...", ", ".join(spec.loras))
             load_loras(base, spec.loras, **({"cache_dir": spec.cache_dir} if spec.cache_dir else {}),
                        local_files_only=bool(spec.local_files_only))
+        if getattr(base, "family", "flux") == "chroma":
+            return self._chroma_mode(base)
         if spec.pipeline == "text2image":
             return base
         from spatialid.pipeline.variants import (
@@ -446,12 +484,41 @@ class Models:
             pipe._spatialid_pulid.ca_modules.to(self.device)  # the CA modules stay on the device
         return IdentityPipelineRunner(pipe, base, spec.pipeline)
 
+    def _chroma_mode(self, base: Any) -> Any:
+        """Chroma's pipeline of ``spec.pipeline`` (text-to-image: the base's own) behind its runner."""
+        from spatialid.pipeline.variants import IdentityPipelineRunner, variant_pipeline
+
+        if self.spec.pipeline == "text2image":
+            return IdentityPipelineRunner(base.pipe, base, "text2image")
+        pipe = variant_pipeline(base, self.spec.pipeline)
+        if self.spec.offload != "none":
+            pipe.remove_all_hooks()
+            getattr(pipe, f"enable_{self.spec.offload}_cpu_offload")(device=self.device)
+            pipe._spatialid_pulid.ca_modules.to(self.device)
+        return IdentityPipelineRunner(pipe, base, self.spec.pipeline)
+
     def _build_pipeline(self) -> Any:
         from spatialid.pipeline.pipeline_spatialid import SpatialIDPipeline
 
         spec = self.spec.check()
         quiet_third_party_logs()
-        if spec.is_tiny:
+        if spec.family == "chroma":
+            from spatialid.pipeline.chroma import ChromaIdentityPipeline
+
+            if spec.is_tiny:
+                pipe = ChromaIdentityPipeline.tiny(
+                    seed=spec.tiny_seed, dtype=self.dtype, pulid_modules=self.pulid_modules(),
+                    identity_encoder_factory=self.encoder,
+                )
+            else:
+                log.info("loading %s ...", spec.model)
+                pipe = ChromaIdentityPipeline.from_pretrained(
+                    spec.model, pulid_modules=self.pulid_modules, torch_dtype=self.dtype,
+                    quantization=None if spec.quantize in (None, "none") else spec.quantize,
+                    identity_encoder_factory=self.encoder, local_files_only=spec.local_files_only,
+                    cache_dir=spec.cache_dir, pulid_source=spec.pulid,
+                )
+        elif spec.is_tiny:
             pipe = SpatialIDPipeline.tiny(
                 seed=spec.tiny_seed,
                 dtype=self.dtype,

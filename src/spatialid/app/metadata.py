@@ -90,6 +90,14 @@ def format_summary(settings: Mapping[str, Any]) -> str:
     return prompt + "\n" + ", ".join(parts)
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def save_png_with_metadata(
     image: Image.Image, path: str | os.PathLike[str], settings: Mapping[str, Any]
 ) -> Path:
@@ -99,8 +107,12 @@ def save_png_with_metadata(
     ``iTXt`` chunk (UTF-8, so prompts in any language survive).
     """
     info = PngImagePlugin.PngInfo()
-    info.add_itxt(METADATA_KEY, json.dumps(dict(settings), default=_json_default, ensure_ascii=False, sort_keys=True))
-    info.add_itxt(SUMMARY_KEY, format_summary(settings))
+    text = json.dumps(dict(settings), default=_json_default, ensure_ascii=False, sort_keys=True)
+    if not _utf8(text):  # a lone surrogate (a prompt typed into a JSON API): escaped, so it reads back exactly
+        text = json.dumps(dict(settings), default=_json_default, ensure_ascii=True, sort_keys=True)
+    info.add_itxt(METADATA_KEY, text)
+    summary = format_summary(settings)
+    info.add_itxt(SUMMARY_KEY, summary if _utf8(summary) else summary.encode("utf-8", "replace").decode("utf-8"))
     software = settings.get("version")
     if software:
         info.add_text("Software", f"spatialid {software}")
@@ -270,7 +282,7 @@ def pipeline_record(settings: Any) -> dict[str, Any]:
 
     loras = None
     if settings.loras:
-        loras = [f"{name(src) if Path(src).expanduser().is_file() else src}:{scale:g}"
+        loras = [f"{name(src) if Path(os.path.expanduser(src)).is_file() else src}:{scale:g}"
                  for src, scale in map(parse_lora, settings.loras)]
     return {
         "pipeline": settings.pipeline,
@@ -313,7 +325,7 @@ class StoredFile:
         name = Path(self.name).name  # a stored name is a name: never a path out of the folders below
         if name and name not in (".", ".."):
             if image is not None:
-                found.append(Path(os.path.abspath(Path(image).expanduser())).parent / name)
+                found.append(Path(os.path.abspath(os.path.expanduser(image))).parent / name)
             found.append(Path.cwd() / name)
         return found
 
@@ -380,7 +392,8 @@ def stored_inputs(meta: Mapping[str, Any]) -> dict[str, Any]:
 
     # several people (--person photos first, then --person-embeds, as generate orders them)
     if paths.get("people") or paths.get("people_embeds"):
-        people = [files(p, None) for p in paths.get("people") or [] if isinstance(p, (list, tuple, str))]
+        recorded = paths.get("people") if isinstance(paths.get("people"), (list, tuple)) else []
+        people = [files(p, None) for p in recorded if isinstance(p, (list, tuple, str))]
         if any(people):
             out["people"] = [p for p in people if p]
         embeds = files(paths.get("people_embeds"), None)

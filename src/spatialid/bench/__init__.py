@@ -1,6 +1,6 @@
 """Benchmark runner: IBench-compatible grids of identities x prompts x presets x seeds.
 
-Submodules: ``datasets`` (input readers), ``grid`` (items, keys, shards), ``results`` (output folder,
+Submodules: ``datasets`` (input readers), ``datasets_multi`` (XVerseBench, MultiHuman-Testbench), ``grid`` (items, keys, shards), ``results`` (output folder,
 IBench results JSON), ``runner`` (the resumable loop), ``generators`` (pipeline-backed generate and
 encode functions), ``merge`` (joining shard outputs), ``samples`` (offline sample inputs), ``lock`` (one run per output
 folder), ``integrity`` (damaged images, blank images, non-finite identity tokens).
@@ -15,6 +15,7 @@ from spatialid.bench.datasets import (
     parse_prompt_ids,
     render_prompt,
 )
+from spatialid.bench.datasets_multi import BenchInputs, load_bench_inputs
 from spatialid.bench.grid import (
     BASELINE_PRESET,
     BenchItem,
@@ -41,6 +42,7 @@ from spatialid.bench.runner import (
 __all__ = [
     "BASELINE_PRESET",
     "BenchInputError",
+    "BenchInputs",
     "BenchItem",
     "BenchSettings",
     "BenchStateError",
@@ -54,6 +56,7 @@ __all__ = [
     "ShardSpec",
     "bench_lock",
     "build_grid",
+    "load_bench_inputs",
     "load_identities",
     "load_manifest",
     "load_preset_results",

@@ -19,6 +19,9 @@ Several people per image: an identities JSON with ``{"groups": [...]}`` lists gr
 single photos; each group is one "identity" of the grid whose members are generated together
 (``people=`` of the pipeline), see :func:`load_identities`.
 
+Benchmark files that pair people with their own prompts (XVerseBench, MultiHuman-Testbench) are read
+by :mod:`spatialid.bench.datasets_multi`, whose ``load_bench_inputs`` reads any ``--ids`` / ``--prompts``.
+
 IBench's identity files hold absolute paths from the machine they were made on; ``id_root`` lets a
 relocated checkout be used without editing the JSON (see :func:`resolve_photo_path`).
 """
@@ -134,17 +137,35 @@ def as_json_value(value: Any) -> Any:
     return value
 
 
-def _read_json(path: Path, what: str) -> Any:
+# An identities or prompts file is at most a few MB (IBench's are kB); larger ones, /dev/zero or a
+# fifo under that name, are refused after this many bytes instead of filling the memory.
+MAX_INPUT_FILE_BYTES = 16 * 2**20
+
+
+def _read_text(path: Path, what: str) -> str:
+    """The UTF-8 text of an input file of at most :data:`MAX_INPUT_FILE_BYTES` (one line otherwise)."""
+    from spatialid.utils.io import read_bounded
+
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise BenchInputError(f"{what} file {path} is not UTF-8 text") from None
+        data = read_bounded(path, MAX_INPUT_FILE_BYTES, text=True)
     except OSError as exc:
         raise BenchInputError(f"cannot read {what} file {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # too large, /dev/zero, NUL bytes
+        raise BenchInputError(f"{what} file {path} {exc}; give a text file of at most {MAX_INPUT_FILE_BYTES // 2**20} MB") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BenchInputError(f"{what} file {path} is not UTF-8 text") from None
+
+
+def _read_json(path: Path, what: str) -> Any:
+    text = _read_text(path, what)
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise BenchInputError(f"{what} file {path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except (ValueError, RecursionError):  # a 5000-digit number, nesting thousands deep
+        raise BenchInputError(f"{what} file {path} holds JSON no {what} file has (huge numbers or deep nesting)") from None
 
 
 def _datas(doc: Any, path: Path, what: str) -> list[Any]:
@@ -228,12 +249,7 @@ def load_prompts(
                 PromptSpec(i, entry["prompt"], _frozen(entry.get("prompt_attr")), _frozen(entry.get("prompt_style")))
             )
     else:
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError:
-            raise BenchInputError(f"prompts file {path} is not UTF-8 text") from None
-        except OSError as exc:
-            raise BenchInputError(f"cannot read prompts file {path}: {exc.strerror or exc}") from None
+        lines = _read_text(path, "prompts").splitlines()
         index = 0
         for line in lines:
             text = line.strip()
@@ -290,8 +306,14 @@ class Identity:
     members: tuple[Identity, ...] = ()
     #: per member, an optional region ``(x0, y0, x1, y1)`` in fractions of the image (groups only)
     regions: tuple[tuple[float, float, float, float] | None, ...] = ()
-    #: the prompt indices this group is used with (None: every prompt)
+    #: the prompt indices this identity or group is used with (None: every prompt)
     prompt_ids: tuple[int, ...] | None = None
+    #: the prompt's words this person is bound to (XVerseBench's ``use_words``), None when unbound;
+    #: ``occurrence`` says which time they appear in the prompt (1 = first; "another man" is the 2nd "man")
+    words: str | None = None
+    occurrence: int = 1
+    #: inputs of a benchmark item that are not used (XVerseBench's objects and animals), as written
+    not_used: tuple[str, ...] = ()
 
     @property
     def person(self) -> str:
@@ -310,9 +332,26 @@ class Identity:
             out["people"] = [m.to_dict() for m in self.members]
             if any(r is not None for r in self.regions):
                 out["regions"] = [list(r) if r is not None else None for r in self.regions]
-            if self.prompt_ids is not None:
-                out["prompt_ids"] = list(self.prompt_ids)
+        if self.prompt_ids is not None:  # eval's expected grid reads it (a benchmark item has its own prompt)
+            out["prompt_ids"] = list(self.prompt_ids)
+        if self.words is not None:
+            out["words"] = self.words
+            if self.occurrence != 1:
+                out["occurrence"] = self.occurrence
+        if self.not_used:
+            out["not_used"] = list(self.not_used)
         return out
+
+
+def _photo_id(value: Any) -> bool:
+    """A usable photo path from an identities file: text, not blank, no NUL, encodable as a file name."""
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        return False
+    try:
+        value.encode("utf-8")  # a lone surrogate ("\ud800" in the JSON) names no file
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def resolve_photo_path(id_string: str, base_dir: Path, id_root: str | os.PathLike[str] | None = None) -> Path | None:
@@ -371,7 +410,7 @@ def load_identities(
         for i, entry in enumerate(_datas(_read_json(path, "identities"), path, "identities")):
             if isinstance(entry, str):
                 entry = {"id": entry}
-            if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or not entry["id"].strip():
+            if not isinstance(entry, dict) or not _photo_id(entry.get("id")):
                 raise BenchInputError(f'identities file {path}: entry {i} has no "id" (path of the photo)')
             id_string = entry["id"]
             if id_string in seen:
@@ -446,7 +485,7 @@ def _load_groups(groups: Any, path: Path, id_root: str | os.PathLike[str] | None
         members: list[Identity] = []
         for j, person in enumerate(people):
             person = {"id": person} if isinstance(person, str) else person
-            if not isinstance(person, dict) or not isinstance(person.get("id"), str) or not person["id"].strip():
+            if not isinstance(person, dict) or not _photo_id(person.get("id")):
                 raise BenchInputError(f'{where}, person {j}: give the photo path (or {{"id": path}})')
             gender = person.get("gender") or ""
             found = resolve_photo_path(person["id"], path.parent, id_root)

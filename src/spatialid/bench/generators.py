@@ -35,6 +35,13 @@ class PipelineGenerator:
         self.settings = settings
         self.max_sequence_length = max_sequence_length
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        from spatialid.pipeline.generate import TruncationNotice
+
+        # one warning per run, not per image, with advice the bench accepts (it has no T5-length flag)
+        self.truncation = TruncationNotice(
+            "the bench has no T5-length option: it keeps the protocol's length, 128 with FLUX.1 as in the authors' "
+            "script; shorten the prompts"
+        )
 
     def masks_path(self, item: BenchItem) -> Path | None:
         """Where a group item with regions keeps its people's masks (eval's "mask in region" column)."""
@@ -59,6 +66,14 @@ class PipelineGenerator:
         if item.is_baseline:
             kwargs["preset"] = None  # no identity: the plain FLUX path
             kwargs["schedule_overrides"] = None
+        with self.truncation:
+            return self._generate(item, embedding, kwargs)
+
+    def _generate(self, item: BenchItem, embedding: Any, kwargs: dict[str, Any]) -> Image.Image:
+        words = list(getattr(item, "people_words", ()) or ())
+        if any(words) and not item.is_baseline:  # XVerseBench's use_words: (embedding, "man#2") per bound person
+            people = embedding if isinstance(embedding, list) else [embedding]
+            embedding = [(e, f"{w[0]}#{w[1]}") if w else e for e, w in zip(people, words)]
         if isinstance(embedding, list) and not item.is_baseline:  # a group: one embedding per person
             regions = region_boxes(item.identity.regions)
             target = self.masks_path(item)

@@ -58,6 +58,14 @@ class BenchItem:
         return self.prompt.render(self.identity.gender)
 
     @property
+    def people_words(self) -> tuple[tuple[str, int] | None, ...]:
+        """Per person (one for a single identity), the prompt words it is bound to and which
+        occurrence of them, e.g. ``("man", 2)``; None for a person bound to no words (XVerseBench's
+        ``use_words``; IBench and groups files bind none). Where people are built, these bind them."""
+        people = self.identity.members or (self.identity,)
+        return tuple((p.words, p.occurrence) if p.words is not None else None for p in people)
+
+    @property
     def unit_key(self) -> str:
         """``<identity key>/p<prompt index>/s<seed>``: shared by the presets of one unit."""
         return f"{self.identity.key}/p{self.prompt.index:03d}/s{self.seed}"

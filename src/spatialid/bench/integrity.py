@@ -68,8 +68,12 @@ def png_decode_problem(path: str | os.PathLike[str]) -> str | None:
     """Why the pixels of ``path`` do not decode, or None when they do (reads the whole image)."""
     from PIL import Image
 
+    from spatialid.pipeline.settings import MAX_SIZE
+
     try:
         with Image.open(path) as img:
+            if img.width * img.height > MAX_SIZE * MAX_SIZE:  # by the header: a bomb is never decoded
+                return f"{img.width}x{img.height} pixels, larger than any generated image ({MAX_SIZE}x{MAX_SIZE} at most)"
             img.load()
     except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, zlib.error, ...
         return f"pixels do not decode ({' '.join(str(exc).split()) or type(exc).__name__})"

@@ -11,7 +11,6 @@ differ (e.g. a non-deterministic GPU kernel) this is counted and logged, never s
 from __future__ import annotations
 
 import filecmp
-import json
 import logging
 import os
 import shutil
@@ -32,6 +31,7 @@ from spatialid.bench.results import (
     load_manifest,
     load_preset_results,
     parse_path_mode,
+    read_json,
     results_doc,
     settings_diff,
 )
@@ -198,9 +198,9 @@ def _merge_locked(sources: list[str | os.PathLike[str]], out_dir: Path) -> Merge
                 continue
             entries, fails = load_preset_results(src_dir)
             for candidate in sorted(src_dir.glob("results*.json")):
-
-                tags = json.loads(candidate.read_text(encoding="utf-8")).get("tags")
-                if tags:
+                doc = read_json(candidate)  # bounded; any file there may be hostile
+                tags = doc.get("tags") if isinstance(doc, dict) else None
+                if tags and isinstance(tags, dict):
                     tags_by_preset.setdefault(preset, tags)
                     break
             for key, fail in fails.items():

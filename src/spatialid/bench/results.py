@@ -88,17 +88,65 @@ class BenchStateError(SpatialIDError, ValueError):
     """A benchmark output folder is inconsistent with the requested run, or its files are damaged."""
 
 
-def read_json(path: Path) -> Any:
-    """Parse a JSON file; unreadable or invalid -> :class:`BenchStateError` naming the file."""
+# A results file holds ~500 bytes per image: 64 MB is over 100,000 images. A larger file (or /dev/zero
+# under a results name) is refused before it is read, so a hostile folder cannot fill the memory.
+MAX_JSON_BYTES = 64 * 2**20
+
+
+def read_json(path: Path, limit: int = MAX_JSON_BYTES) -> Any:
+    """Parse a JSON file of at most ``limit`` bytes; unreadable or invalid -> :class:`BenchStateError` naming the file."""
+    from spatialid.utils.io import read_bounded
+
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BenchStateError(f"cannot read {path}: {exc}") from None
+        data = read_bounded(path, limit, text=True)
+    except ValueError as exc:  # too large, /dev/zero, NUL bytes
+        raise BenchStateError(f"{path} {exc}, so it is no file spatialid bench wrote; move it away") from None
+    except OSError as exc:
+        raise BenchStateError(f"cannot read {path}: {' '.join(str(exc).split())}") from None
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise BenchStateError(f"cannot read {path}: {' '.join(str(exc).split())}") from None
     except json.JSONDecodeError as exc:
         raise BenchStateError(
             f"{path} is not valid JSON (line {exc.lineno}: {exc.msg}); it was edited or copied partially — "
             "restore it or move it away to regenerate its images"
         ) from None
+    except (ValueError, RecursionError):  # a 5000-digit number, nesting thousands deep
+        raise BenchStateError(f"{path} holds JSON spatialid bench never writes (huge numbers or deep nesting); "
+                              "restore it or move it away") from None
+
+
+# what each manifest field must be (merge and resume read them): checked once, when the manifest is read
+_MANIFEST_TYPES = (
+    ("settings", dict, "an object"), ("identities", dict, "an object"), ("prompts", dict, "an object"),
+    ("presets", list, "a list"), ("seeds", list, "a list"), ("grids", list, "a list"), ("inputs", dict, "an object"),
+)
+
+
+def _check_manifest(path: Path, doc: dict[str, Any]) -> None:
+    def bad(what: str) -> BenchStateError:
+        return BenchStateError(f"{path}: {what}; the manifest was edited or damaged: restore it or use a new --out")
+
+    for key, kind, name in _MANIFEST_TYPES:
+        if key in doc and not isinstance(doc[key], kind):
+            raise bad(f'"{key}" is not {name}')
+    if not all(isinstance(v, dict) for v in (doc.get("identities") or {}).values()):
+        raise bad('an entry of "identities" is not an object')
+    prompts = doc.get("prompts") or {}
+    if not all(k.isascii() and k.isdigit() and len(k) < 10 and isinstance(v, dict) for k, v in prompts.items()):
+        raise bad('"prompts" must map prompt indices to objects')
+    if not all(isinstance(p, str) for p in doc.get("presets") or []):
+        raise bad('"presets" must be preset names')
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in doc.get("seeds") or []):
+        raise bad('"seeds" must be whole numbers')
+    if doc.get("paths") is not None and doc["paths"] not in PATH_MODES:
+        raise bad(f'"paths" must be one of {", ".join(PATH_MODES)}')
+    for grid in doc.get("grids") or []:
+        keys, indices = (grid.get("identities", []), grid.get("prompt_ids", [])) if isinstance(grid, dict) else (None, None)
+        if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys) and isinstance(indices, list)
+                and all(isinstance(i, int) and not isinstance(i, bool) for i in indices)):
+            raise bad('a "grids" entry is not {"inputs": ..., "identities": [keys], "prompt_ids": [indices]}')
 
 
 # -------------------------------------------------------------------------------------- manifest
@@ -112,6 +160,7 @@ def load_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     doc = read_json(path)
     if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
         raise BenchStateError(f"{path} is not a spatialid bench manifest")
+    _check_manifest(path, doc)
     return doc
 
 
@@ -345,6 +394,9 @@ def _read_results_file(path: Path) -> dict[str, Any]:
     doc = read_json(path)
     if not isinstance(doc, dict) or not isinstance(doc.get("datas", []), list):
         raise BenchStateError(f'{path} does not hold IBench results ({{"datas": [...]}})')
+    if not isinstance(doc.get("failures") or [], list) or not isinstance(doc.get("tags") or {}, dict):
+        raise BenchStateError(f'{path}: "failures" must be a list and "tags" an object, as spatialid bench writes them; '
+                              f"move that file out of {path.parent} (or use a new --out) and run again")
     for i, entry in enumerate(doc.get("datas", [])):
         if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
             raise BenchStateError(
@@ -367,7 +419,7 @@ def load_preset_results(preset_dir: str | os.PathLike[str]) -> tuple[dict[str, d
         for entry in doc.get("datas", []):
             entries[entry["key"]] = entry
         for fail in doc.get("failures", []) or []:
-            if isinstance(fail, dict) and "key" in fail:
+            if isinstance(fail, dict) and isinstance(fail.get("key"), str):
                 failures[fail["key"]] = fail
     for key in list(failures):
         if key in entries:
@@ -559,5 +611,5 @@ def load_preset_results_file(path: Path) -> tuple[dict[str, dict], dict[str, dic
     """Entries and failures of one results file (no union)."""
     doc = _read_results_file(path)
     entries = {e["key"]: e for e in doc.get("datas", [])}
-    failures = {f["key"]: f for f in doc.get("failures", []) or [] if isinstance(f, dict) and "key" in f}
+    failures = {f["key"]: f for f in doc.get("failures", []) or [] if isinstance(f, dict) and isinstance(f.get("key"), str)}
     return entries, failures

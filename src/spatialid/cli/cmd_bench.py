@@ -39,9 +39,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--ids", required=True,
         help="identities: IBench identities .json, a folder of photos, or one photo; several people per image: "
-        'a .json with {"groups": [["a.jpg", "b.jpg"], ...]} (see docs/multi-identity.md)',
+        'a .json with {"groups": [["a.jpg", "b.jpg"], ...]} (see docs/multi-identity.md); or a benchmark file '
+        "with its own prompts: XVerseBench's XVerseBench_multi.json / XVerseBench_single.json, "
+        "MultiHuman-Testbench's multihuman_metadata.json (see docs/benchmark.md)",
     )
-    p.add_argument("--prompts", required=True, help="prompts: IBench prompts .json or a .txt with one prompt per line")
+    p.add_argument(
+        "--prompts", default=None,
+        help="prompts: IBench prompts .json or a .txt with one prompt per line (left out for XVerseBench and "
+        "MultiHuman-Testbench --ids, which carry their own)",
+    )
     p.add_argument(
         "--presets", default=",".join(D.BENCH_PRESETS),
         help=f"comma-separated mask presets to compare (default {','.join(D.BENCH_PRESETS)}: the PuLID baseline "
@@ -96,13 +102,12 @@ def _positive(name: str, value: int | None) -> None:
 
 def prepare(args: argparse.Namespace):
     """Validate everything that needs no model: returns (settings, identities, prompts, presets, seeds, shard)."""
-    from spatialid.bench.datasets import (
-        BenchInputError,
-        check_unique_keys,
-        load_identities,
-        load_prompts,
-        parse_prompt_ids,
-    )
+    from spatialid.bench.datasets import BenchInputError, check_unique_keys, parse_prompt_ids
+    from spatialid.cli.prechecks import model_name_error
+
+    if model_name_error(args.model):  # `--model tny`: a suggestion at once, not a hub error after torch
+        raise BenchInputError(model_name_error(args.model))
+    from spatialid.bench.datasets_multi import load_bench_inputs
     from spatialid.bench.grid import parse_presets, parse_seeds, parse_shard
     from spatialid.bench.results import parse_path_mode
     from spatialid.bench.runner import BenchSettings
@@ -119,9 +124,14 @@ def prepare(args: argparse.Namespace):
     model_spec(args).check()  # quantization, offload, device and every weights file, before any model
     if generation.true_cfg <= 1:
         generation = generation.replace(negative_prompt="")  # unused without true CFG: not part of the run
-    identities = load_identities(args.ids, id_root=args.id_root, limit=args.limit_ids)
+    inputs = load_bench_inputs(
+        args.ids, args.prompts, id_root=args.id_root, limit_ids=args.limit_ids, limit_prompts=args.limit_prompts,
+        prompt_ids=parse_prompt_ids(args.prompt_ids),
+    )
+    identities, prompts = inputs.identities, inputs.prompts
+    if inputs.note:  # XVerseBench / MultiHuman-Testbench: what of the file is used, in one line
+        log.info("%s", inputs.note)
     check_unique_keys(identities)
-    prompts = load_prompts(args.prompts, limit=args.limit_prompts, ids=parse_prompt_ids(args.prompt_ids))
     known = {p.index for p in prompts}
     for ident in identities:
         unknown = sorted(set(ident.prompt_ids or ()) - known)
@@ -221,7 +231,7 @@ def _run_locked(args: argparse.Namespace, out, proc, settings, identities, promp
         # images differ) are never mistaken for one run on resume or merge.
         settings = dataclasses.replace(settings, dtype=_auto_dtype_name(args.device, proc.device))
     inputs = {
-        "ids": str(args.ids), "prompts": str(args.prompts), "id_root": args.id_root, "prompt_ids": args.prompt_ids,
+        "ids": str(args.ids), "prompts": str(args.prompts or args.ids), "id_root": args.id_root, "prompt_ids": args.prompt_ids,
         "limit_ids": args.limit_ids, "limit_prompts": args.limit_prompts,
     }
     manifest_args = dict(
@@ -234,10 +244,16 @@ def _run_locked(args: argparse.Namespace, out, proc, settings, identities, promp
     grid = build_grid(identities, prompts, presets, seeds, baseline=args.baseline)
     items = select_items(grid, shard, rank, world)
     where = f"shard {shard}" + (f", process {rank + 1}/{world}" if world > 1 else "")
+    units = len({it.unit for it in grid})
+    # identities x prompts, or (XVerseBench, MultiHuman-Testbench, groups with prompt_ids) the pairs used
+    pairs = (
+        _count(units // len(seeds), "identity-prompt pair") if units != len(identities) * len(prompts) * len(seeds)
+        else f"{_count(len(identities), 'identity', 'identities')} x {_count(len(prompts), 'prompt')}"
+    )
     log.info(
-        "%s x %s x %s x %s%s = %s; this %s: %d",
-        _count(len(identities), "identity", "identities"), _count(len(prompts), "prompt"), _count(len(seeds), "seed"),
-        _count(len(presets), "preset"), " + baseline" if args.baseline else "", _count(len(grid), "item"), where, len(items),
+        "%s x %s x %s%s = %s; this %s: %d",
+        pairs, _count(len(seeds), "seed"), _count(len(presets), "preset"), " + baseline" if args.baseline else "",
+        _count(len(grid), "item"), where, len(items),
     )
     if not args.baseline and "none" not in presets:
         log.warning(

@@ -20,7 +20,7 @@ __all__ = ["register", "run", "DEMO_PROMPT", "DEMO_PRESETS"]
 _DEMO = D.size_steps("generate", tiny=True)  # the tiny model's own defaults
 
 DEMO_PROMPT = "portrait of an astronaut, studio light"
-DEMO_PRESETS = ("pulid", "paper", "relaxed")
+DEMO_PRESETS = ("pulid", "paper", "relaxed")  # the grid shows the run's preset (relaxed) first, then the others
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,6 +41,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"image size (default {_DEMO.width}x{_DEMO.height})",
     )
     p.add_argument("--id", dest="photo", default=None, metavar="PHOTO", help="use this photo instead of the astronaut")
+    p.add_argument(
+        "--model", choices=D.TINY_MODELS, default=D.TINY_MODEL,
+        help="tiny (FLUX.1's architecture, default) or tiny-chroma (Chroma's), both at toy size with random weights",
+    )
     p.set_defaults(func=run)
 
 
@@ -55,7 +59,7 @@ def _astronaut():  # -> PIL.Image.Image
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    from spatialid.app.job import GenerationJob, check_outputs, run_job
+    from spatialid.app.job import GenerationJob, check_outputs, compare_order, run_job
     from spatialid.pipeline.settings import GenerationSettings, parse_size
     from spatialid.utils.io import check_writable
 
@@ -74,20 +78,23 @@ def run(args: argparse.Namespace) -> int:
         from spatialid.utils.images import load_image
 
         photo = load_image(args.photo)
-        photo_name = Path(args.photo).name
+        photo_path = Path(args.photo).expanduser()
     else:
         photo = _astronaut()
-        photo_name = "skimage astronaut"
+        photo_path = out_dir / "astronaut.png"  # on disk, so the printed command reproduces the image
+
+    from spatialid.app.job import record_input_paths
 
     job = GenerationJob(
         settings=settings,
         out=out_dir / "demo.png",
         masks=True,
         compare=list(DEMO_PRESETS),
-        overwrite=True,  # the demo's folder always holds the latest demo.png
-        identity_files=[photo_name],
+        identity_files=[photo_path.name],
         identity_source="image",
         reference_image=photo,
+        input_paths=record_input_paths(id_images=[str(photo_path)]),
+        protected=(photo_path,),  # earlier demos are kept (demo-2.png, ...), as generate keeps its images
     )
     check_outputs(job, reserve=False)
     print(
@@ -95,14 +102,21 @@ def run(args: argparse.Namespace) -> int:
         "they show every stage of the pipeline working offline.",
         file=sys.stderr,
     )
+    if not args.photo and not photo_path.is_file():
+        from spatialid.utils.io import atomic_path
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(photo_path) as tmp:
+            photo.save(tmp, format="PNG")
     from spatialid.app.loading import Models, ModelSpec
 
-    pipe = Models(ModelSpec(model=D.TINY_MODEL, device="cpu")).pipeline()
+    pipe = Models(ModelSpec(model=getattr(args, "model", D.TINY_MODEL), device="cpu")).pipeline()
     pipe.set_progress_bar_config(disable=bool(getattr(args, "quiet", False)), desc="denoising", leave=False)
     identity = pipe.encode_identity(photo)
     result = run_job(pipe, job, identity, extra_settings={"device": "cpu", "demo": True})
     elapsed = time.perf_counter() - started
-    labels = {result.images[0]: "image", result.compare: "comparison grid (pulid | paper | relaxed)"}
+    order = " | ".join(compare_order(settings.preset, DEMO_PRESETS))
+    labels = {result.images[0]: "image", result.compare: f"comparison grid, left to right: {order}"}
     for path in result.files:
         kind = labels.get(path, "mask schedule (early / mid / late steps)")
         print(f"{path}  ({kind})")

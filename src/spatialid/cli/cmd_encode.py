@@ -38,7 +38,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--id", dest="id_images", action="append", required=True, metavar="PHOTO",
                    help="photo of the person (repeat for several photos of the same person)")
-    p.add_argument("--out", required=True, metavar="EMBEDS", help="output identity file (.safetensors)")
+    p.add_argument("--out", required=True, metavar="EMBEDS",
+                   help="output identity file (.safetensors); an existing file is kept and the new one gets a "
+                   "free numbered name (me-2.safetensors) unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--model", default=D.DEFAULT_FLUX_MODEL,
                    help="'tiny' for the offline toy encoder, else the FLUX.1 id/folder you will generate with "
                    f"(recorded in the file; default {D.DEFAULT_FLUX_MODEL})")
@@ -84,16 +87,31 @@ def _check_paths(args: argparse.Namespace) -> Path:
 def run(args: argparse.Namespace) -> int:
     from spatialid.app.loading import Models
 
+    from spatialid.cli.prechecks import model_name_error
+    from spatialid.errors import SpatialIDError
+
+    if model_name_error(args.model):  # `--model tny`: a suggestion, not a hub error
+        raise SpatialIDError(model_name_error(args.model))
     out = _check_paths(args)
     spec = model_spec(args, tiny_seed=args.seed)
     if spec.is_tiny and spec.dtype == "auto":
         spec = spec.replace(dtype="float32")  # the tiny encoder runs in float32 on any device
     models = Models(spec.check())
     emb = models.encoder().encode(list(args.id_images))
+    from spatialid.app.job import claim_output
+
+    wanted, out = out, claim_output(out, overwrite=args.overwrite)  # named once the tokens exist
+    if out != wanted:
+        log.warning("%s exists: kept; the new identity file is %s (--overwrite replaces it)", wanted, out)
     emb.metadata["model"] = args.model
     if not spec.is_tiny:
         emb.metadata["pulid"] = args.pulid or D.PULID_REPO_ID
-    emb.save(out)
+    try:
+        emb.save(out)
+    except BaseException:
+        if out.is_file() and out.stat().st_size == 0:
+            out.unlink()  # the claimed name, never written
+        raise
 
     if args.debug_dir is not None:
         import io

@@ -37,7 +37,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--clip-antialias", action=argparse.BooleanOptionalAction, default=True,
                    help="antialias IBench's tensor resize for CLIP-T/CLIP-I (torchvision >= 0.17 default; "
                         "--no-clip-antialias reproduces IBench on older torchvision)")
-    p.add_argument("--face-model", choices=("arcface", "dlib"), default="arcface", help="FaceSim backend: arcface (insightface antelopev2, as papers) or dlib (offline alternative, labelled)")
+    p.add_argument("--face-model", choices=("antelopev2", "dlib", "arcface"), default="antelopev2",
+                   help="model of every face column: antelopev2 (insightface ArcFace, as IBench and papers; 'arcface' is "
+                        "the same) or dlib (face-recognition-models: offline on the CPU, not comparable with ArcFace "
+                        "numbers in papers)")
+    p.add_argument("--gt", default=None, metavar="PATH",
+                   help="other photos of each person, for CP (copy-paste) and Sim(GT): a folder (FOLDER/<photo stem>/* "
+                        "or FOLDER/<photo stem>.*) or a JSON file (IBench-style ids with several photos per identity, "
+                        "or {reference: [other photos]})")
     p.add_argument("--iq-metric", default="musiq-spaq", help="pyiqa no-reference network for IQ and IQ-01 (default musiq-spaq, reported /100), or 'none'")
     p.add_argument("--aesthetic", action=argparse.BooleanOptionalAction, default=True, help="IBench's AestheticScore (LAION head on CLIP ViT-L/14)")
     p.add_argument("--fid", action=argparse.BooleanOptionalAction, default=True, help="IBench's FID, images with vs without identity (pytorch-fid)")
@@ -83,6 +90,11 @@ def run(args: argparse.Namespace) -> int:
     check_folder(args.id_root, "--id-root", "the folder holding the reference photos")
     check_folder(args.image_root, "--image-root", "the folder holding the generated images of the .json sources")
     check_clip_checkpoint(args.clip_pretrained)
+    gt = None
+    if args.gt is not None:
+        from spatialid.evaluation.gt_photos import load_gt_index
+
+        gt = load_gt_index(args.gt, args.id_root)
     presets = [s.strip() for s in args.presets.split(",") if s.strip()] if args.presets else None
     device = resolve_device(args.device)
 
@@ -127,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress and not args.quiet,
         plots=not args.no_plots,
         allow_incomplete=args.allow_incomplete,
+        gt=gt,
     )
     from spatialid.evaluation.report import RANKED_COMMON, common_table, markdown_table
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from spatialid import defaults as D
 from spatialid.cli.from_png import apply_from_png
+from spatialid.cli.prechecks import check_command_line, huge_job_warning, inputs_of
 from spatialid.cli.options import (
     add_model_arguments,
     add_people_arguments,
@@ -68,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--preset", default=D.DEFAULT_PRESET,
-        help=f"mask schedule preset: pulid, paper, relaxed, prior-only, attention-only, no-relax, entropy (default {D.DEFAULT_PRESET})",
+        help=f"mask schedule preset: {', '.join(D.PRESET_NAMES)} (default {D.DEFAULT_PRESET})",
     )
     add_sampling_arguments(p, "generate")
     p.add_argument(
@@ -79,7 +80,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "-s", "--seed", type=parse_seed, default=None,
         help="random seed; 'random' or -1 = draw one (the default; printed and stored in the image)",
     )
-    p.add_argument("-n", "--num-images", type=int, default=1, help="images to generate (image i uses seed + i)")
+    p.add_argument("-n", "--num-images", type=int, default=1, help="images to generate (image i uses seed + i, file NAME_i.png; "
+                   "a -2, -3 ... suffix only ever means the name was taken)")
     p.add_argument(
         "--max-sequence-length", type=int, default=None,
         help=f"T5 prompt tokens (default {D.DEFAULT_MAX_SEQUENCE_LENGTH} as PuLID-FLUX)",
@@ -174,12 +176,16 @@ def parse_compare(text: str | None) -> list[str] | None:
 
 
 def check_presets(names: list[str]) -> None:
+    """Refuse an unknown preset name (the names of ``defaults.PRESET_NAMES``: no torch needed)."""
+    import difflib
+
     from spatialid.errors import SpatialIDError
-    from spatialid.masks import PRESETS
 
     for n in names:
-        if n not in PRESETS:
-            raise SpatialIDError(f"unknown preset {n!r}; valid presets: {', '.join(PRESETS)}")
+        if n not in D.PRESET_NAMES:
+            close = difflib.get_close_matches(n, D.PRESET_NAMES, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise SpatialIDError(f"unknown preset {n!r}; {hint}valid presets: {', '.join(D.PRESET_NAMES)}")
 
 
 def _check_people_inputs(args: argparse.Namespace) -> list | None:
@@ -277,6 +283,11 @@ def _output_target(args: argparse.Namespace, seed: int) -> Path:
         return default_output_path(seed, suffix=f".{fmt or 'png'}")
     out = Path(args.out).expanduser()
     suffix = out.suffix.lower()
+    from spatialid.cli.prechecks import UNSUPPORTED_IMAGE_SUFFIXES
+
+    if suffix in UNSUPPORTED_IMAGE_SUFFIXES and not out.is_dir():
+        raise SpatialIDError(f"--out {args.out}: {suffix} images cannot hold the settings; give a .png, .jpg, .jpeg or "
+                             ".webp file (or a folder)")
     if suffix in IMAGE_FORMATS and not args.out.endswith(("/", "\\")) and not out.is_dir():
         if fmt and IMAGE_FORMATS[suffix] != IMAGE_FORMATS[f".{fmt}"]:
             raise SpatialIDError(f"--format {fmt} does not match --out {args.out}; give one of them, or matching ones")
@@ -375,6 +386,13 @@ def _encode_people(people: list, encode) -> list:
     return identities
 
 
+def _say_face_check(args: argparse.Namespace, photos: list[str]) -> None:
+    """Say that the identity encoder looks for the face first: a photo without one fails before FLUX loads."""
+    if not args.quiet:
+        names = ", ".join(Path(p).name for p in photos)
+        print(f"spatialid: checking the face in {names} before FLUX loads (identity encoder) ...", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     import time
 
@@ -383,16 +401,29 @@ def run(args: argparse.Namespace) -> int:
     from spatialid.app.metadata import pipeline_record
 
     started = time.perf_counter()
+    # 1. the command line and the files' headers, without torch (each mistake costs well under 2 s)
     apply_from_png(args)
     check_pipeline_arguments(args)  # img2img / inpainting / Kontext / ControlNet flags, before the settings
+    check_command_line(args)  # model name, device, presets, numbers, LoRAs, ControlNet, masks, mask file
     spec = model_spec(args)
     jobs = build_jobs(args, tiny=spec.is_tiny)
     job = jobs[0]
-    _unused_settings_warnings(args, job.settings)
-    people = _check_people_inputs(args)  # first: --person with --id is refused before any photo is read
-    _check_identity_inputs(args)
+    protected = tuple(inputs_of(args))
     for each in jobs:
-        check_outputs(each, reserve=False)  # writable? (the names are claimed when the images exist)
+        each.protected = protected
+        check_outputs(each, reserve=False)  # writable, no input replaced (the names are claimed when the images exist)
+    _unused_settings_warnings(args, job.settings)
+    warning = huge_job_warning(args, job.settings.width, job.settings.height, job.settings.steps)
+    if warning:
+        log.warning("%s", warning)
+    if not args.quiet:
+        print(f"spatialid: loading {spec.model} ...", file=sys.stderr, flush=True)
+    # 2. what needs torch (identity files, mask files, the device), still before any model loads
+    people = _check_people_inputs(args)  # first: --person with --id is refused before any photo is read
+    from spatialid.cli.options import people_words
+
+    words = people_words(args, [each.settings.prompt for each in jobs])  # --person PHOTO@WORDS: in the prompt?
+    _check_identity_inputs(args)
     spec.check()  # device, quantization, offload: before the identity encoder runs
     if spec.is_tiny:
         print(
@@ -411,12 +442,14 @@ def run(args: argparse.Namespace) -> int:
         if not spec.is_tiny:
             # Encode before loading FLUX: a photo without a face fails in seconds, not after a
             # multi-gigabyte model load; the encoder's own weights are freed before denoising.
+            _say_face_check(args, args.id_images)
             identity = models.encoder().encode(photos if len(photos) > 1 else photos[0])
             models.release_encoder()
 
     people_ids = None
     if people and not spec.is_tiny and any(kind == "photos" for kind, _ in people):
         # as for --id: a photo without a face fails before FLUX loads
+        _say_face_check(args, [p for kind, paths in people if kind == "photos" for p in paths])
         people_ids = _encode_people(people, models.encoder().encode)
         models.release_encoder()
 
@@ -434,6 +467,8 @@ def run(args: argparse.Namespace) -> int:
         identity = IdentityEmbedding.load(args.id_embeds)
     elif people:
         identity = people_ids if people_ids is not None else _encode_people(people, pipe.encode_identity)
+        if words:  # (identity, words): the pipeline places that person where FLUX's attention puts the words
+            identity = [(person, w) if w else person for person, w in zip(identity, words)]
         first_photos = next((paths for kind, paths in people if kind == "photos"), None)
         if first_photos:
             from spatialid.utils.images import load_image

@@ -90,6 +90,25 @@ def format_settings(settings: dict[str, Any]) -> str:
     return "\n".join(f"{_safe(k).ljust(width)}  {_safe(v)}" for k, v in rows)
 
 
+def person_words(settings: Mapping[str, Any]) -> list[str | None]:
+    """Each stored person's words of the prompt (``--person PHOTO@WORDS``), None for a person without."""
+    identity = settings.get("identity") if isinstance(settings.get("identity"), Mapping) else {}
+    entries = identity.get("people") if isinstance(identity.get("people"), list) else []
+    words = [e.get("words") if isinstance(e, Mapping) and isinstance(e.get("words"), str) else None for e in entries]
+    return words + [None] * max(0, len(settings.get("people") or []) - len(words))
+
+
+def _recorded(settings: dict, key: str, names: list[str]) -> list[str]:
+    """The identity files where the run found them (``input_paths``, so the command works from any folder),
+    else their names."""
+    paths = settings.get("input_paths")
+    value = paths.get(key) if isinstance(paths, dict) else None
+    value = [value] if isinstance(value, str) else value
+    if isinstance(value, list) and len(value) == len(names) and all(isinstance(v, str) and v for v in value):
+        return value
+    return names
+
+
 def reproduce_command(settings: Mapping[str, Any]) -> str:
     """A shell-quoted ``spatialid generate`` command for the stored settings (identity by file name)."""
     from spatialid.cli.options import _SCHEDULE_FLAGS
@@ -109,16 +128,17 @@ def reproduce_command(settings: Mapping[str, Any]) -> str:
     files = [str(f) for f in identity.get("files") or []]
     people = s.get("people") or []
     if people:  # several people: --person photos first, then --person-embeds files, in stored order
-        for names in people:
+        words = [f"@{w}" if w else "" for w in person_words(s)]
+        for k, names in enumerate(people):
             if not any(str(n).lower().endswith(".safetensors") for n in names):
-                argv.extend(["--person", ",".join(map(str, names)) or "PHOTO"])
-        for names in people:
+                argv.extend(["--person", (",".join(map(str, names)) or "PHOTO") + words[k]])
+        for k, names in enumerate(people):
             if any(str(n).lower().endswith(".safetensors") for n in names):
-                argv.extend(["--person-embeds", str(names[0])])
+                argv.extend(["--person-embeds", str(names[0]) + words[k]])
     elif identity.get("source") == "embeds" and files:
-        argv.extend(["--id-embeds", files[0]])
+        argv.extend(["--id-embeds", _recorded(s, "id_embeds", [files[0]])[0]])
     else:
-        for f in files:
+        for f in _recorded(s, "id_images", files):
             argv.extend(["--id", f])
     for region in s.get("regions") or []:
         argv.extend(["--region", ",".join(f"{float(v):g}" for v in region) if isinstance(region, list) else str(region)])
@@ -204,6 +224,8 @@ def format_summary(settings: Mapping[str, Any]) -> str:
             where = regions[k] if k < len(regions) else "automatic layout"
             if isinstance(where, list):
                 where = "box " + ",".join(f"{float(v):g}" for v in where)
+            bound = person_words(s)[k]
+            where = f"bound to {bound!r}" if bound else where
             lines.append(f"person {k + 1}  {', '.join(map(str, names)) or '-'} ({where})")
     if float(s.get("true_cfg") or 1) > 1:
         lines.append(f"true cfg  {s.get('true_cfg')}, negative prompt: {s.get('negative_prompt') or '-'}")

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from spatialid import defaults as D
 from spatialid.cli.options import add_model_arguments, add_speed_arguments, model_spec
 from spatialid.ui.network import check_port_free, host_warning, parse_auth
 
@@ -46,7 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted photo upload in MB (default 20)")
     p.add_argument(
         "--output-dir", default=None,
-        help="also keep a copy of every PNG here (never served, never deleted; default: keep none)",
+        help="also keep a copy of every PNG here (never served, never deleted; default: ./outputs on 127.0.0.1 "
+        "without a login, none on a shared address or with --auth/--auth-file; 'none': keep none)",
     )
     access = p.add_argument_group("access and limits (docs/security.md)")
     access.add_argument(
@@ -151,6 +153,11 @@ def run(args: argparse.Namespace) -> int:
 
     from spatialid.errors import SpatialIDError
 
+    from spatialid.cli.prechecks import model_name_error
+
+    problem = model_name_error(args.model)  # `--model tny`: a suggestion at once, not a hub error after a wait
+    if problem:
+        raise SpatialIDError(problem)
     _check_args(args)
     logins = parse_auth(args.auth, args.auth_file)  # a bad auth file fails before the model loads
     if importlib.util.find_spec("gradio") is None:
@@ -165,9 +172,9 @@ def run(args: argparse.Namespace) -> int:
     if warning:
         print(f"spatialid: {warning}", file=sys.stderr)
     log.info("loading model %s ...", args.model)
-    if args.model == "tiny":
+    if args.model in D.TINY_MODELS:
         print(
-            "spatialid: note: --model tiny uses random weights at toy size: the images are noise by design "
+            f"spatialid: note: --model {args.model} uses random weights at toy size: the images are noise by design "
             "(it shows the whole path working)",
             file=sys.stderr,
         )
@@ -178,6 +185,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_output_dir(host: str, logins: object = None) -> str | None:
+    """A server on the loopback address keeps every result (settings inside each PNG) in ./outputs, as
+    Fooocus and A1111 do, and says where; a shared one (another address, or a login: a proxy in front)
+    keeps only its private folder, deleted per tab."""
+    from spatialid.ui.network import is_loopback
+
+    if not is_loopback(host) or logins:
+        return None
+    path = Path("outputs").resolve()
+    print(f"spatialid: keeping every result, its settings inside, in {path} (--output-dir DIR to change)", file=sys.stderr)
+    return str(path)
+
+
 def _launch(launch, pipe, args: argparse.Namespace, logins, default_queue: int, default_keep: float) -> None:
     launch(
         pipe,
@@ -185,7 +205,8 @@ def _launch(launch, pipe, args: argparse.Namespace, logins, default_queue: int, 
         host=args.host,
         port=args.port,
         max_upload_mb=args.max_upload_mb,
-        output_dir=args.output_dir,
+        output_dir=(None if args.output_dir == "none" else args.output_dir) if args.output_dir is not None
+        else default_output_dir(args.host, logins),
         auth=logins or None,
         max_steps=args.max_steps,
         max_images=args.max_images,

@@ -58,11 +58,26 @@ def apply_from_png(args: argparse.Namespace) -> dict | None:
             setattr(args, name, float(value))
     notices = _model_notices(args, meta)
     notices += _restore_inputs(args, meta, given)  # raises (one line) when a file is missing
+    _require_identity(args, meta)
     from spatialid.cli.cmd_info import _safe
 
     for line in notices:
         log.warning("%s", _safe(line))  # names from the image: escapes shown, never executed
     return meta
+
+
+def _require_identity(args: argparse.Namespace, meta: dict) -> None:
+    """An image made with an identity is never silently re-made without one: restored, given, or a one-line error."""
+    from spatialid.errors import SpatialIDError
+
+    if any(getattr(args, k, None) for k in ("id_images", "id_embeds", "people", "people_embeds")):
+        return
+    identity = meta.get("identity") if isinstance(meta.get("identity"), dict) else {}
+    if identity.get("source") or meta.get("people"):
+        raise SpatialIDError(
+            f"{args.from_png} was made with an identity whose file is not recorded in it; give it again with "
+            "--id PHOTO (or --id-embeds FILE, --person PHOTO)"
+        )
 
 
 # what GenerationSettings.from_dict may read from an image (its file fields are restored as flags instead)
@@ -152,6 +167,14 @@ def _control_model(model: str) -> bool:
     return any(word in name for word in ("canny", "depth")) and "controlnet" not in name
 
 
+def _words_of(meta: dict, index: int) -> str:
+    """``"@WORDS"`` of the stored person ``index`` bound to words of the prompt, else ``""``."""
+    people = (meta.get("identity") or {}).get("people") if isinstance(meta.get("identity"), dict) else None
+    entry = people[index] if isinstance(people, list) and 0 <= index < len(people) else None
+    words = entry.get("words") if isinstance(entry, dict) else None
+    return f"@{words}" if isinstance(words, str) and words.strip() and "@" not in words else ""
+
+
 def _restore_inputs(args: argparse.Namespace, meta: dict, given: set) -> list[str]:
     """Set the input-file flags the command line left out from ``--from-png``'s record; return notices.
 
@@ -189,9 +212,9 @@ def _restore_inputs(args: argparse.Namespace, meta: dict, given: set) -> list[st
     else:
         photos, embeds = inputs.get("people") or [], inputs.get("people_embeds") or []
         if photos or embeds:
-            args.people = [",".join(find(f"--person {k}", f) for f in person)
+            args.people = [",".join(find(f"--person {k}", f) for f in person) + _words_of(meta, k - 1)
                            for k, person in enumerate(photos, 1)] or None
-            args.people_embeds = [find(f"--person-embeds {k}", f)
+            args.people_embeds = [find(f"--person-embeds {k}", f) + _words_of(meta, k - 1)
                                   for k, f in enumerate(embeds, len(photos) + 1)] or None
             count = len(photos) + len(embeds)
         elif inputs.get("id_images"):

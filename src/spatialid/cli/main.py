@@ -13,13 +13,14 @@ one line ``spatialid: error: ...`` and exit with status 2; ``--debug`` shows the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import errno
 import importlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from spatialid import __version__
 
@@ -28,6 +29,75 @@ SUBCOMMANDS = ("generate", "encode", "info", "demo", "bench", "eval", "merge", "
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 128 + 15  # as a process ended by SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler, systemd) raised in the main thread, as Ctrl-C raises KeyboardInterrupt.
+
+    A KeyboardInterrupt, so every ``except BaseException`` clean-up that SIGINT runs (the output
+    names a job reserved are released, temporary files removed) runs for SIGTERM too: no empty or
+    partial image is left under its final name.
+    """
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` while a command runs; a second Ctrl-C quits at once.
+
+    Python raises KeyboardInterrupt only between bytecodes, so a long torch operation (one attention
+    of a 4096x4096 image on a CPU runs for minutes) delays the first Ctrl-C until it returns. The
+    signal's wake-up byte reaches a watcher thread at once, though: it says that the run stops after
+    the current operation and, on a second Ctrl-C, removes the job's unwritten (empty) output names
+    and exits with 130. The old handlers are restored after the command.
+    """
+    import signal
+    import threading
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    try:
+        before = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread (embedded use): keep the default
+        yield
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    try:
+        old_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    except (ValueError, OSError):  # pragma: no cover - not the main thread
+        old_wakeup = None
+    threading.Thread(target=_watch_interrupts, args=(read_fd,), daemon=True, name="spatialid-ctrl-c").start()
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        if old_wakeup is not None:
+            signal.set_wakeup_fd(old_wakeup)
+        os.close(write_fd)  # ends the watcher (it reads EOF)
+
+
+def _watch_interrupts(read_fd: int) -> None:
+    import signal
+
+    presses = 0
+    try:
+        while True:
+            data = os.read(read_fd, 64)
+            if not data:
+                return
+            presses += data.count(bytes([signal.SIGINT]))
+            if presses == 1 and signal.SIGINT in data:
+                os.write(2, b"\nspatialid: stopping at the next step (Ctrl-C again quits at once)\n")
+            elif presses >= 2:
+                from spatialid.app.job import release_unwritten
+
+                release_unwritten()
+                os.write(2, b"spatialid: interrupted\n")
+                os._exit(EXIT_INTERRUPTED)
+    finally:
+        os.close(read_fd)
 
 
 class Parser(argparse.ArgumentParser):
@@ -39,12 +109,48 @@ class Parser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
         # The sub-command's leftovers reach the top parser as "unrecognized arguments": suggest the
         # closest option of that sub-command instead.
+        if self.prog == "spatialid":
+            _options_before_command(self, list(sys.argv[1:] if args is None else args))
         ns, extras = super().parse_known_args(args, namespace)
         if extras and self.prog == "spatialid" and getattr(ns, "command", None):
             sub = _subparser(self, ns.command)
             if sub is not None:
-                sub.error(_unknown_message(sub, extras))
+                argv = list(sys.argv[1:] if args is None else args)
+                sub.error(_repeat_message(sub, argv, extras) or _unknown_message(sub, extras))
         return ns, extras
+
+
+_GLOBAL_OPTIONS = ("-h", "--help", "--version", "--debug", "-q", "--quiet")
+
+
+def _options_before_command(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """``spatialid --model tiny generate``: say that a sub-command's options go after it (argparse says
+    "invalid choice: 'tiny'")."""
+    command = next((i for i, a in enumerate(argv) if a in SUBCOMMANDS), None)
+    if command is None:
+        return
+    early = [a for a in argv[:command] if a.startswith("-") and a.split("=", 1)[0] not in _GLOBAL_OPTIONS]
+    if early:
+        rest = " ".join(argv[:command] and [a for a in argv[:command] if a not in _GLOBAL_OPTIONS])
+        parser.error(f"{early[0]} is an option of `spatialid {argv[command]}`: put it after the sub-command, "
+                     f"e.g. spatialid {argv[command]} {rest} ...")
+
+
+def _repeat_message(sub: argparse.ArgumentParser, argv: list[str], extras: Sequence[str]) -> str | None:
+    """``--id a.png b.png``: the second value of a one-value flag; say to repeat the flag (or quote a text)."""
+    first = extras[0]
+    if first.startswith("-") or first not in argv:
+        return None
+    index = argv.index(first)
+    flag = next((argv[i] for i in range(index - 1, -1, -1) if argv[i].startswith("-")), None)
+    action = sub._option_string_actions.get(flag.split("=", 1)[0]) if flag else None
+    if action is None or action.nargs not in (None, "?"):
+        return None
+    values = [a for a in extras if not a.startswith("-")]
+    if isinstance(action, argparse._AppendAction):
+        example = " ".join(f"{flag} {v}" for v in [argv[index - 1], *values][:3])
+        return f"{flag} takes one value; repeat {flag} for each: {example}"
+    return f"{flag} takes one value, got more ({' '.join(values)}); quote a value with spaces: {flag} \"...\""
 
 
 def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser | None:
@@ -133,11 +239,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from spatialid.errors import SpatialIDError
 
     try:
-        code = int(args.func(args) or 0)
+        with _stop_signals():
+            code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not at exit
         return code
     except BrokenPipeError:
         return _closed_pipe()
+    except Terminated:
+        print("spatialid: stopped (SIGTERM); nothing half-written was kept", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("spatialid: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -21,6 +21,7 @@ __all__ = [
     "check_pipeline_arguments",
     "model_spec",
     "people_inputs",
+    "people_words",
     "pipeline_fields",
     "sampling_settings",
 ]
@@ -32,9 +33,10 @@ def add_model_arguments(p: argparse.ArgumentParser, *, memory: bool = True) -> N
     g.add_argument(
         "--model",
         default=D.DEFAULT_FLUX_MODEL,
-        help="FLUX.1 hub id or local diffusers folder (FLUX.1-dev, FLUX.1-Krea-dev, ...), a single "
-        "transformer .safetensors/.gguf file, or 'tiny' = offline toy model with random weights whose "
-        f"images are noise by design (default: {D.DEFAULT_FLUX_MODEL})",
+        help="FLUX.1 or Chroma hub id or local diffusers folder (FLUX.1-dev, FLUX.1-Krea-dev, FLUX.1-schnell, "
+        "Chroma1-HD, ...: the pipeline family is read from model_index.json), a single FLUX transformer "
+        ".safetensors/.gguf file, or 'tiny' / 'tiny-chroma' = offline toy FLUX.1 / Chroma model with random "
+        f"weights whose images are noise by design (default: {D.DEFAULT_FLUX_MODEL})",
     )
     g.add_argument(
         "--pulid",
@@ -175,12 +177,13 @@ def add_people_arguments(p: argparse.ArgumentParser) -> None:
         "several people", "one identity per person, each injected only where that person is (up to 4 people)"
     )
     g.add_argument(
-        "--person", dest="people", action="append", default=None, metavar="PHOTO[,PHOTO...]",
+        "--person", dest="people", action="append", default=None, metavar="PHOTO[,PHOTO...][@WORDS]",
         help="photos of one person (comma-separated for several photos of the same person); repeat once per "
-        "person, left to right: --person alice.jpg --person bob1.jpg,bob2.jpg",
+        "person, left to right: --person alice.jpg --person bob1.jpg,bob2.jpg; @WORDS binds the person to words "
+        "of the prompt, placed where FLUX's attention puts them: --person boy.jpg@'the boy' (@man#2: the second 'man')",
     )
     g.add_argument(
-        "--person-embeds", dest="people_embeds", action="append", default=None, metavar="FILE",
+        "--person-embeds", dest="people_embeds", action="append", default=None, metavar="FILE[@WORDS]",
         help="identity file of one person (from `spatialid encode`); repeatable, after the --person photos",
     )
     g.add_argument(
@@ -190,7 +193,8 @@ def add_people_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--save-masks", default=None, metavar="FILE.safetensors",
-        help="write every person's mask of every step (float32 [steps, points, persons, batch, rows, cols])",
+        help="write every person's mask of every step (float32 [steps, points, persons, batch, rows, cols]); an "
+        "existing file is kept (the new one gets a free numbered name) unless --overwrite; never an input's name",
     )
     g.add_argument(
         "--masks-from", default=None, metavar="FILE.safetensors",
@@ -209,14 +213,50 @@ def people_inputs(args: argparse.Namespace) -> list[tuple[str, list[str]]] | Non
         return None
     people: list[tuple[str, list[str]]] = []
     for entry in photos:
-        paths = [part.strip() for part in entry.split(",") if part.strip()]
+        paths = [part.strip() for part in _split_words(entry)[0].split(",") if part.strip()]
         if not paths:
             raise SpatialIDError(f"--person {entry!r} names no photo; give PHOTO or PHOTO,PHOTO (photos of one person)")
         people.append(("photos", paths))
-    people += [("embeds", [path]) for path in embeds]
+    people += [("embeds", [_split_words(path)[0]]) for path in embeds]
     if len(people) > 4:
         raise SpatialIDError(f"{len(people)} people given (--person/--person-embeds); at most 4 people per image")
     return people
+
+
+def _split_words(entry: str) -> tuple[str, str | None]:
+    """``PHOTO@WORDS`` -> ``(PHOTO, WORDS)``; an entry without ``@`` (or an existing file named with one) has no words."""
+    from pathlib import Path
+
+    head, sep, words = entry.rpartition("@")
+    if not sep or not head or Path(entry).expanduser().exists():
+        return entry, None
+    from spatialid.errors import SpatialIDError
+
+    if not words.strip():
+        raise SpatialIDError(f"--person {entry!r}: no words after '@'; give PHOTO@WORDS, e.g. boy.jpg@'the boy'")
+    return head, words.strip()
+
+
+def people_words(args: argparse.Namespace, prompts: list[str] | None = None) -> list[str | None] | None:
+    """Each person's ``@WORDS`` (None for a person without), in the order of :func:`people_inputs`;
+    None when nobody is bound to words. With ``prompts``, words that are in none of a prompt's text
+    are refused now, in one line (the pipeline checks the T5 tokens themselves)."""
+    entries = [*(getattr(args, "people", None) or []), *(getattr(args, "people_embeds", None) or [])]
+    words = [_split_words(entry)[1] for entry in entries]
+    if not any(w is not None for w in words):
+        return None
+    import re
+
+    from spatialid.errors import SpatialIDError
+
+    for entry, w in zip(entries, words):
+        for prompt in prompts or []:
+            text = re.sub(r"\s*#\d+$", "", w or "")  # "man#2": the second "man"
+            if w is not None and not re.search(rf"(?<!\w){re.escape(text)}(?!\w)", prompt or "", re.IGNORECASE):
+                raise SpatialIDError(
+                    f"--person {entry!r}: the words {w!r} are not in the prompt {prompt!r}; bind each person to words of the prompt"
+                )
+    return words
 
 
 def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:

@@ -35,6 +35,8 @@ __all__ = ["IdentityEmbedding", "EMBEDDING_FORMAT", "EMBEDDING_FORMAT_VERSION"]
 
 EMBEDDING_FORMAT = "spatialid.identity_embedding"
 EMBEDDING_FORMAT_VERSION = "1"
+# An embedding is ~1.3 MB (PuLID-FLUX's 32x2048 tokens twice, a 512x512 face); a larger file is not one.
+MAX_EMBEDDING_BYTES = 16 * 2**20
 
 
 @dataclass
@@ -157,7 +159,17 @@ class IdentityEmbedding:
             raise CheckpointError(
                 f"identity embedding file not found: {path}; create it with `spatialid encode --id PHOTO --out {path}`"
             )
-        return cls.from_bytes(path.read_bytes(), source=str(path), device=device, dtype=dtype)
+        from spatialid.utils.io import read_bounded
+
+        try:  # bounded: a huge (or sparse) file is refused, never read whole
+            data = read_bounded(path, MAX_EMBEDDING_BYTES)
+        except OSError as exc:
+            raise CheckpointError(f"cannot read identity embedding file {path}: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise CheckpointError(
+                f"{path} {exc}, so it is no identity embedding (about 1 MB); create one with `spatialid encode`"
+            ) from None
+        return cls.from_bytes(data, source=str(path), device=device, dtype=dtype)
 
     @classmethod
     def from_bytes(
@@ -196,6 +208,10 @@ class IdentityEmbedding:
                 f"{str(face.dtype).replace('torch.', '')}, expected [H, W, 3] uint8; re-encode the photo with `spatialid encode`"
             )
         _check_token_count(tensors["tokens"], meta, source)
+        count = meta.get("num_images", "1")
+        if not (count.isascii() and count.isdigit() and 1 <= int(count[:6]) and len(count) <= 6):
+            raise CheckpointError(f"{source} records {count[:20]!r} photos (num_images), not a count; "
+                                  "re-encode the photo with `spatialid encode`")
         try:
             emb = cls(
                 tokens=tensors["tokens"].to(device=device, dtype=dtype),
@@ -243,9 +259,11 @@ def _safetensors_metadata(data: bytes, source: str) -> Mapping[str, str]:
         raise CheckpointError(f"{source} is not a safetensors file (bad header); create it with `spatialid encode`")
     try:
         header = json.loads(data[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{source} is not a safetensors file (unreadable header)") from exc
+    except (UnicodeDecodeError, ValueError, RecursionError):  # JSONDecodeError, 5000-digit numbers, deep nesting
+        raise CheckpointError(f"{source} is not a safetensors file (unreadable header)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{source} is not a safetensors file (bad header)")
     meta = header.get("__metadata__") or {}
-    return {str(k): str(v) for k, v in meta.items()}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{source} is not a safetensors file (its metadata is not text); create it with `spatialid encode`")
+    return meta

@@ -9,7 +9,8 @@ facexlib (or its weights) is not installed.
   :data:`UPSAMPLE_MAX_SIDE` pixels so faces down to ~40 px are found. Detections scoring below
   ``min_score`` (0.5) are dropped: on skimage's astronaut photo the mission patch scores ~0.12 while
   the face scores ~1.2.
-* CNN fallback (``cnn_fallback=True``, what the identity encoder uses): when HOG accepts no face,
+* CNN fallback (``cnn_fallback=True``, what the identity encoder and ``eval --face-model dlib`` use,
+  both through :func:`shared_dlib_analyzer`, the one detector rule): when HOG accepts no face,
   dlib's MMOD CNN detector (:data:`DLIB_CNN_DETECTOR`) runs instead. HOG misses clear but slightly
   turned faces (5 of IBench's 100 ``chineseid`` photos); the CNN finds all 100 but costs seconds per
   photo on a CPU, hence fallback only. It is loaded once per process on first use and runs at the
@@ -273,7 +274,10 @@ class DlibFaceAnalyzer:
             with _CNN_LOCK:
                 dets = net(img, up)
             faces = [self._face(img, d.rect, d.confidence, "cnn") for d in dets]
-            logger.info(
+            # INFO when it found a face (why encoding a photo took seconds); an eval of faceless images
+            # would otherwise print two lines per image
+            logger.log(
+                logging.INFO if faces else logging.DEBUG,
                 "dlib's CNN face detector found %d face(s) in %.1f s (%dx%d px, upsample %d)",
                 len(faces), time.perf_counter() - t0, img.shape[1], img.shape[0], up,
             )
@@ -296,6 +300,12 @@ class DlibFaceAnalyzer:
         box = (float(rect.left()), float(rect.top()), float(rect.right() + 1), float(rect.bottom() + 1))
         return FaceDetection(box=box, score=float(score), landmarks5=five, landmarks68=pts68,
                              extra={"rect": rect, "shape": shape, "detector": detector})
+
+    def landmarks_in_box(self, rgb: np.ndarray, box: Sequence[float]) -> np.ndarray:
+        """The predictor's landmarks ([68, 2] or [5, 2]) inside a box found by another detector."""
+        x0, y0, x1, y1 = (int(round(float(v))) for v in box)
+        shape = self.predictor(np.ascontiguousarray(rgb, dtype=np.uint8), self._dlib.rectangle(x0, y0, x1 - 1, y1 - 1))
+        return np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
 
     # ------------------------------------------------------------------ alignment
 
@@ -327,8 +337,10 @@ class DlibFaceAnalyzer:
 
 @functools.lru_cache(maxsize=4)
 def shared_dlib_analyzer(with_descriptor: bool = True, cnn_fallback: bool = True) -> DlibFaceAnalyzer:
-    """The identity encoder's analyzer, one per process for the default model files (loading the
-    68-point model takes ~0.5 s); CNN fallback on, so that turned faces HOG misses are not lost.
+    """The one dlib detector rule (HOG, else the CNN) for the identity encoder and ``eval --face-model
+    dlib`` alike, one analyzer per process for the default model files (loading the 68-point model
+    takes ~0.5 s); CNN fallback on, so that turned faces HOG misses are not lost: an eval that finds
+    fewer reference faces than encode would score fewer identities than were generated.
 
     The analyzer holds read-only models, so encoders may share it.
     """

@@ -4,8 +4,11 @@ Submodules: ``clip_metrics`` (CLIP-T, CLIP-I, CLIP-ref), ``face_metrics`` (FaceS
 ``quality`` (IQ, IQ-01), ``aesthetic``, ``fid``, ``contamination`` (metric models), ``paper`` (the
 paper's quoted numbers), ``stats`` (mean/std/CI), ``report`` (JSON/Markdown/CSV/plots), ``inputs``
 (sources and files checked before any model loads; damaged images read without crashing),
-``sources`` (the items of bench folders and IBench files), ``metric_models`` (which model gives which
-column), ``scoring`` (one image's row), ``fid_sets`` (FID per preset) and ``evaluate`` (the driver).
+``sources`` (the items of bench folders and IBench files), ``gt_photos`` (other photos of a person:
+``--gt``), ``metric_models`` (which model gives which column), ``columns`` (the report's columns),
+``multi_metrics`` (count accuracy, ID-Conf, CP, Sim(GT)), ``face_geometry`` (LandmarkDiff, PoseDiv,
+ExprDiv), ``scoring`` (one image's row), ``fid_sets`` (FID per preset), ``group_report`` (per group
+size) and ``evaluate`` (the driver).
 Model-heavy modules import torch/open_clip on use; importing this package stays light.
 """
 

@@ -70,10 +70,14 @@ class LpipsDistance:
     """LPIPS distance maps with the ``lpips`` package (optional dependency).
 
     ``random_backbone=True`` builds AlexNet with random weights (``pnet_rand``; the LPIPS linear
-    heads ship inside the package), which needs no download: for offline tests only.
+    heads ship inside the package), which needs no download: for offline tests only. Those weights
+    are drawn from ``seed`` (without one, each run drew another network, so a resumed evaluation
+    mixed the BG LPIPS values of two networks in one column).
     """
 
-    def __init__(self, net: str = "alex", *, random_backbone: bool = False, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self, net: str = "alex", *, random_backbone: bool = False, device: torch.device | str | None = None, seed: int = 0
+    ) -> None:
         try:
             import lpips
         except ImportError:
@@ -81,9 +85,11 @@ class LpipsDistance:
         self.device = torch.device(device or "cpu")
         self.random_weights = random_backbone
         self.name = f"LPIPS-{net}"
+        self.seed = int(seed)
         try:
-            with warnings.catch_warnings():  # torchvision's "pretrained is deprecated" from inside lpips
-                warnings.simplefilter("ignore", UserWarning)
+            with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):  # the caller's RNG is left as it was
+                warnings.simplefilter("ignore", UserWarning)  # torchvision's "pretrained is deprecated" from inside lpips
+                torch.manual_seed(self.seed)
                 self.model = lpips.LPIPS(net=net, spatial=True, pnet_rand=random_backbone, verbose=False).to(self.device).eval()
         except OSError as exc:  # URLError: torchvision could not download the backbone
             from torch.hub import get_dir
@@ -95,7 +101,9 @@ class LpipsDistance:
 
     @property
     def label(self) -> str:
-        return f"{self.name} (RANDOM backbone: test stand-in, numbers are meaningless)" if self.random_weights else self.name
+        if self.random_weights:
+            return f"{self.name} (RANDOM backbone, seed {self.seed}: test stand-in, numbers are meaningless)"
+        return self.name
 
     @torch.no_grad()
     def distance_map(self, a: Image.Image, b: Image.Image) -> np.ndarray:

@@ -33,6 +33,8 @@ from typing import Any
 from spatialid.bench.grid import BASELINE_PRESET
 from spatialid.bench.results import BenchStateError, read_json
 from spatialid.evaluation.fid_sets import FID_CACHE_NAME, fid_summaries  # noqa: F401
+from spatialid.evaluation.group_report import group_summaries
+from spatialid.evaluation.gt_photos import GtIndex, attach_gt, load_gt_index
 from spatialid.evaluation.inputs import NothingScoreableError, check_output_folder
 from spatialid.evaluation.metric_models import AESTHETIC_CLIPS, MetricModels  # noqa: F401
 from spatialid.evaluation.paper import paper_rows_for
@@ -80,14 +82,19 @@ def evaluate(
     progress: bool = True,
     plots: bool = True,
     allow_incomplete: bool = False,
+    gt: str | os.PathLike[str] | GtIndex | None = None,
 ) -> tuple[ReportData, dict[str, Path]]:
     """Score every image of ``sources`` and write the report into ``out_dir``.
 
     ``models`` may be a factory: it is called only once the sources have been read, so a bad
     source fails in seconds, before minutes of model loading. Presets scored on different items
-    are not ranked unless ``allow_incomplete`` (then: on the items every preset has).
+    are not ranked unless ``allow_incomplete`` (then: on the items every preset has). ``gt``: other
+    photos of the people, for CP and Sim(GT) (:func:`spatialid.evaluation.gt_photos.load_gt_index`).
     """
     found = collect_sources(sources, presets=presets, id_root=id_root, image_root=image_root)
+    if gt is not None and not isinstance(gt, GtIndex):
+        gt = load_gt_index(gt, id_root)
+    found.items = attach_gt(found.items, gt)
     items, order, settings = found.items, found.order, found.settings
     if not items:
         raise BenchStateError("no finished images to evaluate")
@@ -158,6 +165,7 @@ def evaluate(
         common_items=len(common) if ranked_on == RANKED_COMMON else None,
         common_summaries=common_summaries,
         skipped=[{"file": f, "reason": bad[f]} for f in sorted(bad)],
+        groups=group_summaries(rows, order),
     )
     files = write_report(data, out, plots=plots)
     return data, files

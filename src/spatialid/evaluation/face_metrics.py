@@ -22,13 +22,16 @@ which is what ``FaceAnalysis.get`` does with them.
 
 Two backends:
 
-* ``arcface`` (default, the number papers report): the above. Needs the optional ``[face]``
-  extra (insightface, onnxruntime, OpenCV) and the two ONNX files
+* ``antelopev2`` (default, the number papers report; ``arcface`` is the same): the above. Needs
+  the optional ``[face]`` extra (insightface, onnxruntime, OpenCV) and the two ONNX files
   (see :mod:`spatialid.encoder.model_files`).
-* ``dlib`` (offline alternative, always installed): dlib's HOG detector and its 128-d ResNet face
-  descriptor from ``face-recognition-models``, with the same face choice (highest score). Its
-  cosine similarities are on another scale than ArcFace's, so reports name the backend next to
-  the column and the two are never to be compared with each other.
+* ``dlib`` (offline alternative, always installed): dlib's real recognition model from
+  ``face-recognition-models``: the encoder's own detector rule (HOG, else the CNN detector:
+  :func:`spatialid.encoder.face_dlib.shared_dlib_analyzer`, so eval finds every reference face that
+  encode found), 68-point landmarks and the 128-d ResNet descriptor, with the same face choice
+  (highest score). Its cosine similarities are on another scale than ArcFace's (two strangers
+  score about 0.8), so reports name the backend next to the column and its numbers are never to be
+  compared with ArcFace numbers in papers.
 
 With ``fallback="center"`` (used by the offline tiny evaluation, whose generated images are noise)
 a centred box stands in for a missing face so that every column gets a value; such values are
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +53,7 @@ import numpy as np
 from spatialid.errors import SpatialIDError
 
 __all__ = [
+    "FACE_MODELS",
     "ArcFaceEmbedder",
     "DlibFaceEmbedder",
     "FaceResult",
@@ -59,6 +64,8 @@ __all__ = [
 ]
 
 FALLBACKS = ("none", "center")
+DETECTIONS_KEPT = 256  # DlibFaceEmbedder: images whose detections are kept (a few KB each)
+FACE_MODELS = ("antelopev2", "dlib")  # --face-model; "arcface" is accepted for antelopev2
 T = TypeVar("T")
 
 
@@ -70,6 +77,7 @@ class FaceResult:
     embedding: np.ndarray
     detected: bool  # False: the centre fallback box, not a detection
     score: float = math.nan
+    landmarks: np.ndarray | None = None  # dlib's [68, 2] landmarks or a detector's 5 keypoints
 
     @property
     def source(self) -> str:
@@ -108,23 +116,27 @@ def _check_fallback(fallback: str) -> None:
 
 
 class DlibFaceEmbedder:
-    """Offline FaceSim backend: dlib HOG detection + 128-d ResNet descriptor (labelled as such)."""
+    """Offline face backend: the encoder's dlib detector rule + 128-d ResNet descriptor (labelled as such)."""
 
     name = "dlib-resnet-128"
     random_weights = False
 
-    def __init__(self, *, fallback: str = "none", min_score: float = 0.5) -> None:
-        from spatialid.encoder.face_dlib import DlibFaceAnalyzer
+    def __init__(self, *, fallback: str = "none", analyzer: Any = None) -> None:
+        from spatialid.encoder.face_dlib import shared_dlib_analyzer
 
         _check_fallback(fallback)
-        self.analyzer = DlibFaceAnalyzer(min_score=min_score, with_descriptor=True)
+        self.analyzer = analyzer if analyzer is not None else shared_dlib_analyzer(True)
         self.fallback = fallback
+        # detections by image content: analyze() and analyze_all() detect once, and a baseline or a copied
+        # image scored again costs nothing (dlib's CNN takes seconds on a faceless image)
+        self._seen: OrderedDict[bytes, list[FaceResult]] = OrderedDict()
 
     @property
     def label(self) -> str:
         return (
-            "dlib HOG detector + 128-d face descriptor, highest-score face (offline alternative to ArcFace; "
-            "FaceSim not comparable to papers')"
+            "dlib HOG detector with dlib's CNN detector as fallback (the encoder's rule; face-recognition-models), "
+            "68-point landmarks, 128-d ResNet descriptor, highest-score face (offline alternative to ArcFace; "
+            "not comparable to ArcFace numbers in papers)"
         )
 
     def analyze_path(self, path: str | os.PathLike[str]) -> FaceResult | None:
@@ -136,19 +148,32 @@ class DlibFaceEmbedder:
 
     def analyze_all(self, rgb: np.ndarray) -> list[FaceResult]:
         """Every detected face, highest score first (several people in one image; no fallback)."""
+        import hashlib
+
         img = np.ascontiguousarray(rgb, dtype=np.uint8)
+        key = hashlib.blake2b(img.tobytes(), digest_size=16).digest() + repr(img.shape).encode()
+        if key in self._seen:
+            self._seen.move_to_end(key)
+            return list(self._seen[key])
         faces = sorted(self.analyzer.detect(img), key=lambda f: -float(f.score))
-        return [FaceResult(f.box, self.analyzer.descriptor(img, f), True, float(f.score)) for f in faces]
+        out = [
+            FaceResult(f.box, self.analyzer.descriptor(img, f), True, float(f.score),
+                       f.landmarks68 if f.landmarks68 is not None else f.landmarks5)
+            for f in faces
+        ]
+        self._seen[key] = out
+        if len(self._seen) > DETECTIONS_KEPT:
+            self._seen.popitem(last=False)
+        return list(out)
 
     def analyze(self, rgb: np.ndarray) -> FaceResult | None:
+        """IBench's ``faces[0]`` (the highest score), else the centre fallback when asked for."""
         import dlib
 
         img = np.ascontiguousarray(rgb, dtype=np.uint8)
-        faces = self.analyzer.detect(img)
-        i = first_face_index([f.score for f in faces])
-        if i is not None:
-            face = faces[i]
-            return FaceResult(face.box, self.analyzer.descriptor(img, face), True, float(face.score))
+        faces = self.analyze_all(img)
+        if faces:
+            return faces[0]
         if self.fallback != "center":
             return None
         h, w = img.shape[:2]
@@ -156,7 +181,8 @@ class DlibFaceEmbedder:
         rect = dlib.rectangle(int(box[0]), int(box[1]), int(box[2]) - 1, int(box[3]) - 1)
         shape = self.analyzer.predictor(img, rect)
         vec = np.asarray(self.analyzer.descriptor_net.compute_face_descriptor(img, shape), dtype=np.float32)
-        return FaceResult(box, vec, False)
+        points = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
+        return FaceResult(box, vec, False, landmarks=points)
 
 
 class ArcFaceEmbedder:
@@ -257,7 +283,7 @@ class ArcFaceEmbedder:
             size = int(self.recognizer.input_size[0])
             crop = self.align(img, landmark=np.asarray(kpss[i]), image_size=size)
             box = tuple(float(v) for v in bboxes[i, :4])
-            return FaceResult(box, self._embed(crop), True, float(bboxes[i, 4]))  # type: ignore[arg-type]
+            return FaceResult(box, self._embed(crop), True, float(bboxes[i, 4]), np.asarray(kpss[i]))  # type: ignore[arg-type]
         if self.fallback != "center":
             return None
         from PIL import Image
@@ -277,7 +303,7 @@ class ArcFaceEmbedder:
         for i in sorted(range(len(bboxes)), key=lambda j: -float(bboxes[j, 4])):
             crop = self.align(img, landmark=np.asarray(kpss[i]), image_size=size)
             box = tuple(float(v) for v in bboxes[i, :4])
-            out.append(FaceResult(box, self._embed(crop), True, float(bboxes[i, 4])))  # type: ignore[arg-type]
+            out.append(FaceResult(box, self._embed(crop), True, float(bboxes[i, 4]), np.asarray(kpss[i])))  # type: ignore[arg-type]
         return out
 
     def analyze_path(self, path: str | os.PathLike[str]) -> FaceResult | None:
@@ -302,16 +328,16 @@ class ArcFaceEmbedder:
 
 
 def load_face_embedder(
-    kind: str = "arcface",
+    kind: str = "antelopev2",
     *,
     device: str | None = None,
     fallback: str = "none",
     models_dir: str | os.PathLike[str] | None = None,
     offline: bool | None = None,
 ) -> Any:
-    """``"arcface"`` (insightface, IBench's) or ``"dlib"`` (offline alternative)."""
-    if kind == "arcface":
+    """``"antelopev2"`` (= ``"arcface"``: insightface, IBench's) or ``"dlib"`` (offline alternative)."""
+    if kind in ("antelopev2", "arcface"):
         return ArcFaceEmbedder(device=device, models_dir=models_dir, offline=offline, fallback=fallback)
     if kind == "dlib":
         return DlibFaceEmbedder(fallback=fallback)
-    raise SpatialIDError(f"unknown face model {kind!r}; use arcface (insightface) or dlib (offline alternative)")
+    raise SpatialIDError(f"unknown face model {kind!r}; use antelopev2 (insightface ArcFace) or dlib (offline alternative)")

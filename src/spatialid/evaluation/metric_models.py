@@ -16,6 +16,7 @@ from spatialid.evaluation.contamination import LpipsDistance
 __all__ = ["AESTHETIC_CLIPS", "MetricModels"]
 
 AESTHETIC_CLIPS = ("ViT-L-14", "ViT-L-14-quickgelu")  # open_clip names of OpenAI's ViT-L/14
+COLUMNS_VERSION = 2  # 2: count accuracy, ID-Conf, Sim(Ref/GT), CP, LandmarkDiff, PoseDiv, ExprDiv
 
 
 @dataclass
@@ -54,7 +55,9 @@ class MetricModels:
         }
 
     def fingerprint(self) -> str:
-        return "|".join(f"{k}={v}" for k, v in sorted(self.labels().items()) if k != "fid")
+        """What cached rows depend on: every model's label, and the columns' version (rows cached before
+        the field's columns existed lack them, so they are scored again)."""
+        return "|".join([f"columns={COLUMNS_VERSION}"] + [f"{k}={v}" for k, v in sorted(self.labels().items()) if k != "fid"])
 
     @classmethod
     def tiny(cls, *, device: str | None = None, seed: int = 0) -> MetricModels:
@@ -73,7 +76,7 @@ class MetricModels:
         ]
         lp = None
         try:
-            lp = LpipsDistance(random_backbone=True, device=device)
+            lp = LpipsDistance(random_backbone=True, device=device, seed=seed)
         except SpatialIDError as exc:
             notes.append(f"BG LPIPS left out: {exc}")
         clip = ClipScorer.tiny(seed, device=device)
@@ -95,7 +98,7 @@ class MetricModels:
         clip_pretrained: str | None = "openai",
         clip_precision: str = "auto",
         clip_antialias: bool = True,
-        face_model: str = "arcface",
+        face_model: str = "antelopev2",
         iq_metric: str = "musiq-spaq",
         aesthetic: bool = True,
         fid: bool = True,
@@ -125,7 +128,8 @@ class MetricModels:
             notes.append(f"CLIP columns use {clip_model}/{clip_pretrained}, not IBench's OpenAI ViT-L/14.")
         face = load_face_embedder(face_model, device=device, fallback=face_fallback, models_dir=models_dir, offline=offline)
         if face_model == "dlib":
-            notes.append("FaceSim uses dlib's 128-d descriptor (offline alternative): not comparable to ArcFace FaceSim in papers.")
+            notes.append("Every face column uses dlib's recognition model (--face-model dlib, offline alternative: HOG + "
+                         "CNN detector, 68 landmarks, 128-d descriptor): not comparable with ArcFace numbers in papers.")
         quality = load_quality(iq_metric, device=device, offline=offline)
         aes = None
         if aesthetic:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["PAPER_ROWS", "PAPER_SOURCE", "PaperRow", "paper_rows_for"]
+__all__ = ["OTHER_BENCHMARK_ROWS", "OTHER_BENCHMARK_SOURCE", "PAPER_ROWS", "PAPER_SOURCE", "PaperRow", "paper_rows_for"]
 
 PAPER_SOURCE = (
     "SpatialID README (github.com/leeguandong/SpatialID, table 'Key Results (IBench: 100 IDs × 41 Prompts)'), "
@@ -54,3 +54,18 @@ PAPER_ROWS: dict[str, PaperRow] = {
 def paper_rows_for(presets: list[str]) -> dict[str, PaperRow]:
     """The paper rows of the presets present in a run, in run order."""
     return {p: PAPER_ROWS[p] for p in presets if p in PAPER_ROWS}
+
+
+# ------------------------------------------------------------------ another benchmark's numbers
+
+#: WithAnyone (ICLR 2026, FLUX.1 [dev], trained; face boxes required) on its own MultiID-Bench, as
+#: quoted in this project's issue tracker from the paper: Sim(GT) and CP per group size, and PuLID's
+#: CP. Another benchmark (other prompts, people and ArcFace model): for orientation only, never
+#: comparable with a run of ours number for number (and not at all with --face-model dlib).
+OTHER_BENCHMARK_SOURCE = "WithAnyone (arXiv:2510.14975), MultiID-Bench: another benchmark, numbers quoted as published"
+OTHER_BENCHMARK_ROWS: tuple[dict[str, object], ...] = (
+    {"method": "WithAnyone", "group": "1", "sim_gt": 0.460, "copy_paste": 0.144},
+    {"method": "WithAnyone", "group": "2", "sim_gt": 0.405, "copy_paste": 0.161},
+    {"method": "WithAnyone", "group": "3-4", "sim_gt": 0.414, "copy_paste": 0.171},
+    {"method": "PuLID", "group": None, "sim_gt": None, "copy_paste": 0.315},
+)

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spatialid.evaluation.columns import METRICS, Metric
+from spatialid.evaluation.group_report import group_markdown, other_benchmark_json
 from spatialid.evaluation.paper import PAPER_SOURCE, PaperRow
 from spatialid.evaluation.stats import CI_METHOD, Summary
 
@@ -45,60 +47,6 @@ REFERENCE_PRESET = "none"
 RANKED_ALL = "all items"  # ReportData.ranked_on: every preset has the same items
 RANKED_COMMON = "common items"  # --allow-incomplete: ranked on the items every preset has
 SHOW = 5  # missing keys / skipped files named in Markdown (report.json lists all)
-
-
-@dataclass(frozen=True)
-class Metric:
-    """One report column: per-image values summarised per preset, or one value per preset (FID)."""
-
-    key: str
-    title: str
-    higher_is_better: bool
-    group: str  # which model computes it (key into ReportData.models)
-    fmt: str = "{:.3f}"
-    per_image: bool = True  # False: a set-level number (FID), no interval, no paired differences
-    ranked: bool = True  # False: a reference level (AntiFaceSim), never bold, no arrow
-    desc: str = ""
-
-    @property
-    def header(self) -> str:
-        if not self.ranked:
-            return f"{self.title} (ref.)"
-        return f"{self.title} {'↑' if self.higher_is_better else '↓'}"
-
-
-METRICS: tuple[Metric, ...] = (
-    Metric("clip_t", "CLIP-T", True, "clip", desc="IBench ClipT: cosine of the image's and the prompt's CLIP embeddings"),
-    Metric("clip_i", "CLIP-I", True, "clip",
-           desc="IBench ClipI: cosine of the CLIP embeddings of the image with identity and the image without identity "
-                "(same prompt and seed)"),
-    Metric("clip_ref", "CLIP-ref", True, "clip", desc="cosine of the CLIP embeddings of the image and the reference photo (not IBench's)"),
-    Metric("face_sim", "FaceSim", True, "face",
-           desc="IBench FaceSim: cosine of the faces[0] embeddings of the photo and the image; images without a face left out"),
-    Metric("face_det", "Face det.", True, "face", desc="share of images with a detected face"),
-    Metric("anti_face_sim", "AntiFaceSim", False, "face", ranked=False,
-           desc="IBench AntiFaceSim: FaceSim of the image without identity (a reference level for FaceSim; not ranked)"),
-    Metric("person_face_sim", "Person FaceSim", True, "face",
-           desc="several people per image: detected faces matched to the people (Hungarian on cosine), mean cosine of "
-                "each person's face to their photo (not IBench's)"),
-    Metric("identity_leakage", "ID leakage", False, "face",
-           desc="several people per image: mean cosine of each person's matched face to the OTHER people's photos"),
-    Metric("people_found", "People found", True, "face", desc="share of the people that got a detected face"),
-    Metric("mask_in_region", "Mask in region", True, "face",
-           desc="groups with regions: share of each person's injection mask (all steps and points) inside their region"),
-    Metric("people_swapped", "Swapped", False, "face",
-           desc="share of images whose matched faces are not in the people's left-to-right order"),
-    Metric("iq", "IQ", True, "quality", desc="IBench ImagingQuality: the IQ network fed 0-255 pixel values, / 100"),
-    Metric("iq_01", "IQ-01", True, "quality", desc="the same network fed [0, 1] pixel values (its intended input), / 100"),
-    Metric("aesthetic", "Aesthetic", True, "aesthetic",
-           desc="IBench AestheticScore: LAION linear head on normalised CLIP ViT-L/14 image embeddings, / 10"),
-    Metric("fid", "FID", False, "fid", "{:.2f}", per_image=False,
-           desc="IBench FIDScore: FID between the preset's images with identity and the images without identity"),
-    Metric("bg_lpips", "BG LPIPS", False, "lpips"),
-    Metric("bg_clip_dist", "BG CLIP dist.", False, "clip", "{:.4f}"),
-    Metric("bg_mae", "BG MAE", False, "pixels"),
-    Metric("bg_clip_t", "BG CLIP-T", True, "clip"),
-)
 
 
 @dataclass
@@ -124,6 +72,7 @@ class ReportData:
     common_items: int | None = None  # RANKED_COMMON: how many items every preset has
     common_summaries: dict[str, dict[str, Summary]] = field(default_factory=dict)  # RANKED_COMMON: on those items
     skipped: list[dict[str, str]] = field(default_factory=list)  # unreadable image files: {"file", "reason"}
+    groups: dict[str, dict[str, Any]] = field(default_factory=dict)  # preset -> group size -> field columns
 
     def is_random(self, metric: Metric) -> bool:
         return metric.group in self.random_groups
@@ -205,6 +154,8 @@ class ReportData:
                 p: {k: s.to_dict() for k, s in d.items()} for p, d in self.paired.items()
             },
             "paper": self.paper_json(),
+            "groups": self.groups or None,
+            "other_benchmark": other_benchmark_json() if self.groups else None,
             "notes": self.notes,
         }
 
@@ -416,6 +367,7 @@ def markdown_report(data: ReportData, plots: Sequence[str] = ()) -> str:
         "",
     ]
     out += _completeness_markdown(data)
+    out += group_markdown(data.groups, data.models.get("face", "n/a"))
     if data.paper:
         notes = [f"{p}: {row.note}" for p, row in data.paper.items() if row.note]
         out += [

@@ -35,12 +35,15 @@ def file_stat(path: Path) -> list[int]:
 
 
 def file_stats(item: EvalItem) -> dict[str, Any]:
-    """What a cached row depends on: the image, its image without identity and its baseline."""
-    return {
+    """What a cached row depends on: the image, its image without identity, its baseline (and GT photos)."""
+    stats = {
         "image": file_stat(item.image),
         "without_id": [str(item.without_id), *file_stat(item.without_id)] if item.without_id is not None else None,
         "baseline": [str(item.baseline), *file_stat(item.baseline)] if item.baseline is not None and item.baseline.is_file() else None,
     }
+    if any(item.gt):  # only then: rows cached before GT photos existed stay valid without them
+        stats["gt"] = [[[str(p), *file_stat(p)] for p in per] for per in item.gt]
+    return stats
 
 
 class _Scorer:
@@ -57,6 +60,8 @@ class _Scorer:
         self._feat: dict[Path, Any] = {}
         self._face: dict[Path, Any] = {}
         self._ref_face: dict[Path, Any] = {}
+        self._all: dict[Path, list[Any]] = {}
+        self._geo: dict[tuple[Path, tuple[float, ...]], Any] = {}
         self.bad: dict[Path, str] = {}
         self._ok: set[Path] = set()
 
@@ -105,6 +110,57 @@ class _Scorer:
                 self.m.face.fallback = saved
         return self._ref_face[path]
 
+    def all_faces(self, path: Path, image: Image.Image) -> list[Any]:
+        """Every detected face of a generated image, highest score first (no centre fallback)."""
+        import numpy as np
+
+        if path not in self._all:
+            self._all[path] = self.m.face.analyze_all(np.asarray(image.convert("RGB")))
+        return self._all[path]
+
+    def geometry(self, path: Path, face: Any, image: Image.Image | None = None) -> Any:
+        """Landmarks, head pose and expression class of ``face`` in the image at ``path`` (cached)."""
+        import numpy as np
+
+        from spatialid.evaluation.face_geometry import geometry_of
+
+        if face is None:
+            return None
+        key = (path, tuple(face.box))
+        if key not in self._geo:
+            self._geo[key] = geometry_of(face, np.asarray(image if image is not None else load_rgb(path)))
+        return self._geo[key]
+
+    def _field_columns(self, item: EvalItem, image: Image.Image) -> dict[str, Any]:
+        """The field's columns for one image (any number of people): count accuracy, ID-Conf, Sim(Ref),
+        Sim(GT) and CP, LandmarkDiff / PoseDiv / ExprDiv (see :mod:`.multi_metrics`, :mod:`.face_geometry`)."""
+        from spatialid.evaluation.multi_metrics import score_persons
+
+        persons = list(item.people) or ([item.reference] if item.reference is not None else [])
+        if not persons or not all(self.readable(p) for p in persons):
+            return {}
+        refs = [self.ref_face(p) for p in persons]
+        row: dict[str, Any] = {"group_size": len(persons)}
+        if any(r is None for r in refs):
+            return row  # a reference without a face: nothing to compare with
+        faces = self.all_faces(item.image, image)
+        found = len(faces)
+        if not faces and getattr(self.m.face, "fallback", "none") == "center":
+            stand_in = self.face(item.image)  # the tiny evaluation's centre box: every column gets a value
+            faces = [stand_in] if stand_in is not None else []
+        gts = []
+        for j in range(len(persons)):
+            paths = [g for g in (item.gt[j] if j < len(item.gt) else ()) if self.readable(g)]
+            gts.append([f.embedding for f in (self.ref_face(g) for g in paths) if f is not None])
+        columns, people = score_persons(
+            [f.embedding for f in faces], [r.embedding for r in refs], gts,
+            [self.geometry(item.image, f, image) for f in faces], [self.geometry(p, r) for p, r in zip(persons, refs)],
+            faces_found=found,
+        )
+        row.update(columns)
+        row["persons"] = people
+        return row
+
     @staticmethod
     def _mask_inside(item: EvalItem) -> list[float]:
         """Share of each person's recorded mask inside their region (bench groups with regions)."""
@@ -137,7 +193,7 @@ class _Scorer:
         refs = [self.ref_face(p) for p in item.people]
         if any(r is None for r in refs):
             return {"people_ref_faces": sum(r is not None for r in refs)}
-        faces = self.m.face.analyze_all(np.asarray(image.convert("RGB")))
+        faces = self.all_faces(item.image, image)
         scores = score_people(
             np.stack([f.embedding for f in faces]) if faces else np.zeros((0, len(refs[0].embedding))),
             np.stack([r.embedding for r in refs]),
@@ -207,8 +263,10 @@ class _Scorer:
                 other = self.face(without_id)
                 row["anti_face_sim"] = cosine(other.embedding, ref_emb) if other is not None else math.nan
                 row["without_id_face_source"] = other.source if other is not None else "none"
-        if item.people and self.m.face is not None and hasattr(self.m.face, "analyze_all"):
-            row.update(self._people_columns(item, image))
+        if self.m.face is not None and hasattr(self.m.face, "analyze_all"):
+            row.update(self._field_columns(item, image))
+            if item.people:
+                row.update(self._people_columns(item, image))
         if self.m.quality is not None:
             from spatialid.evaluation.quality import IBENCH_VALUE_RANGE
 

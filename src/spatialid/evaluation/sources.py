@@ -24,6 +24,7 @@ from spatialid.bench.results import (
     load_preset_results,
     read_json,
 )
+from spatialid.evaluation.gt_photos import entry_gt
 from spatialid.evaluation.inputs import check_source
 
 __all__ = ["EvalItem", "PresetGrid", "Sources", "collect_items", "collect_sources", "expected_units"]
@@ -43,6 +44,7 @@ class EvalItem:
     baseline: Path | None = None  # same prompt and seed without identity: background columns
     without_id: Path | None = None  # IBench's imagewithoutid: CLIP-I, AntiFaceSim, FID
     people: tuple[Path, ...] = ()  # several people in one image: each person's photo (multi-person columns)
+    gt: tuple[tuple[Path, ...], ...] = ()  # per person (or the one reference): other photos of them (CP, Sim(GT))
 
 
 # ------------------------------------------------------------------------------------- sources
@@ -121,7 +123,7 @@ def _ibench_items(path: Path, name: str, id_root: str | None, image_root: str | 
         unit = key.rsplit("/", 1)[0] if e.get("key") else key
         items.append(
             EvalItem(name, key, unit, image, _reference_path(e, None, path.parent, id_root), str(e.get("id", "")),
-                     prompt, baseline=None, without_id=without)
+                     prompt, baseline=None, without_id=without, gt=entry_gt(e, path.parent, id_root, 1))
         )
     return items
 
@@ -231,11 +233,12 @@ def collect_sources(
                     without = baselines.get(unit) or _entry_image(
                         e.get("imagewithoutid"), path / preset, image_root, f"{key}: imagewithoutid", path / preset
                     )
+                people = _people_paths(e, manifest, path, id_root)
                 items.append(
                     EvalItem(
                         preset, key, unit, _image_path(e, path / preset), _reference_path(e, manifest, path, id_root),
                         str(e.get("id", "")), e.get("prompt", ""), baselines.get(unit), without,
-                        _people_paths(e, manifest, path, id_root),
+                        people, entry_gt(e, path, id_root, max(len(people), 1)),
                     )
                 )
     missing_refs = sorted({it.identity for it in items if it.reference is None})

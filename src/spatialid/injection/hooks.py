@@ -3,7 +3,8 @@
 :class:`CallHook` sits on the transformer (identity out of ``joint_attention_kwargs``, call
 numbering, true CFG's warm-up); :class:`PointHook` on each block with a CA module, registered
 innermost (:func:`register_innermost`) so that a step cache that skips a block skips its identity
-too. :func:`force_full_step_on_change` resets First Block Cache's state when what the injection
+too; :class:`WordsHook` on the attention of one or two middle double blocks reads FLUX's attention
+to the words people are bound to (:mod:`spatialid.injection.words`). :func:`force_full_step_on_change` resets First Block Cache's state when what the injection
 does changes between steps (the cached residual holds the old injection).
 """
 
@@ -22,10 +23,14 @@ try:
 except ImportError:  # pragma: no cover - diffusers >= 0.35 is a dependency
     HookRegistry, ModelHook = None, object  # type: ignore[assignment,misc]
 
-__all__ = ["CALL_HOOK", "POINT_HOOK", "CallHook", "PointHook", "cache_hooks", "force_full_step_on_change", "register_innermost"]
+__all__ = [
+    "CALL_HOOK", "POINT_HOOK", "WORDS_HOOK", "CallHook", "PointHook", "WordsHook", "cache_hooks",
+    "force_full_step_on_change", "register_innermost",
+]
 
 CALL_HOOK = "spatialid_identity_call"
 POINT_HOOK = "spatialid_identity_point"
+WORDS_HOOK = "spatialid_identity_words"
 
 
 class CallHook(ModelHook):  # type: ignore[misc,valid-type]
@@ -117,6 +122,33 @@ class PointHook(ModelHook):  # type: ignore[misc,valid-type]
         )
 
 
+class WordsHook(ModelHook):  # type: ignore[misc,valid-type]
+    """Accumulates each bound person's attention map from a block's joint attention (its inputs only).
+
+    Passes through unless the current call captures (a positive branch of an identity with people
+    bound to words, not replaying their maps); the attention itself runs unchanged.
+    """
+
+    def __init__(self, injector: Any) -> None:
+        super().__init__()
+        self.injector = injector
+
+    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        capture = self.injector._words_capture
+        if capture is None:
+            return args, kwargs
+        from spatialid.injection.words import word_maps
+
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        rotary = kwargs.get("image_rotary_emb", args[3] if len(args) > 3 else None)
+        if isinstance(hidden, torch.Tensor) and isinstance(text, torch.Tensor):
+            index, weight, gate, acc = capture
+            maps = word_maps(module, hidden[:, : self.injector._generated], text, rotary, index, weight)
+            acc.add_(maps * gate[None, :, None])
+        return args, kwargs
+
+
 def register_innermost(module: nn.Module, hook: Any, name: str) -> None:
     """Register ``hook`` as the innermost of ``module``'s diffusers hooks.
 
@@ -143,7 +175,7 @@ def cache_hooks(transformer: nn.Module) -> tuple[bool, bool]:
     block = transformer.transformer_blocks[0]
     names = list(getattr(getattr(block, "_diffusers_hook", None), "hooks", {}))
     names += list(getattr(getattr(getattr(block, "attn", None), "_diffusers_hook", None), "hooks", {}))
-    caching = any(name != POINT_HOOK for name in names)
+    caching = any(name not in (POINT_HOOK, WORDS_HOOK) for name in names)
     return caching, any(name.startswith("fbc") for name in names)
 
 

@@ -137,6 +137,11 @@ class PuLIDIdentity:
         masks_from: a mask file written with ``save_masks`` to replay instead of computing masks.
         height, width: the generated image's size; default: read from the call's ``img_ids``
             (one host read per call). Give them to keep a compiled transformer free of host reads.
+        word_tokens: people bound to words of the prompt: one entry per person, None (no words:
+            the strip rule) or the positions of that person's words among the text tokens (one
+            list, or one list per prompt); the pipelines find them from ``people=[(photo,
+            "words"), ...]`` (:mod:`spatialid.injection.words`). A bound person's layout prior and
+            territory come from FLUX's attention to those tokens during the layout steps.
     """
 
     tokens: Any = None
@@ -154,6 +159,7 @@ class PuLIDIdentity:
     masks_from: Any = None
     height: int | None = None
     width: int | None = None
+    word_tokens: Any = None
 
     def __post_init__(self) -> None:
         from spatialid.masks import apply_overrides, resolve_preset
@@ -217,6 +223,19 @@ class PuLIDIdentity:
             count = len(region_list(self.regions))
             if count != len(people):
                 raise RegionError(f"{count} region(s) for {len(people)} person(s); give one region per person, in order")
+        self._words: tuple[torch.Tensor, torch.Tensor, tuple[bool, ...], int] | None = None
+        self._word_state: dict[str, torch.Tensor] = {}  # accumulated maps, the step's source, records
+        self._replay_maps: torch.Tensor | None = None
+        if self.word_tokens is not None and self.injects:
+            from spatialid.injection.words import word_table
+
+            if self.regions is not None:
+                raise IdentityError("give each person regions or words, not both (words place the people themselves)")
+            self._words = word_table(list(self.word_tokens), self.count)
+            if self.masks_from is not None:
+                from spatialid.injection.words import layout_replay_table
+
+                self._replay_maps = layout_replay_table(self.masks_from)
 
     # ------------------------------------------------------------------ what the injector reads
     @property
@@ -243,6 +262,27 @@ class PuLIDIdentity:
     def simple(self) -> bool:
         """One person without region or replay (its masks are recorded as ``[B, N]``)."""
         return self.count == 1 and self.regions is None and self.region is None and self.masks_from is None
+
+    @property
+    def binds_words(self) -> bool:
+        """Whether some person is bound to words of the prompt (their layout comes from attention)."""
+        return self._words is not None
+
+    @property
+    def bound(self) -> tuple[bool, ...]:
+        """Per person, whether they are bound to words."""
+        return self._words[2] if self._words is not None else (False,) * self.count
+
+    @property
+    def layout_maps(self) -> dict[int, torch.Tensor]:
+        """The word maps each recorded step's layout came from: ``{step: [K, B, N] float32}`` (CPU;
+        the accumulated attention of the steps before it; zeros: the strip rule's step)."""
+        record = self._word_state.get("record")
+        if record is None:
+            return {}
+        filled = self._word_state["filled"].cpu()
+        maps = record.cpu()
+        return {step: maps[step].clone() for step in range(filled.shape[0]) if bool(filled[step])}
 
     def region_grid(self, rows: int, cols: int) -> torch.Tensor | None:
         """Each person's upper bound on the token grid ``[K, rows, cols]`` (regions ∩ region), or None.
@@ -322,6 +362,7 @@ class PuLIDIdentity:
     def reset_records(self) -> None:
         """Forget what an earlier call recorded (an identity object reused for another call)."""
         self._record = None
+        self._word_state = {}
 
 
 def as_identity(value: Any) -> PuLIDIdentity:

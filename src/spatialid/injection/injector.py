@@ -59,7 +59,15 @@ from spatialid.injection.calls import (
     detach_context_probe,
     remove_hook_keeping_wrappers,
 )
-from spatialid.injection.hooks import CALL_HOOK, POINT_HOOK, CallHook, PointHook, register_innermost
+from spatialid.injection.hooks import (
+    CALL_HOOK,
+    POINT_HOOK,
+    WORDS_HOOK,
+    CallHook,
+    PointHook,
+    WordsHook,
+    register_innermost,
+)
 from spatialid.injection.identity import IdentityError, PuLIDIdentity, as_identity
 from spatialid.masks.compute import build_layout, identity_masks, phase_index, time_column
 from spatialid.masks.fused import fused_identity_masks, use_fused
@@ -195,6 +203,13 @@ class IdentityInjector:
         self._installed_forward = vars(transformer).get("forward")
         for index, block in enumerate(self._blocks):
             register_innermost(block, PointHook(self, index), POINT_HOOK)
+        from spatialid.injection.words import readable_attention, word_blocks
+
+        # people bound to words: their attention maps come from the middle double blocks' attention
+        attns = [getattr(double_blocks[i], "attn", None) for i in word_blocks(len(double_blocks))]
+        self._word_attns = [a for a in attns if a is not None and readable_attention(a)]
+        for attn in self._word_attns:
+            register_innermost(attn, WordsHook(self), WORDS_HOOK)
         transformer._spatialid_injector = self
         self._attached = True
 
@@ -299,8 +314,8 @@ class IdentityInjector:
         self._call = call
         self._ident = ident
         self.last_identity = ident
-        if not ident.injects or call.step < ident.start_step:
-            return call
+        if not ident.injects or (call.step < ident.start_step and not ident.binds_words):
+            return call  # (people bound to words gather their maps before start_step too)
         if hidden_states is None:
             raise RuntimeError("IdentityInjector could not find hidden_states in the transformer call")
         self._prepare(ident, call, hidden_states, timestep, img_ids)
@@ -327,6 +342,8 @@ class IdentityInjector:
         remove_hook_keeping_wrappers(self.transformer, CALL_HOOK, self._installed_forward)
         for block in self._blocks:
             HookRegistry.check_if_exists_or_initialize(block).remove_hook(POINT_HOOK, recurse=False)
+        for attn in self._word_attns:
+            HookRegistry.check_if_exists_or_initialize(attn).remove_hook(WORDS_HOOK, recurse=False)
         registry.invalidate_child_registries_cache()
         detach_context_probe(self.transformer, self._probe)
         self._probe = None
@@ -356,6 +373,7 @@ class IdentityInjector:
         self._record: torch.Tensor | None = None
         self._replay: torch.Tensor | None = None
         self._mask_fn: Any = identity_masks
+        self._words_capture: tuple[Any, ...] | None = None  # what the words hooks accumulate into
 
     def _identity_of(self, value: Any) -> PuLIDIdentity | None:
         if value is None:
@@ -449,15 +467,35 @@ class IdentityInjector:
         regions = ident.region_grid(rows, cols)
         sigma = schedule.center_sigma if schedule is not None else 0.3
         self._layout = build_layout(ident.count, rows, cols, sigma, regions, param.device)
+        injecting = call.step >= ident.start_step  # False: a step before start_step gathering word maps only
         table = ident.replay_table(len(self.points), batch, rows, cols, self._replay_steps(ident))
-        if table is not None and call.branch != "uncond":
+        if table is not None and call.branch != "uncond" and injecting:
             if call.step >= table.shape[0]:
                 raise IdentityError(f"the replayed mask file has no masks for step {call.step}")
             self._replay = table[call.step].to(param.device)
-        if ident.record_masks:
+        if ident.record_masks and injecting:
             self._record = self._record_slot(ident, call, batch, rows * cols, param.device)
+        if ident.binds_words:
+            self._bind_words(ident, call, batch, rows, cols, sigma, param.device, injecting)
         self._mask_fn = fused_identity_masks if use_fused("auto", param.device) else identity_masks
-        self._on = True
+        self._on = injecting
+
+    def _bind_words(
+        self, ident: PuLIDIdentity, call: TransformerCall, batch: int, rows: int, cols: int, sigma: float,
+        device: torch.device, injecting: bool,
+    ) -> None:
+        """The layout of people bound to words, and the attention capture of this call (words.call_layout)."""
+        from spatialid.injection.words import call_layout
+
+        if not self._word_attns:
+            raise IdentityError("people bound to words need FLUX's double-stream attention; this transformer has none readable")
+        if self._text_tokens and ident._words[3] >= self._text_tokens:
+            raise IdentityError(
+                f"a person's words are at text token {ident._words[3]} but the call has {self._text_tokens} text tokens"
+            )
+        self._layout, self._words_capture = call_layout(
+            ident, call, self._layout, batch, rows, cols, sigma, self._t, device, injecting
+        )
 
     def _replay_steps(self, ident: PuLIDIdentity) -> range:
         """The steps this pipeline call injects (all of them need replayed masks)."""

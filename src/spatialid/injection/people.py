@@ -10,7 +10,11 @@ replayed (``masks_from``):
   computes its own masks and is left out);
 * metadata (strings): ``format`` = ``"spatialid-masks/1"``, ``steps`` (JSON list of the 0-based
   denoising steps, one per first axis entry), ``times`` (their sigmas), ``phases`` (schedule
-  phase per step), ``persons``, ``grid`` (``"rows x cols"``).
+  phase per step), ``persons``, ``grid`` (``"rows x cols"``);
+* with people bound to words, tensor ``layout_maps``: float32 ``[steps, persons, batch, rows,
+  cols]``, the accumulated word attention each step's layout came from (zeros for people without
+  words), and metadata ``words`` (JSON list, null for people without words); replayed with the
+  masks (:func:`spatialid.injection.words.layout_replay_table`).
 """
 
 from __future__ import annotations
@@ -65,7 +69,10 @@ def parse_box(text: str) -> tuple[float, float, float, float] | None:
         values = tuple(float(v) for v in str(text).split(","))
     except ValueError:
         return None
-    box_region(values, 1, 1)  # raises on a bad box
+    try:
+        box_region(values, 1, 1)  # raises on a bad box (1e999 is inf: out of range too)
+    except ValueError as exc:
+        raise RegionError(str(exc)) from None
     return values  # type: ignore[return-value]
 
 
@@ -171,8 +178,12 @@ def masks_tensor(records: Sequence[Any], rows: int, cols: int) -> tuple[torch.Te
     return torch.stack(stacks), steps, times, phases
 
 
-def save_mask_file(path: str | os.PathLike[str], records: Sequence[Any], rows: int, cols: int) -> Path:
-    """Write the recorded masks (see the module docstring) atomically; returns the path."""
+def save_mask_file(
+    path: str | os.PathLike[str], records: Sequence[Any], rows: int, cols: int,
+    layout_maps: dict[int, torch.Tensor] | None = None, words: Sequence[str | None] | None = None,
+) -> Path:
+    """Write the recorded masks (and the word maps of people bound to words; see the module
+    docstring) atomically; returns the path."""
     from safetensors.torch import save
 
     from spatialid.utils.io import atomic_write_bytes
@@ -186,9 +197,15 @@ def save_mask_file(path: str | os.PathLike[str], records: Sequence[Any], rows: i
         "persons": str(int(masks.shape[2])),
         "grid": f"{rows}x{cols}",
     }
-    return atomic_write_bytes(path, save({"masks": masks.contiguous()}, metadata=meta))
+    tensors = {"masks": masks.contiguous()}
+    if layout_maps and steps:
+        shape = (int(masks.shape[2]), int(masks.shape[3]), rows, cols)
+        tensors["layout_maps"] = torch.stack([layout_maps[s].float().reshape(shape) for s in steps]).contiguous()
+        meta["words"] = json.dumps(list(words or []))
+    return atomic_write_bytes(path, save(tensors, metadata=meta))
 
 
+_MAX_MASK_HEADER = 2**20  # a mask file's header (tensor names, steps, times, phases) is a few kB
 _MAX_MASK_STEP = 10_000  # denoising steps are at most settings.MAX_STEPS (1000); the replay table has one row per step
 
 
@@ -213,9 +230,17 @@ def load_mask_file(path: str | os.PathLike[str]) -> tuple[torch.Tensor, dict[str
     """Read a mask file: ``(masks [S, P, K, B, rows, cols] float32, metadata with parsed lists)``."""
     from safetensors import SafetensorError, safe_open
 
-    p = Path(path).expanduser()
+    p = Path(os.path.expanduser(path))  # Path.expanduser raises RuntimeError for "~nosuchuser"
     if not p.is_file():
         raise MaskFileError(f"{p}: mask file not found (write one with --save-masks)")
+    try:
+        with p.open("rb") as fh:  # the header is parsed whole: a hostile length must not reach safetensors
+            head = fh.read(8)
+    except OSError as exc:
+        raise MaskFileError(f"{p}: cannot read the mask file ({exc.strerror or exc})") from None
+    if len(head) == 8 and int.from_bytes(head, "little") > _MAX_MASK_HEADER:
+        raise MaskFileError(f"{p}: header of {int.from_bytes(head, 'little'):,} bytes, not a mask file written by "
+                            "--save-masks (a few kB)")
     try:
         with safe_open(str(p), framework="pt") as f:
             meta = dict(f.metadata() or {})

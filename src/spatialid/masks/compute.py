@@ -29,12 +29,15 @@ from typing import TYPE_CHECKING
 import torch
 
 from spatialid.masks.extractor import _cached, _center_prior_cached, entropy_mask, norm_mask, refine_mask
-from spatialid.masks.multi import compete, layout_priors, strip_territories
+from spatialid.masks.multi import compete, layout_priors, strip_territories, word_layout
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialid.masks.schedule import SpatialSchedule
 
-__all__ = ["ATTENTION", "PHASES", "PRIOR", "RELAXED", "Layout", "build_layout", "identity_masks", "phase_index", "time_column"]
+__all__ = [
+    "ATTENTION", "PHASES", "PRIOR", "RELAXED", "Layout", "bind_words", "build_layout", "identity_masks", "phase_index",
+    "time_column",
+]
 
 PRIOR, ATTENTION, RELAXED = 0, 1, 2
 #: Labels of :func:`phase_index`'s values.
@@ -84,6 +87,26 @@ def build_layout(
     priors = layout_priors(count, rows, cols, sigma, device).reshape(count, 1, n)
     territories = strip_territories(count, rows, cols, device).reshape(count, 1, n)
     return Layout(priors, territories, None)
+
+
+def bind_words(
+    layout: Layout, maps: torch.Tensor, bound: tuple[bool, ...], rows: int, cols: int, sigma: float
+) -> Layout:
+    """``layout`` (from :func:`build_layout`, without regions) with the priors and territories of
+    people bound to words taken from their accumulated word maps ``[K, B, N]``
+    (:func:`spatialid.masks.multi.word_layout`).
+
+    Where the maps do not exist yet (zeros: the first step) each sample keeps ``layout``'s own
+    rule (centre prior or strips), per sample, without a host read. The result is ``[K, B, N]``;
+    ``layout.bounds`` (one bound for everybody, e.g. an inpainting mask) is kept.
+    """
+    priors, territories, ready = word_layout(maps, bound, rows, cols, sigma)
+    base_territories = layout.territories if layout.territories is not None else torch.ones_like(layout.priors)
+    return Layout(
+        torch.where(ready, priors, layout.priors.to(priors.device)),
+        torch.where(ready, territories, base_territories.to(priors.device)),
+        layout.bounds,
+    )
 
 
 def time_column(t: torch.Tensor | float) -> torch.Tensor:

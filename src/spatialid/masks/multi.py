@@ -23,6 +23,12 @@ so ``sum_k M_k <= max_k m_k <= 1``: a token gets at most one identity in full, t
 mask is clearly higher wins (``M_k ~ m_k``), and where two masks are about equal (the border
 between two people) each gets about half, which keeps borders soft instead of a hard argmax seam.
 
+People bound to words of the prompt (``people=[(photo, "the boy"), ...]``) take their prior and
+territory from FLUX's own attention between the image tokens and those words' text tokens,
+accumulated over the layout steps (:func:`word_layout`): the territories are a soft competition
+between the bound people's smoothed maps, the priors the maps themselves; people without words
+share what the bound people leave with the strip rule.
+
 This module builds the pieces (priors, territories, region bounds, the competition); the one
 mask function that combines them with the schedule is :func:`spatialid.masks.compute.identity_masks`
 (one person is its case K = 1). Tensor code with static shapes, no host reads.
@@ -40,11 +46,15 @@ __all__ = [
     "MAX_PEOPLE",
     "STRIP_MARGIN",
     "STRIP_SOFTNESS",
+    "WORD_LAYOUT_UNTIL",
+    "WORD_LEVEL",
+    "WORD_TAU",
     "box_region",
     "compete",
     "layout_priors",
     "region_from_mask",
     "strip_territories",
+    "word_layout",
 ]
 
 #: Temperature of the per-token softmax between people (masks live in [0, 1]).
@@ -55,6 +65,12 @@ MAX_PEOPLE = 4
 STRIP_MARGIN = 0.25
 #: Width of the soft strip edges, as a share of a strip.
 STRIP_SOFTNESS = 0.05
+#: Temperature of the competition between bound people's normalised word maps (in [0, 1]).
+WORD_TAU = 0.1
+#: A bound person's territory is full where their word map is above this share of its peak.
+WORD_LEVEL = 0.5
+#: Without a schedule (uniform PuLID) the word maps are gathered while t > this (the paper's ``early``).
+WORD_LAYOUT_UNTIL = 0.7
 
 
 def _grid_x(rows: int, cols: int, device: torch.device) -> torch.Tensor:
@@ -136,6 +152,51 @@ def region_from_mask(mask: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 def compete(masks: torch.Tensor, tau: float = COMPETITION_TAU) -> torch.Tensor:
     """``M_k = m_k * softmax_k(m_k / tau)`` over the first axis: ``sum_k M_k <= max_k m_k``."""
     return masks * torch.softmax(masks / tau, dim=0)
+
+
+def _smooth(maps: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """A 3x3 box blur of ``[K, B, rows * cols]`` maps on their grid (borders average what they have)."""
+    k, b, n = maps.shape
+    grid = maps.reshape(k * b, 1, rows, cols)
+    return F.avg_pool2d(grid, 3, stride=1, padding=1, count_include_pad=False).reshape(k, b, n)
+
+
+def word_layout(
+    maps: torch.Tensor, bound: Sequence[bool], rows: int, cols: int, sigma: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Priors and territories ``[K, B, N]`` of people bound to words, and whether the maps exist ``[1, B, 1]``.
+
+    ``maps`` are each person's accumulated attention to their words ``[K, B, rows * cols]``
+    (zeros for people without words, and for everybody before the first layout step);
+    ``bound[k]`` says whether person k has words. A bound person's map is smoothed and scaled to
+    a peak of 1 (``a_k``): their prior is ``a_k``, their territory ``min(a_k / WORD_LEVEL, 1) *
+    softmax_bound(a / WORD_TAU)_k`` (the bound people share each token by how strongly each one's
+    words look at it). People without words share what is left, ``1 - sum of the bound
+    territories``, by the strip rule among themselves (left to right, in order). Tensor code, no
+    host reads; the caller falls back to the strip rule where ``ready`` is False.
+    """
+    count = maps.shape[0]
+    if len(bound) != count or not any(bound):
+        raise ValueError(f"bound must name {count} people, at least one of them bound to words")
+    bound_ix = [k for k in range(count) if bound[k]]
+    free_ix = [k for k in range(count) if not bound[k]]
+    smooth = _smooth(maps[bound_ix].float(), rows, cols)
+    peak = smooth.amax(dim=-1, keepdim=True)
+    ready = (peak > 0).all(dim=0, keepdim=True)  # [1, B, 1]
+    level = smooth / peak.clamp_min(torch.finfo(torch.float32).tiny)
+    share = torch.softmax(level / WORD_TAU, dim=0)
+    territory = (level / WORD_LEVEL).clamp(max=1.0) * share
+    priors = [torch.empty(0)] * count
+    territories = [torch.empty(0)] * count
+    for j, k in enumerate(bound_ix):
+        priors[k], territories[k] = level[j], territory[j]
+    if free_ix:
+        rest = (1.0 - territory.sum(dim=0)).clamp(0.0, 1.0)  # [B, N]
+        strips = strip_territories(len(free_ix), rows, cols, maps.device)
+        gauss = layout_priors(len(free_ix), rows, cols, sigma, maps.device)
+        for j, k in enumerate(free_ix):
+            priors[k], territories[k] = gauss[j] * rest, strips[j] * rest
+    return torch.stack(priors), torch.stack(territories), ready
 
 
 def _check_count(count: int) -> None:

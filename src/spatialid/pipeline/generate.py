@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import secrets
@@ -195,12 +196,17 @@ def run_identity_call(
             "this pipeline has no PuLID modules; build it with SpatialIDPipeline.from_pretrained(...) or .tiny()"
         )
     need_uncond = use_true_cfg and float(id_weight) > 0
+    people, words = _people_words(people)
+    word_tokens = _word_tokens(base, prompt, words, max_len) if words else None  # before any photo is encoded
     tokens, uncond, identity_info, people_info = identity_for_call(
         base, id_image=id_image, id_embeds=id_embeds, people=people, uncond_id_embeds=uncond_id_embeds,
         need_uncond=need_uncond,
     )
     if (regions is not None or masks_from is not None) and not tokens:
         raise IdentityError("regions and masks_from need an identity (id_image, id_embeds or people)")
+    for info, person_words in zip(people_info or [], words or []):
+        if person_words is not None:
+            info["words"] = person_words
 
     batch = 1 if isinstance(prompt, str) or prompt is None else len(prompt)
     total = batch * int(num_images_per_prompt)
@@ -235,6 +241,7 @@ def run_identity_call(
             masks_from=masks_from if inject else None,
             height=size[0] if size else None,
             width=size[1] if size else None,
+            word_tokens=word_tokens if inject else None,
         )
     call_kwargs: dict[str, Any] = dict(
         prompt=prompt,
@@ -272,7 +279,8 @@ def run_identity_call(
     if save_masks is not None:
         from spatialid.injection.people import save_mask_file
 
-        save_mask_file(save_masks, records or [], rows, cols)
+        binds = identity is not None and identity.binds_words
+        save_mask_file(save_masks, records or [], rows, cols, identity.layout_maps if binds else None, words)
     masks = collect_step_masks(records, rows, cols) if return_masks and records else None
     if return_masks and masks is None:
         masks = []
@@ -318,22 +326,83 @@ def run_identity_call(
     return result
 
 
+def _people_words(people: Sequence[Any] | None) -> tuple[Sequence[Any] | None, list[str | None] | None]:
+    """``people`` without their words, and each person's words (None when nobody is bound to words)."""
+    if people is None or isinstance(people, (str, os.PathLike)) or not isinstance(people, Sequence):
+        return people, None
+    from spatialid.injection.words import person_words
+
+    pairs = [person_words(entry) for entry in people]
+    if all(words is None for _, words in pairs):
+        return people, None
+    return [entry for entry, _ in pairs], [words for _, words in pairs]
+
+
+def _word_tokens(base: Any, prompt: Any, words: Sequence[str | None], max_len: int) -> list[Any]:
+    """Each person's text-token positions in the prompt(s) (one list per prompt for several), None without words."""
+    from spatialid.injection.words import word_token_indices
+
+    tokenizer = getattr(base, "tokenizer_2", None)
+    if tokenizer is None:
+        raise IdentityError("people bound to words need the pipeline's T5 tokenizer (tokenizer_2); this pipeline has none")
+    if prompt is None:
+        raise IdentityError("people bound to words need the prompt text; give prompt=..., not prompt_embeds")
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    out: list[Any] = []
+    for k, person_words in enumerate(words):
+        if person_words is None:
+            out.append(None)
+            continue
+        found = [word_token_indices(tokenizer, p, person_words, max_len, who=f"person {k + 1}") for p in prompts]
+        out.append(found[0] if len(found) == 1 else found)
+    return out
+
+
 def _region_list(regions: Any) -> list[Any]:
     from spatialid.injection.people import region_list
 
     return region_list(regions)
 
 
+class TruncationNotice:
+    """One job of many calls (a bench run): the truncation warning said once, with that job's advice.
+
+    Enter it around the calls (``with notice:``); ``count`` is how many prompts were cut.
+    """
+
+    def __init__(self, advice: str) -> None:
+        self.advice = advice
+        self.count = 0
+        self._tokens: list[Any] = []
+
+    def __enter__(self) -> TruncationNotice:
+        self._tokens.append(_NOTICE.set(self))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _NOTICE.reset(self._tokens.pop())
+
+
+_NOTICE: contextvars.ContextVar[TruncationNotice | None] = contextvars.ContextVar("spatialid_truncation", default=None)
+
+
 def warn_if_truncated(base: Any, prompt: str | list[str], max_len: int) -> None:
-    """Say so when the text encoders will cut the prompt (diffusers' own notice is silenced)."""
+    """Say so when the text encoders will cut the prompt (diffusers' own notice is silenced); inside a
+    :class:`TruncationNotice`, only for the first prompt cut, with its advice."""
     tokenizer = getattr(base, "tokenizer_2", None)
     if tokenizer is None:
         return
+    notice = _NOTICE.get()
     for text in [prompt] if isinstance(prompt, str) else list(prompt):
         count = len(tokenizer(text, truncation=False, add_special_tokens=True).input_ids)
-        if count > max_len:
-            _log.warning(
-                "the prompt is %d T5 tokens long; only the first %d are used (raise --max-sequence-length, "
-                "up to 512, or shorten it); CLIP reads only the first 77",
-                count, max_len,
-            )
+        if count <= max_len:
+            continue
+        advice = "raise --max-sequence-length, up to 512, or shorten it" if notice is None else notice.advice
+        if notice is not None:
+            notice.count += 1
+            if notice.count > 1:
+                continue
+        _log.warning(
+            "the prompt is %d T5 tokens long; only the first %d are used (%s); CLIP reads only the first 77%s",
+            count, max_len, advice, "" if notice is None else " (said once per run, for the first such prompt)",
+        )

@@ -35,10 +35,14 @@ __all__ = [
     "DEFAULT_FLUX",
     "QUANTIZATION_MODES",
     "MissingDependencyError",
+    "check_transformer_fits",
+    "chroma_files_hint",
     "flux_files_hint",
     "hub_errors",
     "is_single_file",
     "load_flux_transformer",
+    "model_family",
+    "model_json",
     "parse_quantization",
     "resolve_local_files_only",
     "saved_pulid_folder",
@@ -91,6 +95,105 @@ def flux_files_hint(flux: str) -> str:
         "layout (model_index.json, transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, "
         "tokenizer_2/, scheduler/)"
     )
+
+
+def chroma_files_hint(model: str) -> str:
+    """How to make a Chroma model available offline (one sentence, for error messages)."""
+    return (
+        f"download it on a connected machine with `hf download {model}` and copy the Hugging Face cache "
+        "(~/.cache/huggingface/hub or $HF_HOME) here, or pass --model with a local folder in diffusers "
+        "layout (model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/)"
+    )
+
+
+def model_json(
+    model: str, filename: str, *, local_files_only: bool | None = None, cache_dir: Any = None
+) -> dict[str, Any] | None:
+    """A small JSON file of a diffusers model (``model_index.json``, ``transformer/config.json``):
+    from a local folder, or that one file of a hub repository (from the cache when offline).
+
+    None when it cannot be had: the model's own loading then says what is missing. Read before any
+    weights load, so the pipeline family is known and a misfit refused first.
+    """
+    import json
+
+    text = str(model)
+    root = Path(text).expanduser()
+    path: Path | str | None = None
+    if root.is_dir():
+        path = root / filename
+    elif not is_single_file(text) and text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(
+                text, filename, cache_dir=cache_dir, local_files_only=resolve_local_files_only(local_files_only)
+            )
+        except Exception:  # noqa: BLE001 - not cached, offline, no such repo or file, gated: the load reports it
+            return None
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8")) if path is not None and Path(path).is_file() else None
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def model_family(model: str, *, local_files_only: bool | None = None, cache_dir: Any = None) -> str:
+    """``"flux"`` or ``"chroma"``: the pipeline family of ``--model``, from ``model_index.json``'s ``_class_name``.
+
+    ``tiny``/``tiny-chroma`` by name; a single transformer file and a model whose index cannot be read
+    are FLUX.1 (its loading reports missing files). Any other pipeline class (FLUX.2, Qwen-Image,
+    ...) is refused here, before any weights load, in one line naming the transformer shapes that
+    differ from what the PuLID-FLUX weights need (read from its ``transformer/config.json``).
+    """
+    from spatialid import defaults as D
+    from spatialid.loaders.names import family_of_class, transformer_misfit
+
+    if model == D.TINY_CHROMA_MODEL:
+        return "chroma"
+    if model == D.TINY_MODEL or is_single_file(model):
+        return "flux"
+    index = model_json(model, "model_index.json", local_files_only=local_files_only, cache_dir=cache_dir)
+    if index is None:
+        return "flux"
+    class_name = str(index.get("_class_name") or "")
+    family = family_of_class(class_name)
+    if family is not None:
+        return family
+    config = model_json(model, "transformer/config.json", local_files_only=local_files_only, cache_dir=cache_dir)
+    misfit = transformer_misfit(config) if config else ""
+    why = f"its transformer does not fit the PuLID-FLUX weights: {misfit}" if misfit else "not a FLUX.1 or Chroma pipeline"
+    raise SpatialIDError(
+        f"--model {model} is a {class_name or 'model without a pipeline class'} ({why}); "
+        "spatialid runs FLUX.1 (dev, Krea-dev, schnell, ...) and Chroma models"
+    )
+
+
+def check_transformer_fits(
+    model: str, pulid: str | None, *, local_files_only: bool | None = None, cache_dir: Any = None
+) -> None:
+    """Refuse, before any weights load, a FLUX.1 or Chroma model whose transformer (its ``config.json``)
+    does not fit the PuLID weights that will load: the published sizes, or a ``--pulid`` file's
+    recorded ones (a saved SpatialIDPipeline folder's own ``pulid/`` was made for its transformer)."""
+    from spatialid.loaders.names import transformer_misfit
+    from spatialid.models.configs import PULID_FLUX
+
+    if pulid is not None and not Path(pulid).expanduser().is_file():
+        return  # a hub id or folder: its sizes are known when it loads
+    if pulid is None and saved_pulid_folder(model) is not None:
+        return
+    config = model_json(model, "transformer/config.json", local_files_only=local_files_only, cache_dir=cache_dir)
+    if config is None:
+        return
+    sizes = PULID_FLUX
+    if pulid is not None:
+        from spatialid.models.checkpoint import config_from_metadata, read_safetensors_layout
+
+        sizes = config_from_metadata(read_safetensors_layout(Path(pulid).expanduser())[2]) or PULID_FLUX
+    misfit = transformer_misfit(config, ca_dim=sizes.ca.dim, num_ca=sizes.num_ca,
+                                double_interval=sizes.double_interval, single_interval=sizes.single_interval)
+    if misfit:
+        raise SpatialIDError(f"the transformer of {model} does not fit the PuLID weights ({misfit})")
 
 
 def _is_missing_files_error(exc: BaseException) -> bool:
@@ -191,8 +294,9 @@ def load_flux_transformer(
     cache_dir: str | os.PathLike[str] | None = None,
     local_files_only: bool | None = None,
     revision: str | None = None,
+    transformer_class: Any = None,
 ) -> Any:
-    """Load a (possibly quantized) ``FluxTransformer2DModel``.
+    """Load a (possibly quantized) ``FluxTransformer2DModel`` (or ``transformer_class``: Chroma's).
 
     Args:
         flux: diffusers-layout repo id or folder providing the transformer config (and weights
@@ -208,6 +312,7 @@ def load_flux_transformer(
     import torch
     from diffusers import FluxTransformer2DModel
 
+    model_cls = transformer_class or FluxTransformer2DModel  # the same loading for Chroma's transformer
     dtype = torch_dtype if torch_dtype is not None else torch.bfloat16
     offline = resolve_local_files_only(local_files_only)
     mode, arg = parse_quantization(quantization)
@@ -220,7 +325,7 @@ def load_flux_transformer(
 
         path = _gguf_local_path(arg or "", cache_dir=cache_dir, local_files_only=offline)
         with hub_errors("FLUX transformer config of", flux, hint):
-            return FluxTransformer2DModel.from_single_file(
+            return model_cls.from_single_file(
                 path,
                 quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),
                 config=flux,
@@ -245,7 +350,7 @@ def load_flux_transformer(
 
     if single_file is not None:
         with hub_errors("FLUX transformer config of", flux, hint):
-            return FluxTransformer2DModel.from_single_file(
+            return model_cls.from_single_file(
                 single_file,
                 config=flux,
                 subfolder="transformer",
@@ -253,7 +358,7 @@ def load_flux_transformer(
                 **common,
             )
     with hub_errors("FLUX transformer", flux, hint):
-        return FluxTransformer2DModel.from_pretrained(
+        return model_cls.from_pretrained(
             flux,
             subfolder="transformer",
             revision=revision,

@@ -605,8 +605,9 @@ class SpatialIDPipeline(FluxPipeline, PuLIDLoaderMixin):
             people: several people in one image, one entry per person (docs/multi-identity.md): a
                 photo, a list of photos of that person, an ``IdentityEmbedding``, a
                 ``.safetensors`` identity file or a tokens tensor; up to 4, spread left to right
-                in this order unless ``regions`` say where. Not together with ``id_image`` /
-                ``id_embeds`` (photos of ONE person).
+                in this order unless ``regions`` say where, or ``(entry, "the boy")``: bound to
+                words of the prompt, placed where FLUX's attention puts them (``"man#2"``: the
+                second "man"). Not with ``id_image`` / ``id_embeds`` (photos of ONE person).
             regions: one region per person (or one for ``id_image``), in order: a box
                 ``(x0, y0, x1, y1)`` / ``"x0,y0,x1,y1"`` in fractions of width and height, a mask
                 picture (white = the person's place) or an ``[H, W]`` tensor in [0, 1]. A region

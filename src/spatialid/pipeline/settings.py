@@ -118,11 +118,14 @@ def check_generation_settings(
         raise GenerationSettingsError(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
     for name, value in (("height", height), ("width", width)):
         v = _integer(name, value)
+        if not MIN_SIZE <= v <= MAX_SIZE:  # first: a suggestion must itself be in range
+            raise GenerationSettingsError(f"{name} must be between {MIN_SIZE} and {MAX_SIZE} pixels, got {v}")
         if v % SIZE_MULTIPLE:
             lower = max(MIN_SIZE, v - v % SIZE_MULTIPLE)
+            tries = [n for n in (lower, lower + SIZE_MULTIPLE) if MIN_SIZE <= n <= MAX_SIZE]
             raise GenerationSettingsError(
                 f"{name} must be a multiple of {SIZE_MULTIPLE} (FLUX packs 16x16-pixel patches), got {v}; "
-                f"try {lower} or {lower + SIZE_MULTIPLE}"
+                f"try {' or '.join(map(str, tries))}"
             )
         if not MIN_SIZE <= v <= MAX_SIZE:
             raise GenerationSettingsError(f"{name} must be between {MIN_SIZE} and {MAX_SIZE} pixels, got {v}")
@@ -308,6 +311,73 @@ class GenerationSettings:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GenerationSettings:
-        """Read the record back from metadata (unknown keys are ignored, missing ones default)."""
+        """Read the record back from metadata (unknown keys are ignored, missing ones default).
+
+        A record is outside data (an image's metadata): every field must have its declared type
+        (a list as prompt, text as steps, NaN as id weight are refused with one
+        :class:`GenerationSettingsError` line), so a record read back is one a front-end could have
+        built; ranges are checked by :meth:`check`.
+        """
+        if not isinstance(data, Mapping):
+            raise GenerationSettingsError(f"settings must be a JSON object, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names and v is not None})
+        return cls(**{k: _stored_value(k, v) for k, v in data.items() if k in names and v is not None})
+
+
+# the type of each field of a stored record (GenerationSettings.from_dict); the rest are lists, checked below
+_TEXT_FIELDS = ("prompt", "negative_prompt", "preset", "noise", "pipeline", "init_image", "inpaint_mask",
+                "control_image", "controlnet")
+_WHOLE_FIELDS = ("start_step", "cfg_start_step", "steps", "width", "height", "seed", "num_images", "max_sequence_length")
+_NUMBER_FIELDS = ("id_weight", "true_cfg", "guidance", "strength", "controlnet_scale")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _stored_value(key: str, value: Any) -> Any:
+    """``value`` of field ``key`` if it has the field's type (whole numbers as int), else one line."""
+
+    def refuse(want: str) -> GenerationSettingsError:
+        try:
+            shown = repr(value)
+        except ValueError:  # an integer of more than 4300 digits has no repr
+            shown = "a huge number"
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        return GenerationSettingsError(f"stored setting {key!r} is {shown} ({type(value).__name__}), expected {want}")
+
+    if key in _TEXT_FIELDS:
+        if not isinstance(value, str):
+            raise refuse("text")
+        return value
+    if key in _WHOLE_FIELDS:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or abs(value) >= 2**64:
+            raise refuse("a whole number")
+        return value
+    if key in _NUMBER_FIELDS:
+        if not _is_number(value):
+            raise refuse("a finite number")
+        return value
+    if key == "schedule_overrides":
+        if not (isinstance(value, Mapping) and all(isinstance(k, str) and _is_number(v) for k, v in value.items())):
+            raise refuse("an object of numbers")
+        return dict(value)
+    if key == "people":  # one list of photo / identity file names per person
+        if not isinstance(value, list) or not all(
+            isinstance(p, str) or (isinstance(p, list) and all(isinstance(n, str) for n in p)) for p in value
+        ):
+            raise refuse("a list of file-name lists, one per person")
+        return [[p] if isinstance(p, str) else list(p) for p in value]
+    if key == "regions":  # a box [x0, y0, x1, y1] or a mask picture's name, per person
+        if not isinstance(value, list) or not all(
+            isinstance(r, str) or (isinstance(r, list) and len(r) == 4 and all(_is_number(v) for v in r)) for r in value
+        ):
+            raise refuse("a list of boxes [x0, y0, x1, y1] or mask names, one per person")
+        return [r if isinstance(r, str) else [float(v) for v in r] for r in value]
+    if key == "loras":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise refuse("a list of FILE_OR_HUB_ID[:SCALE] texts")
+        return list(value)
+    return value

@@ -24,6 +24,8 @@ from spatialid.models.configs import TINY_FLUX, TinyFluxConfig
 __all__ = [
     "FLUX_SCHEDULER_CONFIG",
     "TINY_CLIP_MAX_LENGTH",
+    "build_tiny_chroma_components",
+    "build_tiny_chroma_transformer",
     "build_tiny_flux_components",
     "build_tiny_tokenizers",
 ]
@@ -123,11 +125,12 @@ def build_tiny_tokenizers(config: TinyFluxConfig = TINY_FLUX) -> tuple[Any, Any]
     return clip, t5
 
 
-def build_tiny_transformer(config: TinyFluxConfig = TINY_FLUX) -> Any:
+def build_tiny_transformer(config: TinyFluxConfig = TINY_FLUX, *, guidance_embeds: bool = True) -> Any:
     """A ``FluxTransformer2DModel`` of the tiny size (random weights from torch's current RNG).
 
     FLUX.1-dev's block types and guidance embedding at toy width: ``in_channels`` is the VAE's
-    latent channels packed 2x2, the rotary axes sum to the head dimension.
+    latent channels packed 2x2, the rotary axes sum to the head dimension. ``guidance_embeds=False``
+    is FLUX.1-schnell's transformer (no guidance embedding).
     """
     from diffusers import FluxTransformer2DModel
 
@@ -140,20 +143,68 @@ def build_tiny_transformer(config: TinyFluxConfig = TINY_FLUX) -> Any:
         num_attention_heads=config.num_attention_heads,
         joint_attention_dim=config.joint_attention_dim,
         pooled_projection_dim=config.pooled_projection_dim,
-        guidance_embeds=True,
+        guidance_embeds=guidance_embeds,
         axes_dims_rope=tuple(config.axes_dims_rope),
     )
 
 
-def build_tiny_flux_components(
+def build_tiny_chroma_transformer(config: TinyFluxConfig = TINY_FLUX) -> Any:
+    """A ``ChromaTransformer2DModel`` of the tiny size (random weights from torch's current RNG).
+
+    Chroma's blocks at the tiny FLUX widths: the same double/single block counts and attention
+    sizes (so the tiny PuLID modules fit as the published ones fit Chroma), no pooled CLIP input and
+    no guidance embedding; its modulation comes from the small approximator network instead.
+    """
+    from diffusers import ChromaTransformer2DModel
+
+    return ChromaTransformer2DModel(
+        patch_size=1,
+        in_channels=config.latent_channels * 4,
+        num_layers=config.num_layers,
+        num_single_layers=config.num_single_layers,
+        attention_head_dim=config.attention_head_dim,
+        num_attention_heads=config.num_attention_heads,
+        joint_attention_dim=config.joint_attention_dim,
+        axes_dims_rope=tuple(config.axes_dims_rope),
+        approximator_num_channels=16,
+        approximator_hidden_dim=32,
+        approximator_layers=1,
+    )
+
+
+def build_tiny_chroma_components(
     seed: int = 0, config: TinyFluxConfig = TINY_FLUX, dtype: torch.dtype = torch.float32
+) -> dict[str, Any]:
+    """Every ChromaPipeline component at toy size, deterministically from ``seed``.
+
+    The VAE, T5 and its tokenizer are the tiny FLUX ones of the same ``seed`` (Chroma uses FLUX's
+    VAE and T5 without CLIP); the transformer is :func:`build_tiny_chroma_transformer`.
+    """
+    parts = build_tiny_flux_components(seed, config, dtype, _transformer=build_tiny_chroma_transformer)
+    return {
+        "transformer": parts["transformer"],
+        "vae": parts["vae"],
+        "text_encoder": parts["text_encoder_2"],
+        "tokenizer": parts["tokenizer_2"],
+        "scheduler": parts["scheduler"],
+    }
+
+
+def build_tiny_flux_components(
+    seed: int = 0,
+    config: TinyFluxConfig = TINY_FLUX,
+    dtype: torch.dtype = torch.float32,
+    *,
+    guidance_embeds: bool = True,
+    _transformer: Any = None,
 ) -> dict[str, Any]:
     """Build every FluxPipeline component at toy size, deterministically from ``seed``.
 
     Returns a dict with the keys FluxPipeline's constructor takes (``transformer``, ``vae``,
     ``text_encoder``, ``text_encoder_2``, ``tokenizer``, ``tokenizer_2``, ``scheduler``). The VAE
     keeps FLUX's 8x down-sampling (four resolution levels) so image token grids are
-    ``(height // 16, width // 16)`` exactly as with the real model.
+    ``(height // 16, width // 16)`` exactly as with the real model. ``guidance_embeds=False``
+    builds FLUX.1-schnell's transformer (no guidance embedding).
     """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -162,7 +213,10 @@ def build_tiny_flux_components(
     gen_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        transformer = build_tiny_transformer(config)
+        if _transformer is not None:
+            transformer = _transformer(config)
+        else:
+            transformer = build_tiny_transformer(config, guidance_embeds=guidance_embeds)
         torch.manual_seed(seed + 1)
         vae = AutoencoderKL(
             in_channels=3,

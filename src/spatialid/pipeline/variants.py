@@ -24,10 +24,10 @@ from spatialid import defaults as D
 from spatialid.errors import SpatialIDError
 from spatialid.loaders.names import (
     IMAGE_PIPELINES,
-    PIPELINE_CLASSES,
     STRENGTH_PIPELINES,
     controlnet_misfit,
     parse_lora,
+    pipeline_classes,
 )
 from spatialid.injection.identity import IdentityError
 from spatialid.loaders.pulid import load_pulid
@@ -46,9 +46,11 @@ def variant_pipeline(base: Any, mode: str, controlnet: Any = None) -> Any:
     """The diffusers pipeline of ``mode`` on ``base``'s components (shared, not copied), with PuLID loaded."""
     import diffusers
 
-    if mode not in PIPELINE_CLASSES:
-        raise IdentityError(f"unknown pipeline {mode!r}; one of: {', '.join(PIPELINE_CLASSES)}")
-    cls = getattr(diffusers, PIPELINE_CLASSES[mode])
+    family = getattr(base, "family", "flux")
+    classes = pipeline_classes(family)
+    if mode not in classes:
+        raise IdentityError(f"unknown {family} pipeline {mode!r}; one of: {', '.join(classes)}")
+    cls = getattr(diffusers, classes[mode])
     names = set(inspect.signature(cls.__init__).parameters) - {"self"}
     components = getattr(base, "flux_components", None) or dict(base.components)
     parts = {k: v for k, v in components.items() if k in names}
@@ -61,6 +63,20 @@ def variant_pipeline(base: Any, mode: str, controlnet: Any = None) -> Any:
     if pulid is not None:
         load_pulid(pipe, pulid)
     return pipe
+
+
+def _not_downloadable(exc: BaseException) -> bool:
+    """The hub could not be reached or the file is not cached (offline), anywhere in the exception's chain."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            break
+        text = str(seen).lower()
+        if type(seen).__name__ in ("LocalEntryNotFoundError", "OfflineModeIsEnabled", "RepositoryNotFoundError") \
+                or "offline" in text or "local cache" in text or "couldn't connect" in text:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def load_loras(pipe: Any, loras: list[str] | tuple[str, ...], **hub_kwargs: Any) -> list[str]:
@@ -94,6 +110,11 @@ def load_loras(pipe: Any, loras: list[str] | tuple[str, ...], **hub_kwargs: Any)
             raise
         except Exception as exc:  # noqa: BLE001 - peft/diffusers raise many types: size mismatch, unknown keys, missing file
             reason = " ".join(str(exc).split())[:200]
+            if not path.is_file() and _not_downloadable(exc):
+                raise IdentityError(
+                    f"LoRA {source} is not available offline (not in the Hugging Face cache): download it on a "
+                    f"connected machine with `hf download {source}`, or give a .safetensors file"
+                ) from None
             raise IdentityError(
                 f"LoRA {source} does not fit this FLUX transformer (made for another base model?): {reason}"
             ) from None
@@ -144,6 +165,7 @@ class IdentityPipelineRunner:
         self.pipe = pipe
         self.base = base
         self.mode = mode
+        self.family = getattr(base, "family", "flux")
         self._params = set(inspect.signature(type(pipe).__call__).parameters)
 
     # what cmd_generate and the app use besides __call__
@@ -158,11 +180,29 @@ class IdentityPipelineRunner:
         return bool(getattr(self.base, "is_tiny", False))
 
     def __getattr__(self, name: str) -> Any:  # transformer, scheduler, ... of the diffusers pipeline
-        return getattr(self.pipe, name)
+        if name.startswith("__") or name in ("pipe", "base"):
+            raise AttributeError(name)
+        try:
+            return getattr(self.pipe, name)
+        except AttributeError:  # default size and steps, model record: the base's
+            return getattr(self.base, name)
 
     @property
     def has_true_cfg(self) -> bool:
-        return "true_cfg_scale" in self._params
+        return self.family == "chroma" or "true_cfg_scale" in self._params
+
+    def pipeline_call(self, **kwargs: Any) -> Any:
+        """The diffusers pipeline's own call.
+
+        Chroma's ``guidance_scale`` is real CFG (negative prompt, two transformer calls per step): the
+        settings record's ``true_cfg`` drives it, and FLUX's distilled ``guidance`` has nothing to drive.
+        """
+        if self.family == "chroma":
+            scale = float(kwargs.pop("true_cfg_scale", 1.0))
+            kwargs["guidance_scale"] = scale
+            if scale <= 1.0:
+                kwargs.pop("negative_prompt", None)
+        return self.pipe(**kwargs)
 
     @torch.no_grad()
     def __call__(
@@ -230,7 +270,7 @@ class IdentityPipelineRunner:
         if unknown:
             raise IdentityError(f"{type(self.pipe).__name__} does not take {', '.join(unknown)}")
         return run_identity_call(
-            self.pipe.__call__,
+            self.pipeline_call,
             self.base,
             prompt=prompt,
             id_image=id_image,

@@ -30,13 +30,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from starlette.middleware import Middleware
+
 from spatialid.errors import SpatialIDError
 from spatialid.pipeline.settings import GenerationSettings
 from spatialid.ui import handlers as h
 from spatialid.ui._gradio import gr
-from spatialid.ui.events import TOAST_SECONDS, PageState, wire_events  # noqa: F401  (TOAST_SECONDS: importable from here too)
-from spatialid.ui.network import is_loopback
-from spatialid.ui.page import build_page
+from spatialid.ui.events import TOAST_SECONDS, PageState, initial_cost, storage_note, wire_events  # noqa: F401  (TOAST_SECONDS: importable from here too)
+from spatialid.ui.network import ServerGuard, is_loopback
+from spatialid.ui.page import PAGE_JS, build_page
 from spatialid.ui.storage import DEFAULT_KEEP_HOURS, SERVE_PREFIX, ServeFiles
 
 __all__ = ["CSS", "DEFAULT_QUEUE_SIZE", "build_app", "launch"]
@@ -51,6 +53,13 @@ CSS = """
 #photo-help, #face-check { font-size: 0.85em; line-height: 1.3; }
 #photo-help p, #face-check p { margin: 0; }
 #downloads .file-name, #downloads td { white-space: nowrap; }
+#active-mode, #storage-note, #cost, #people-message, #load-message, .range-refused { font-size: 0.85em; }
+.range-refused { color: #b91c1c; }
+#active-mode p, #storage-note p, #cost p { margin: 0; }
+.caption-label { white-space: normal !important; overflow: visible !important; text-overflow: clip !important; }
+.face-preview .grid-wrap { overflow-y: auto; overflow-x: hidden; }
+[data-testid=upload-text] .prompt { white-space: normal !important; text-overflow: clip !important; text-align: center; }
+#images .error, #mask-picture .error, #aligned-face .error, #downloads .error, #settings .error, #comparison .error { display: none; }
 """
 
 
@@ -86,6 +95,7 @@ def build_app(
     defaults: GenerationSettings | None = None,
     queue_size: int = DEFAULT_QUEUE_SIZE,
     keep_outputs_hours: float = DEFAULT_KEEP_HOURS,
+    local: bool = False,
 ) -> Any:
     """Lay out the page for ``pipe`` (loaded once, shared by every visitor) and wire the events.
 
@@ -100,11 +110,14 @@ def build_app(
     limits = limits or auto_limits
     if int(queue_size) < 1:
         raise SpatialIDError(f"--queue-size must be >= 1, got {queue_size}")
-    files = ServeFiles(_files_parent(), keep_hours=keep_outputs_hours, archive_dir=output_dir)
+    files = ServeFiles(
+        _files_parent(), keep_hours=keep_outputs_hours, archive_dir=output_dir,
+        visitor_upload_bytes=limits.visitor_upload_bytes, total_upload_bytes=limits.total_upload_bytes,
+    )
     files.activate()  # before any component exists: Gradio reads its folder when one is created
     atexit.register(files.close)
     try:
-        demo = _build(pipe, files, model_name, example_dir, limits, defaults, int(queue_size))
+        demo = _build(pipe, files, model_name, example_dir, limits, defaults, int(queue_size), local)
     except BaseException:
         files.close()
         raise
@@ -128,17 +141,20 @@ def _build(
     limits: h.UILimits,
     defaults: GenerationSettings,
     queue_size: int,
+    local: bool = False,
 ) -> Any:
     example_rows = _example_rows(Path(example_dir) if example_dir is not None else files.examples_dir, defaults.steps)
     model_label = model_name or (getattr(pipe, "model_info", None) or {}).get("model", "FLUX.1")
     state = PageState(
         pipe, files, limits, defaults, example_rows,
         ready="Upload a photo, write a prompt, press **Generate** (or Enter in the prompt).",
+        keep_history=local and files.archive_dir is not None,
     )
     with gr.Blocks(title="SpatialID", analytics_enabled=False) as demo:
         page = build_page(
             model_label=model_label, tiny=bool(getattr(pipe, "is_tiny", False)), limits=limits, defaults=defaults,
             example_rows=example_rows, example_labels=_example_labels(), ready=state.ready,
+            storage_note=storage_note(files, local), cost_text=initial_cost(defaults, limits),
         )
         wire_events(demo, page, state)
 
@@ -191,12 +207,16 @@ def launch(
     lora_dir: str | os.PathLike[str] | None = None,
     queue_size: int = DEFAULT_QUEUE_SIZE,
     keep_outputs_hours: float = DEFAULT_KEEP_HOURS,
+    visitor_upload_mb: float | None = None,
+    total_upload_mb: float | None = None,
     prevent_thread_lock: bool = False,
 ) -> Any:
     """Build the app and serve it; blocks until Ctrl-C or SIGTERM unless ``prevent_thread_lock``.
 
     The caps (``max_*``; None = the model's default, :func:`~spatialid.ui.handlers.defaults_for`)
-    bound what one request may cost; ``auth`` (``[(user, password), ...]``) requires a login.
+    bound what one request may cost; ``auth`` (``[(user, password), ...]``) requires a login on every
+    route but static files. ``visitor_upload_mb`` / ``total_upload_mb`` bound the uploads one visitor
+    (a login, or an address) and all visitors may have stored at once (default 5x / 50x ``max_upload_mb``).
     The private folder is deleted when this returns (or at exit with ``prevent_thread_lock``:
     then call ``demo.close()`` and ``demo._spatialid_files.close()`` yourself).
     """
@@ -204,9 +224,10 @@ def launch(
     limits = limits.replace(
         max_upload_mb=float(max_upload_mb), max_steps=max_steps, max_images=max_images, max_side=max_side, max_cost=max_cost,
         lora_dir=None if lora_dir is None else str(Path(lora_dir).expanduser().resolve()),
+        visitor_upload_mb=visitor_upload_mb, total_upload_mb=total_upload_mb,
     )
     demo = build_app(
-        pipe, model_name=model_name, output_dir=output_dir, limits=limits,
+        pipe, model_name=model_name, output_dir=output_dir, limits=limits, local=is_loopback(host) and not auth,
         queue_size=queue_size, keep_outputs_hours=keep_outputs_hours,
     )
     files: ServeFiles = demo._spatialid_files
@@ -231,6 +252,10 @@ def launch(
             prevent_thread_lock=True,  # we block below, so the clean-up runs after Ctrl-C / SIGTERM
             theme=_theme(),
             css=CSS,
+            js=PAGE_JS,  # typed slider values out of range: refused with a line, not silently clamped
+            # in front of every route: the login everywhere but static files, the upload quota,
+            # uploads held by the session whose event names them (network.ServerGuard)
+            app_kwargs={"middleware": [Middleware(ServerGuard, files=files)]},
         )
     except OSError as exc:  # port in use, address not on this machine
         files.close()

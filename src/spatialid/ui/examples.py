@@ -47,20 +47,20 @@ EXAMPLES: tuple[ExamplePhoto, ...] = (
     ExamplePhoto(
         photo="astronaut",
         prompt="portrait photo of a woman wearing a space suit, studio light",
-        label="astronaut, photo (a face: works)",
+        label="photo",
         start_step=4,
     ),
     ExamplePhoto(
         photo="astronaut",
         prompt="oil painting portrait of a woman, impressionist, thick brush strokes",
-        label="astronaut, stylised",
+        label="stylised",
         id_weight=1.2,
         start_step=1,
     ),
     ExamplePhoto(
         photo="coffee",
         prompt="portrait photo of a person reading a book in a cafe",
-        label="coffee cup (no face: shows the error)",
+        label="no face (error)",
         preset="paper",
         start_step=4,
     ),

@@ -13,7 +13,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from spatialid.errors import SpatialIDError
 from spatialid.pipeline.settings import GenerationSettings
 from spatialid.ui.inputs import IdentityCache
 
-__all__ = ["GenerationRequest", "GenerationResult", "GenerationStopped", "ProgressFn", "run_generation"]
+__all__ = ["GenerationRequest", "GenerationResult", "GenerationStopped", "ProgressFn", "restore_kept", "run_generation", "settings_summary", "storage_note"]
 
 #: ``progress(done, total, description)``; ``done``/``total`` count denoising steps.
 ProgressFn = Callable[[int, int, str], None]
@@ -76,7 +76,18 @@ class GenerationResult:
         what = f"{n} image{'s' if n != 1 else ''}"
         if self.comparison is not None:
             what += " + preset comparison"
-        line = f"Done: {what} in {self.seconds:.1f} s, seed {self.settings.get('seed')}, preset {self.settings.get('preset')}."
+        line = f"Done: {what} in {self.seconds:.1f} s, seed {self.settings.get('seed')}, preset {self.settings.get('preset')}"
+        mode = []
+        pipeline = self.settings.get("pipeline")
+        if pipeline in ("img2img", "inpaint"):
+            mode.append(f"{'inpainting' if pipeline == 'inpaint' else 'img2img'} (strength {self.settings.get('strength')})")
+        if self.settings.get("people"):
+            mode.append(f"{len(self.settings['people'])} people")
+        if self.settings.get("regions"):
+            mode.append("regions")
+        if self.settings.get("loras"):
+            mode.append(f"LoRA {', '.join(map(str, self.settings['loras']))}")
+        line += (", " + ", ".join(mode) + ".") if mode else "."
         if self.settings.get("note"):
             line += " Tiny model: the images are noise by design."
         for message in self.messages:
@@ -239,12 +250,119 @@ def _result(result: Any, identity: Any, messages: list[str], started: float) -> 
         image_files=list(result.images),
         mask_picture=mask_picture,
         comparison=comparison,
-        aligned_face=getattr(identity, "aligned_face", None),
+        aligned_face=_aligned_faces(identity),
         files=list(result.files),
         settings=file_settings,
         messages=messages,
         seconds=time.perf_counter() - started,
     )
+
+
+def storage_note(files: Any, local: bool) -> str:
+    """Where this page's results are kept (``files``: the server's ``ServeFiles``), or that they go: said next to the downloads."""
+    if local and files.archive_dir is not None:
+        return (f"**Kept**: every result is also saved, its settings inside, in `{files.archive_dir}` (a dated folder "
+                "per click); this tab's history comes back after a reload.")
+    hours = files.keep_seconds / 3600
+    return (f"**Your files are deleted when you close this tab** (or after {hours:g} h): download what you want "
+            "to keep. The settings are inside each PNG.")
+
+
+def restore_kept(files: Any, session: str, kept: Any, size: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """A reloaded tab's history from the kept copies its browser names (``gr.BrowserState``).
+
+    ``files`` is the server's :class:`~spatialid.ui.storage.ServeFiles`. The browser's list is not
+    trusted: only PNGs inside the server's output folder are taken, copied back into the session's
+    own (served) folder. Returns the history (served copies, captions) and the kept sources.
+    """
+    import shutil
+
+    archive = getattr(files, "archive_dir", None)
+    if archive is None or not isinstance(kept, list):
+        return [], []
+    root = Path(archive).resolve()
+    history: list[tuple[str, str]] = []
+    sources: list[tuple[str, str]] = []
+    for item in kept[:size]:
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            continue
+        try:
+            source = Path(str(item[0])).resolve()
+        except (OSError, ValueError):
+            continue
+        if source.suffix.lower() != ".png" or not source.is_relative_to(root) or not source.is_file():
+            continue
+        target = files.session_dir(session) / "restored" / source.parent.name / source.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        caption = " ".join(str(item[1]).split())[:80]
+        history.append((str(target), caption))
+        sources.append((str(source), caption))
+    return history, sources
+
+
+def _aligned_faces(identity: Any) -> Image.Image | None:
+    """The aligned face the encoder used; for several people, theirs side by side (person 1 first)."""
+    if not isinstance(identity, (list, tuple)):
+        return getattr(identity, "aligned_face", None)
+    faces = [f for f in (getattr(i, "aligned_face", None) for i in identity) if isinstance(f, Image.Image)]
+    if len(faces) <= 1:
+        return faces[0] if faces else None
+    side = max(f.height for f in faces)
+    row = Image.new("RGB", (sum(round(f.width * side / f.height) for f in faces), side), "white")
+    x = 0
+    for face in faces:
+        tile = face.convert("RGB").resize((round(face.width * side / face.height), side))
+        row.paste(tile, (x, 0))
+        x += tile.width
+    return row
+
+
+def settings_summary(settings: Mapping[str, Any]) -> str:
+    """The settings as a visitor reads them: a few short lines, no nulls, img2img/strength/LoRAs/people
+    included (the downloaded PNG keeps the full record; ``spatialid info FILE`` prints it)."""
+    s = settings
+
+    def has(key: str) -> bool:
+        return s.get(key) not in (None, "", [], {})
+
+    lines = [str(s.get("prompt", ""))]
+    if has("negative_prompt") and float(s.get("true_cfg") or 1) > 1:
+        lines.append(f"Negative: {s['negative_prompt']}")
+    first = [f"Seed {s.get('seed')}", f"{s.get('width')}x{s.get('height')}", f"{s.get('steps')} steps",
+             f"preset {s.get('preset')}", f"ID weight {s.get('id_weight')}", f"start step {s.get('start_step')}",
+             f"guidance {s.get('guidance')}"]
+    if float(s.get("true_cfg") or 1) > 1:
+        first.append(f"true CFG {s.get('true_cfg')}")
+    lines.append(", ".join(first))
+    mode = []
+    pipeline = s.get("pipeline")
+    if pipeline and pipeline != "text2image":
+        part = {"img2img": "img2img", "inpaint": "inpainting"}.get(str(pipeline), str(pipeline))
+        if has("init_image"):
+            part += f" from {s['init_image']}"
+        if has("strength"):
+            part += f", strength {s['strength']}"
+        if has("inpaint_mask"):
+            part += f", mask {s['inpaint_mask']}"
+        mode.append(part)
+    if has("people"):
+        mode.append("people: " + " | ".join(", ".join(map(str, p)) for p in s["people"]))
+    elif isinstance(s.get("identity"), Mapping) and s["identity"].get("files"):
+        mode.append("photos: " + ", ".join(map(str, s["identity"]["files"])))
+    if has("regions"):
+        mode.append("regions: " + " | ".join(",".join(f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in r)
+                                               if isinstance(r, (list, tuple)) else str(r) for r in s["regions"]))
+    if has("loras"):
+        mode.append("LoRAs: " + ", ".join(map(str, s["loras"])))
+    if has("compare"):
+        mode.append("compared: " + ", ".join(map(str, s.get("presets_shown") or s["compare"])))
+    if mode:
+        lines.append("; ".join(mode))
+    model = ", ".join(str(s[k]) for k in ("model", "pulid") if has(k))
+    if model:
+        lines.append(f"Model {model}" + (f", spatialid {s['version']}" if has("version") else ""))
+    return "\n".join(lines)
 
 
 def _open(path: Path) -> Image.Image:

@@ -10,6 +10,7 @@ a checked request in :mod:`spatialid.ui.generation`; their names are importable 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import secrets
@@ -72,6 +73,8 @@ __all__ = [
     "settings_from_file",
     "settings_text",
 ]
+
+log = logging.getLogger("spatialid.serve")
 
 _UI_REAL = D.size_steps("ui", tiny=False)
 
@@ -242,17 +245,36 @@ _RESTORED = ("prompt", "negative_prompt", "preset", "id_weight", "start_step", "
 def settings_from_file(path: Any, limits: UILimits = UILimits()) -> tuple[dict[str, Any] | None, str]:
     """The form values stored in one of our images, and a one-line message for the page.
 
-    Returns ``(None, message)`` when the file carries no spatialid settings. Values over this
-    server's caps are lowered to the cap (and the message says so), so the form stays usable.
+    Returns ``(None, message)`` when the file carries no usable spatialid settings: the file is
+    outside data, so every stored field must have its type (:meth:`GenerationSettings.from_dict`:
+    a list as prompt, text as steps are refused) and nothing it holds ever reaches the visitor as an
+    exception's text or the server's log as a traceback. Values over this server's caps are lowered
+    to the cap (and the message says so), so the form stays usable.
     """
-    from spatialid.app.metadata import read_image_metadata
-
-    where = _path_of(path)
     try:
-        data = read_image_metadata(where)
+        where = _path_of(path)
+    except SpatialIDError:
+        return None, "**No settings loaded**: the file did not arrive; drop it again"
+    try:
+        return _settings_from_file(where, limits)
     except SpatialIDError as exc:
         return None, f"**No settings loaded**: {_short(str(exc), [where])}"
-    values = {key: data.get(key) for key in _RESTORED}
+    except Exception as exc:  # a reader's bug must not show its text, nor a traceback, for a visitor's file
+        log.warning("settings of an uploaded image not loaded (%s: %s)", type(exc).__name__, _short(str(exc), [where])[:200])
+        return None, f"**No settings loaded**: {where.name} holds damaged spatialid settings; load another image"
+
+
+def _settings_from_file(where: Path, limits: UILimits) -> tuple[dict[str, Any] | None, str]:
+    from spatialid.app.metadata import read_image_metadata
+
+    data = read_image_metadata(where)
+    if not isinstance(data, Mapping):
+        return None, f"**No settings loaded**: {where.name} holds damaged spatialid settings; load another image"
+    try:
+        stored = GenerationSettings.from_dict(data)  # every field typed, or one line
+    except SpatialIDError as exc:
+        return None, f"**No settings loaded**: {where.name}: {_short(str(exc), [where])}"
+    values = {key: getattr(stored, key) if key in data else None for key in _RESTORED}
     if not values["prompt"] or values["seed"] is None:
         return None, f"**No settings loaded**: {where.name} has spatialid metadata but no prompt or seed"
     if values["preset"] not in preset_choices():
@@ -264,7 +286,7 @@ def settings_from_file(path: Any, limits: UILimits = UILimits()) -> tuple[dict[s
             lowered.append(f"{key} {values[key]} -> {cap}")
             values[key] = cap
     if values["start_step"] is not None and values["steps"] is not None:
-        values["start_step"] = min(int(values["start_step"]), int(values["steps"]) - 1)
+        values["start_step"] = max(0, min(int(values["start_step"]), int(values["steps"]) - 1))
     values["seed"] = str(values["seed"])
     line = f"Loaded the settings of {where.name}: preset {values['preset']}, seed {values['seed']}"
     if lowered:

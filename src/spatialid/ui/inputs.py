@@ -10,7 +10,9 @@ No Gradio here.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -22,13 +24,16 @@ from spatialid.errors import FaceNotFoundError, InputImageError, SpatialIDError
 
 __all__ = [
     "DEFAULT_MAX_COST",
+    "MAX_UPLOAD_PIXELS",
     "PHOTO_SUFFIXES",
     "IdentityCache",
     "UIInputError",
     "UILimits",
+    "check_upload_pixels",
     "collect_photos",
     "photo_set",
     "preview_identity",
+    "visitor_text",
 ]
 
 #: Image suffixes accepted as identity photos (what Pillow reads for photos in practice).
@@ -38,6 +43,11 @@ PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".g
 class UIInputError(SpatialIDError, ValueError):
     """A form value in the web UI is missing or out of range (shown as a one-line popup)."""
 
+
+#: Most pixels of a picture the page's image boxes (person 1's photo, the init image, its painted
+#: layers, the mask) accept: checked from the file's header before Gradio decodes or re-saves it, so
+#: a 97 KB 10000x10000 PNG costs nothing (4096x4096; a phone photo is about 12 megapixels).
+MAX_UPLOAD_PIXELS = 4096 * 4096
 
 #: Default ``--max-cost``: one request may cost this many default requests (the full comparison of
 #: every preset at the default settings costs 10).
@@ -63,6 +73,20 @@ class UILimits:
     unit_width: int = 1024
     unit_height: int = 1024
     lora_dir: str | None = None  # serve --lora-dir: the only LoRA files visitors may name (None: LoRAs off)
+    visitor_upload_mb: float | None = None  # uploads one visitor may keep on the server (None: 5 x max_upload_mb)
+    total_upload_mb: float | None = None  # uploads of all visitors together (None: 50 x max_upload_mb)
+
+    @property
+    def visitor_upload_bytes(self) -> int:
+        """Bytes of uploads one visitor (a login, or an address without login) may have stored at once."""
+        mb = self.visitor_upload_mb if self.visitor_upload_mb is not None else 5 * self.max_upload_mb
+        return int(mb * 2**20)
+
+    @property
+    def total_upload_bytes(self) -> int:
+        """Bytes of uploads all visitors together may have stored at once."""
+        mb = self.total_upload_mb if self.total_upload_mb is not None else 50 * self.max_upload_mb
+        return int(mb * 2**20)
 
     def replace(self, **changes: Any) -> UILimits:
         """A copy with ``changes`` (``None`` values keep the current one: unset CLI flags)."""
@@ -132,6 +156,49 @@ def _path_of(item: Any) -> Path:
     if isinstance(item, tuple) and item:  # gallery (path, caption)
         return _path_of(item[0])
     raise UIInputError(f"cannot read an uploaded file from a {type(item).__name__}; upload the photo again")
+
+
+def check_upload_pixels(source: str | os.PathLike[str] | bytes, name: str, max_pixels: int = MAX_UPLOAD_PIXELS) -> tuple[int, int]:
+    """The (width, height) in an uploaded picture's header; one line if it is not a picture or too large.
+
+    Only the header is read (Pillow's ``open`` is lazy): nothing is decoded and nothing written, so
+    a small file that claims 10000x10000 pixels is refused before it costs any memory.
+    """
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, in our words
+            with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as im:
+                width, height = im.size
+    except Image.DecompressionBombError:
+        raise UIInputError(
+            f"{name} has over {2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f} megapixels, over this server's limit of "
+            f"{max_pixels / 1e6:.1f} megapixels; scale it down (at most 4096x4096) and upload it again"
+        ) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise UIInputError(f"{name} is not a readable picture; upload a PNG, JPEG or WebP image") from None
+    if width * height > max_pixels:
+        raise UIInputError(
+            f"{name} is {width}x{height} pixels ({width * height / 1e6:.1f} megapixels), over this server's "
+            f"limit of {max_pixels / 1e6:.1f} megapixels; scale it down (at most 4096x4096) and upload it again"
+        )
+    return width, height
+
+
+def visitor_text(message: str, *folders: str | os.PathLike[str] | None) -> str:
+    """``message`` on one line, every path inside ``folders`` (the server's private folder, its
+    ``--lora-dir``) replaced by its file name: a visitor never learns where the server keeps files,
+    nor the random name of anyone's session folder."""
+    text = " ".join(str(message).split())
+    for folder in sorted({str(f).rstrip(os.sep) for f in folders if f}, key=len, reverse=True):
+        if not folder:
+            continue
+        pattern = re.escape(folder) + r"(?:" + re.escape(os.sep) + r"[^\s'\"(),:]*)?"
+        text = re.sub(pattern, lambda m: Path(m.group(0)).name if m.group(0) != folder else "the server's folder", text)
+    return text
 
 
 def _short(message: str, paths: Sequence[Path]) -> str:

@@ -136,6 +136,8 @@ class ServeFiles:
         *,
         keep_hours: float = DEFAULT_KEEP_HOURS,
         archive_dir: str | os.PathLike[str] | None = None,
+        visitor_upload_bytes: int | None = None,
+        total_upload_bytes: int | None = None,
     ) -> None:
         if not keep_hours > 0:
             raise SpatialIDError(f"--keep-outputs must be > 0 hours, got {keep_hours:g}")
@@ -150,6 +152,10 @@ class ServeFiles:
         self.keep_seconds = float(keep_hours) * 3600.0
         self.archive_dir = Path(archive_dir).expanduser() if archive_dir is not None else None
         self._sessions: dict[str, _Session] = {}
+        # the upload quota (None: unbounded): stored upload -> (visitor, bytes counted)
+        self.visitor_upload_bytes = visitor_upload_bytes
+        self.total_upload_bytes = total_upload_bytes
+        self._uploaded: dict[Path, tuple[str, int]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -205,8 +211,53 @@ class ServeFiles:
                 self._sessions[key] = session
             for p in paths:
                 path = Path(os.path.abspath(p))
-                if self._inside(path) and not path.is_relative_to(self.examples_dir):
+                # outputs (sessions' folders) and the examples are never an upload to delete
+                if self._inside(path) and not path.is_relative_to(self.examples_dir) and not path.is_relative_to(self.sessions_dir):
                     session.uploads.add(path)
+
+    # ------------------------------------------------------------------ upload quota
+
+    def upload_refusal(self, visitor: str, incoming: int) -> str | None:
+        """One line refusing an upload of ``incoming`` bytes by ``visitor``, or None when it fits.
+
+        ``visitor`` is who uploads (a login name, or the address without a login: an upload carries
+        no session id). Counted: the uploads of the last ``--keep-outputs`` hours still on disk.
+        """
+        with self._lock:
+            for attempt in range(2):
+                mine = sum(n for who, n in self._uploaded.values() if who == visitor)
+                total = sum(n for _, n in self._uploaded.values())
+                over_visitor = self.visitor_upload_bytes is not None and mine + incoming > self.visitor_upload_bytes
+                over_total = self.total_upload_bytes is not None and total + incoming > self.total_upload_bytes
+                if not (over_visitor or over_total):
+                    return None
+                if attempt == 0:  # files may have gone since (a tab closed): count again what is there
+                    self._uploaded = {p: v for p, v in self._uploaded.items() if p.exists()}
+        mb = 2**20
+        if over_visitor:
+            return (
+                f"upload refused: your uploads on this server already take {mine / mb:.1f} MB, and this one "
+                f"({incoming / mb:.1f} MB) would pass the limit of {self.visitor_upload_bytes / mb:g} MB per visitor; "
+                "close tabs you no longer use, or wait for old uploads to expire"
+            )
+        return (
+            f"upload refused: this server's uploads take {total / mb:.1f} MB, and this one ({incoming / mb:.1f} MB) "
+            f"would pass its limit of {self.total_upload_bytes / mb:g} MB; try again later"
+        )
+
+    def record_uploads(self, visitor: str, paths: Iterable[str | os.PathLike[str]]) -> None:
+        """Count stored uploads against ``visitor`` (a file stored twice, by content hash, counts once)."""
+        with self._lock:
+            for p in paths:
+                path = Path(os.path.abspath(p))
+                if path in self._uploaded or not self._inside(path):
+                    continue
+                with contextlib.suppress(OSError):
+                    self._uploaded[path] = (visitor, max(os.lstat(path).st_size, 1))
+
+    def _forget_upload(self, path: Path) -> None:
+        with self._lock:
+            self._uploaded.pop(path, None)
 
     def end_session(self, key: str) -> None:
         """Delete a session's outputs, and its uploads unless another live session uses them."""
@@ -247,6 +298,7 @@ class ServeFiles:
     def _remove_upload(self, path: Path) -> None:
         with contextlib.suppress(OSError):
             path.unlink()
+        self._forget_upload(path)
         parent = path.parent
         if parent != self.root and parent.parent == self.root:  # Gradio's <hash>/ folder
             with contextlib.suppress(OSError):
@@ -289,6 +341,7 @@ class ServeFiles:
                     info = os.lstat(path)
                     if max(info.st_mtime, info.st_ctime) < deadline:
                         os.unlink(path)
+                        self._forget_upload(path)
                         removed += 1
                 except OSError:
                     continue

@@ -116,7 +116,8 @@ def _from_path(path: Path, max_pixels: int) -> Image.Image:
             raise InputImageError(
                 f"{name} is not an image file Pillow can read; give a JPEG, PNG or WebP photo"
             ) from exc
-        except (OSError, SyntaxError, ValueError) as exc:  # truncated / corrupt data
+        except (OSError, SyntaxError, ValueError, TypeError, IndexError, KeyError, EOFError) as exc:
+            # truncated / corrupt data: Pillow's plugins raise all of these (a TIFF without sizes: TypeError)
             raise InputImageError(f"{name} is damaged or truncated and cannot be decoded ({exc})") from exc
 
 

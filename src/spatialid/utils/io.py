@@ -15,6 +15,7 @@ import io
 import json
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -32,6 +33,7 @@ __all__ = [
     "atomic_write_json",
     "check_writable",
     "is_temp_name",
+    "read_bounded",
     "remove_temp_files",
 ]
 
@@ -193,3 +195,39 @@ def remove_temp_files(folders: Iterable[str | os.PathLike[str]], targets: Iterab
             count += 1
             size += n
     return count, size
+
+
+def read_bounded(path: str | os.PathLike[str], limit: int, *, text: bool = False) -> bytes:
+    """The bytes of ``path`` when it holds at most ``limit``; ``ValueError`` (the reason) otherwise.
+
+    For the readers of outside files (results, identities, prompts, identity files): a regular
+    file's size is checked before anything is read, then it is read in one piece; a device or a
+    pipe (``/dev/zero``, a fifo) is read in 1 MB pieces up to ``min(limit, 16 MB)``, and with
+    ``text`` a NUL byte stops the read at once (no text file holds one). ``OSError`` passes
+    through; callers wrap both in their one-line error ("PATH {reason}").
+    """
+    with open(path, "rb") as fh:
+        info = os.fstat(fh.fileno())
+        if stat.S_ISREG(info.st_mode):
+            if info.st_size > limit:
+                raise ValueError(f"is larger than {limit / 2**20:g} MB ({info.st_size / 2**20:.1f} MB)")
+            data = fh.read(limit + 1)  # the file may have grown since
+            if text and b"\0" in data:
+                raise ValueError("holds NUL bytes, so it is no text file")
+        else:
+            limit = min(limit, _STREAM_LIMIT)
+            buffer = bytearray()
+            while len(buffer) <= limit:
+                piece = fh.read(min(2**20, limit + 1 - len(buffer)))
+                if not piece:
+                    break
+                if text and b"\0" in piece:
+                    raise ValueError("holds NUL bytes, so it is no text file")
+                buffer += piece
+            data = bytes(buffer)
+    if len(data) > limit:
+        raise ValueError(f"is larger than {limit / 2**20:g} MB")
+    return data
+
+
+_STREAM_LIMIT = 16 * 2**20  # what read_bounded takes from a device or a pipe

@@ -15,7 +15,9 @@ from spatialid.errors import CheckpointError
 
 __all__ = ["MAX_SAFETENSORS_HEADER", "NEVER_UNPICKLE", "sniff_safetensors"]
 
-MAX_SAFETENSORS_HEADER = 100_000_000  # safetensors caps its JSON header at 100 MB
+# safetensors itself allows a 100 MB JSON header, parsed whole; the largest real headers (FLUX, T5)
+# are well under 1 MB, so a longer one is refused before safetensors reads it (a memory bomb).
+MAX_SAFETENSORS_HEADER = 16 * 2**20
 NEVER_UNPICKLE = "spatialid never unpickles weight files because that can run arbitrary code"
 
 
@@ -40,6 +42,11 @@ def sniff_safetensors(path: str | os.PathLike[str], fix: str, *, name: str | Non
                 f"the file has {size}); copy or download it again: {fix}"
             )
         return
+    if len(head) == 9 and head[8:9] == b"{" and header_len > MAX_SAFETENSORS_HEADER:
+        raise CheckpointError(
+            f"{label} declares a safetensors header of {header_len:,} bytes, more than any weights file has "
+            f"({MAX_SAFETENSORS_HEADER // 2**20} MB); the file is damaged: {fix}"
+        )
     if head[:4] == b"PK\x03\x04":
         raise CheckpointError(
             f"{label} is a PyTorch pickle archive (torch.save zip format), not a safetensors file; {NEVER_UNPICKLE}: {fix}"
