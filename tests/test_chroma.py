@@ -225,6 +225,33 @@ def test_cli_generate_tiny_chroma(tmp_path, embeds_file, capsys):
     assert s["identity_injected"] and (tmp_path / "c_masks.png").is_file()
 
 
+
+
+def test_chroma_defaults_to_its_own_cfg_flux_to_none(tmp_path, embeds_file, capsys):
+    """Chroma has no guidance embedding: without --true-cfg it gets diffusers' ChromaPipeline scale, FLUX.1 stays off."""
+    from spatialid import defaults as D
+    from spatialid.app.metadata import read_png_metadata
+
+    for model, expected in (("tiny-chroma", D.CHROMA_TRUE_CFG), ("tiny", D.DEFAULT_TRUE_CFG)):
+        out = tmp_path / f"{model}.png"
+        code, _, err = _cli(["generate", "--model", model, "--size", "64x64", "--steps", 1, "--id-embeds", embeds_file,
+                             "-p", "a portrait", "--seed", 1, "--out", out], capsys)
+        assert code == 0, err
+        assert read_png_metadata(out)["true_cfg"] == expected
+
+def test_bench_runs_on_tiny_chroma(tmp_path, bench_inputs, capsys):
+    """The bench takes ``--model tiny-chroma`` as it takes ``tiny`` (it was refused as a hub id before)."""
+    from spatialid.bench.results import load_preset_results
+
+    _, ids, prompts = bench_inputs
+    out = tmp_path / "bench"
+    code, _, err = _cli(["bench", "--ids", ids, "--prompts", prompts, "--limit-ids", 1, "--limit-prompts", 1,
+                         "--presets", "pulid", "--model", "tiny-chroma", "--out", out, "--no-progress"], capsys)
+    assert code == 0, err
+    assert json.loads((out / "bench.json").read_text())["settings"]["model"] == "tiny-chroma"
+    entries, failures = load_preset_results(out / "pulid")
+    assert len(entries) == 1 and not failures
+
 def _fake_model(root, class_name, transformer):
     root.mkdir()
     (root / "model_index.json").write_text(json.dumps({"_class_name": class_name, "transformer": ["diffusers", "X"]}))

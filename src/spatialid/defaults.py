@@ -21,6 +21,8 @@ __all__ = [
     "DEFAULT_PRESET",
     "DEFAULT_START_STEP",
     "DEFAULT_TRUE_CFG",
+    "CHROMA_TRUE_CFG",
+    "default_true_cfg",
     "DEFAULT_NOISE",
     "IMAGE_PIPELINES",
     "MAX_CONTROLNET_SCALE",
@@ -57,6 +59,15 @@ DEFAULT_NOISE = "diffusers"
 DEFAULT_ID_WEIGHT = 1.0
 DEFAULT_START_STEP = 0
 DEFAULT_TRUE_CFG = 1.0  # 1 = off
+# Chroma has no guidance embedding: without real CFG its images lose the prompt, so its default is
+# diffusers' ChromaPipeline default (guidance_scale 5.0), doubling the transformer calls as CFG does.
+CHROMA_TRUE_CFG = 5.0
+
+
+def default_true_cfg(family: str) -> float:
+    """``--true-cfg`` when it is not given: off for FLUX.1 (embedded guidance), on for Chroma."""
+    return CHROMA_TRUE_CFG if family == "chroma" else DEFAULT_TRUE_CFG
+
 DEFAULT_CFG_START_STEP = 1  # PuLID-FLUX mixes the CFG branches from step 1 on
 DEFAULT_GUIDANCE = 4.0  # PuLID-FLUX's embedded guidance for FLUX.1-dev
 DEFAULT_MAX_SEQUENCE_LENGTH = 128  # T5 prompt tokens, as PuLID-FLUX's app

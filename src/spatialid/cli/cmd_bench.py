@@ -113,15 +113,16 @@ def prepare(args: argparse.Namespace):
     from spatialid.bench.runner import BenchSettings
     from spatialid.masks import PRESETS
 
-    tiny = args.model == D.TINY_MODEL
+    tiny = args.model in D.TINY_MODELS
     _positive("--limit-ids", args.limit_ids)
     _positive("--limit-prompts", args.limit_prompts)
     args.paths = parse_path_mode(args.paths)
     presets = parse_presets(args.presets, known=PRESETS)
     seeds = parse_seeds(args.seeds)
     shard = parse_shard(args.shard)
-    generation = sampling_settings(args, "bench", tiny=tiny).check(prompt=False)
-    model_spec(args).check()  # quantization, offload, device and every weights file, before any model
+    spec = model_spec(args)
+    generation = sampling_settings(args, "bench", tiny=tiny, family=spec.family).check(prompt=False)
+    spec.check()  # quantization, offload, device and every weights file, before any model
     if generation.true_cfg <= 1:
         generation = generation.replace(negative_prompt="")  # unused without true CFG: not part of the run
     inputs = load_bench_inputs(
@@ -260,8 +261,8 @@ def _run_locked(args: argparse.Namespace, out, proc, settings, identities, promp
             "--no-baseline: entries without a baseline image get no imagewithoutid, which IBench's fid, clipi and "
             "antifacesim metrics need (its evaluator stops at fid without it)"
         )
-    if settings.model == "tiny":
-        log.warning("--model tiny: random weights, the images are noise by design (for testing the bench only)")
+    if settings.model in D.TINY_MODELS:
+        log.warning(f"--model {settings.model}: random weights, the images are noise by design (for testing the bench only)")
 
     pending = pending_items(out, items)
     if not pending:

@@ -295,8 +295,11 @@ def _output_target(args: argparse.Namespace, seed: int) -> Path:
     return default_output_path(seed, out, suffix=f".{fmt or 'png'}")
 
 
-def build_jobs(args: argparse.Namespace, *, tiny: bool) -> list:
-    """Validate every number, prompt and path; return one job per prompt (no model touched yet)."""
+def build_jobs(args: argparse.Namespace, *, tiny: bool, family: str = "flux") -> list:
+    """Validate every number, prompt and path; return one job per prompt (no model touched yet).
+
+    ``family`` (``ModelSpec.family``, read from the model's index before anything loads) picks the
+    default true CFG: off for FLUX.1, Chroma's own scale for Chroma."""
     from spatialid.app.job import GenerationJob, record_input_paths
     from spatialid.errors import SpatialIDError
 
@@ -312,6 +315,7 @@ def build_jobs(args: argparse.Namespace, *, tiny: bool) -> list:
         args,
         "generate",
         tiny=tiny,
+        family=family,
         prompt=prompts[0] if prompts else args.prompt,
         preset=args.preset,
         cfg_start_step=args.cfg_start_step,
@@ -360,9 +364,9 @@ def _numbered(path: str, index: int) -> Path:
     return p.with_name(f"{p.stem}-p{index}{p.suffix}")
 
 
-def build_job(args: argparse.Namespace, *, tiny: bool):
+def build_job(args: argparse.Namespace, *, tiny: bool, family: str = "flux"):
     """The single job of a one-prompt command line (see :func:`build_jobs`)."""
-    return build_jobs(args, tiny=tiny)[0]
+    return build_jobs(args, tiny=tiny, family=family)[0]
 
 
 def _unused_settings_warnings(args: argparse.Namespace, settings) -> None:
@@ -406,7 +410,7 @@ def run(args: argparse.Namespace) -> int:
     check_pipeline_arguments(args)  # img2img / inpainting / Kontext / ControlNet flags, before the settings
     check_command_line(args)  # model name, device, presets, numbers, LoRAs, ControlNet, masks, mask file
     spec = model_spec(args)
-    jobs = build_jobs(args, tiny=spec.is_tiny)
+    jobs = build_jobs(args, tiny=spec.is_tiny, family=spec.family)
     job = jobs[0]
     protected = tuple(inputs_of(args))
     for each in jobs:

@@ -109,7 +109,11 @@ def add_sampling_arguments(p: argparse.ArgumentParser, purpose: str) -> None:
         "--start-step", type=int, default=D.DEFAULT_START_STEP,
         help="first denoising step with identity (0 = all; PuLID suggests 4 for photos, 0-1 for stylised)",
     )
-    p.add_argument("--true-cfg", type=float, default=D.DEFAULT_TRUE_CFG, help="true classifier-free guidance scale, 1 = off (1..10); > 1 doubles the cost")
+    p.add_argument(
+        "--true-cfg", type=float, default=None,
+        help=f"true classifier-free guidance scale, 1 = off (1..10); > 1 doubles the cost (default {D.DEFAULT_TRUE_CFG:g}; "
+        f"Chroma models {D.CHROMA_TRUE_CFG:g}, as diffusers' ChromaPipeline)",
+    )
     p.add_argument("--negative-prompt", default="", help="negative prompt for true CFG (default empty)")
     p.add_argument(
         "--steps", type=int, default=None, help=f"denoising steps (default {real.steps}; tiny model {tiny.steps})"
@@ -149,8 +153,11 @@ def schedule_overrides(args: argparse.Namespace) -> dict[str, float] | None:
     return given or None
 
 
-def sampling_settings(args: argparse.Namespace, purpose: str, *, tiny: bool, **fields):  # -> GenerationSettings
-    """The :class:`GenerationSettings` of the shared flags, with the purpose's default size and steps."""
+def sampling_settings(
+    args: argparse.Namespace, purpose: str, *, tiny: bool, family: str = "flux", **fields
+):  # -> GenerationSettings
+    """The :class:`GenerationSettings` of the shared flags, with the purpose's default size and steps and
+    the model family's default true CFG (``family``: ``ModelSpec.family``)."""
     from spatialid.pipeline.settings import GenerationSettings, parse_size
 
     base = D.size_steps(purpose, tiny=tiny)
@@ -158,7 +165,7 @@ def sampling_settings(args: argparse.Namespace, purpose: str, *, tiny: bool, **f
     return GenerationSettings(
         id_weight=args.id_weight,
         start_step=args.start_step,
-        true_cfg=args.true_cfg,
+        true_cfg=args.true_cfg if args.true_cfg is not None else D.default_true_cfg(family),
         negative_prompt=args.negative_prompt,
         steps=args.steps if args.steps is not None else base.steps,
         guidance=args.guidance,
