@@ -267,6 +267,31 @@ def test_embedding_cache_survives_processes(inputs, tmp_path):
     assert len(calls) == 2
 
 
+
+def test_one_photo_under_several_keys_is_encoded_once(inputs, tmp_path):
+    """XVerseBench / MultiHuman-Testbench give each item its own key: one photo was encoded per item."""
+    import dataclasses
+
+    _, identities, _ = inputs
+    calls = []
+    enc = lambda p: calls.append(p) or hash_encoder(p)  # noqa: E731
+    cache = EmbeddingCache(tmp_path, enc, encoder_name="m")
+    same = [dataclasses.replace(identities[0], key=f"item{i}") for i in range(3)]
+    values = [cache.get(each) for each in same]
+    assert len(calls) == 1 and all((v == values[0]).all() for v in values)
+    cache.get(identities[1])  # another photo: encoded
+    assert len(calls) == 2
+
+    def no_face(path):
+        calls.append(path)
+        raise ValueError("no face")
+
+    failing = EmbeddingCache(tmp_path / "f", no_face, encoder_name="m")
+    for each in same:  # the photo's error is remembered for every key
+        with pytest.raises(ValueError, match="no face"):
+            failing.get(each)
+    assert len(calls) == 3
+
 def test_interrupt_and_resume_without_duplicates_or_loss(inputs, tmp_path):
     items = _grid(inputs)
     reference_dir = tmp_path / "ref"

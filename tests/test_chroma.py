@@ -326,10 +326,12 @@ def test_schnell_transformer_without_guidance_embedding_takes_identity(embeds_fi
 def test_web_ui_generates_on_tiny_chroma(tiny_chroma, photo_dir, tmp_path):
     """``serve --model tiny-chroma``: the form's request runs on Chroma, real CFG included."""
     from spatialid.app.metadata import read_png_metadata
+    from spatialid import defaults as D
     from spatialid.ui import handlers as h
 
     defaults, _ = h.defaults_for(tiny_chroma)
     assert (defaults.width, defaults.height) == (128, 128)  # the tiny model's UI size
+    assert defaults.true_cfg == D.CHROMA_TRUE_CFG  # the form's CFG slider starts on for Chroma
     form = dict(photos=[str(photo_dir / "astronaut.png")], prompt="portrait photo", negative_prompt="blurry",
                 preset="paper", id_weight=1.0, start_step=0, true_cfg=2.0, steps=2, guidance=4.0, width=64, height=64,
                 seed="5", num_images=1, compare=False, compare_presets=None)

@@ -244,3 +244,16 @@ def test_pickle_lora_in_the_shared_check_names_no_pulid_download(tmp_path):
     with pytest.raises(SpatialIDError) as exc:
         check_lora_files([str(evil)])
     assert "pickle" in str(exc.value) and "PuLID" not in str(exc.value) and "LoRA" in str(exc.value)
+
+
+# ----------------------------------------------------------------------------- ~NAME of no user
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", *FAST, "-p", "x", "--id", "~nosuchuser-spatialid/a.png"],
+    ["generate", *FAST, "-p", "x", "-o", "~nosuchuser-spatialid/o.png"],
+    ["encode", "--model", "tiny", "--id", "~nosuchuser-spatialid/a.png", "--out", "~nosuchuser-spatialid/b.safetensors"],
+])
+def test_a_path_of_a_user_that_does_not_exist_is_one_line(argv, capsys):
+    """pathlib's expanduser raises RuntimeError for ``~nosuchuser/...``; it was a traceback from every path flag."""
+    assert "no user NAME exists" in _refused(argv, capsys)

@@ -45,7 +45,11 @@ def test_relaxed_is_the_default_everywhere():
     assert (s.width, s.height, s.steps, D.BENCH_SEED) == (896, 1152, 25, 42)
     assert (D.DEFAULT_GUIDANCE, D.DEFAULT_START_STEP, D.DEFAULT_ID_WEIGHT, D.DEFAULT_TRUE_CFG) == (4.0, 0, 1.0, 1.0)
     assert D.DEFAULT_MAX_SEQUENCE_LENGTH == 128
-    assert (bench.guidance, bench.start_step, bench.id_weight, bench.true_cfg, bench.seeds) == (4.0, 0, 1.0, 1.0, "42")
+    from spatialid.cli.options import sampling_settings
+
+    # --true-cfg is resolved per model family (FLUX.1: off, as the authors' script; Chroma: on)
+    resolved = sampling_settings(bench, "bench", tiny=False, family="flux")
+    assert (bench.guidance, bench.start_step, bench.id_weight, resolved.true_cfg, bench.seeds) == (4.0, 0, 1.0, 1.0, "42")
 
 
 def test_ablation_presets_c_d_e():

@@ -334,13 +334,15 @@ def test_serve_flags_reach_launch(monkeypatch: pytest.MonkeyPatch, capsys: pytes
     logins.write_text("alice:one\n")
     os.chmod(logins, 0o600)
     argv = ["serve", "--model", "tiny", "--host", "0.0.0.0", "--auth-file", str(logins), "--max-steps", "80",
-            "--max-images", "8", "--max-side", "1024", "--max-cost", "40", "--queue-size", "4", "--keep-outputs", "0.5"]
+            "--max-images", "8", "--max-side", "1024", "--max-cost", "40", "--queue-size", "4", "--keep-outputs", "0.5",
+            "--visitor-upload-mb", "60", "--total-upload-mb", "300"]
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "warning: listening on 0.0.0.0" in err and "a login is required" in err
     kw = launched[-1]
     assert kw["auth"] == [("alice", "one")]
     assert (kw["max_steps"], kw["max_images"], kw["max_side"], kw["max_cost"], kw["queue_size"], kw["keep_outputs_hours"]) == (80, 8, 1024, 40.0, 4, 0.5)
+    assert (kw["visitor_upload_mb"], kw["total_upload_mb"]) == (60.0, 300.0)
     assert main(["serve", "--model", "tiny", "--host", "0.0.0.0"]) == 0
     assert "no login is required" in capsys.readouterr().err and launched[-1]["auth"] is None
     os.chmod(logins, 0o604)
@@ -348,7 +350,9 @@ def test_serve_flags_reach_launch(monkeypatch: pytest.MonkeyPatch, capsys: pytes
     err = capsys.readouterr().err.strip()
     assert "chmod 600" in err and len(err.splitlines()) == 1
     for bad, pattern in ((["--max-side", "100"], "multiple of 16"), (["--max-cost", "0"], "--max-cost must be > 0"),
-                         (["--queue-size", "0"], "--queue-size must be >= 1"), (["--auth", "nopass"], "expected USER:PASS")):
+                         (["--queue-size", "0"], "--queue-size must be >= 1"), (["--auth", "nopass"], "expected USER:PASS"),
+                         (["--total-upload-mb", "nan"], "--total-upload-mb must be > 0"),
+                         (["--visitor-upload-mb", "10"], "--visitor-upload-mb (10) is below --max-upload-mb (20)")):
         assert main(["serve", "--model", "tiny", *bad]) == 2
         assert pattern in capsys.readouterr().err
 

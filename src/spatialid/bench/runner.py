@@ -187,8 +187,9 @@ class EmbeddingCache:
     """Encode each identity photo once; keep the result in memory and as safetensors on disk.
 
     The file name carries a hash of the photo bytes and ``encoder_name``, so a changed photo or
-    another encoder never reuses a stale embedding. An encoding error is remembered too, so a photo
-    without a face fails each of its items at once instead of being re-encoded for every item.
+    another encoder never reuses a stale embedding. A photo under several keys (XVerseBench gives each
+    item its own) is encoded once per run; an encoding error is remembered too, so a photo without a
+    face fails each of its items at once instead of being re-encoded for every item.
     """
 
     def __init__(
@@ -207,12 +208,21 @@ class EmbeddingCache:
         self.load_fn = load_fn
         self._memory: dict[str, Any] = {}
         self._errors: dict[str, BaseException] = {}
+        self._digests: dict[Path, str] = {}
+        self._by_photo: dict[str, Any] = {}  # photo digest -> embedding or the error its encoding raised
         self.encoded = 0
         self.loaded = 0
 
+    def _digest(self, identity: Identity) -> str:
+        """Hash of the photo's bytes and the encoder (read once per photo path and run)."""
+        digest = self._digests.get(identity.path)
+        if digest is None:
+            digest = hashlib.sha256(f"{file_sha256(identity.path)}|{self.encoder_name}".encode()).hexdigest()[:16]
+            self._digests[identity.path] = digest
+        return digest
+
     def path_for(self, identity: Identity) -> Path:
-        digest = hashlib.sha256(f"{file_sha256(identity.path)}|{self.encoder_name}".encode()).hexdigest()[:16]
-        return self.folder / f"{identity.key}-{digest}.safetensors"
+        return self.folder / f"{identity.key}-{self._digest(identity)}.safetensors"
 
     def get(self, identity: Identity) -> Any:
         """The identity's embedding; for a group of people, the list of its members' embeddings."""
@@ -224,6 +234,12 @@ class EmbeddingCache:
             raise self._errors[identity.key]
         try:
             path = self.path_for(identity)
+            known = self._by_photo.get(self._digest(identity))
+            if isinstance(known, BaseException):  # the same photo failed under another key
+                raise known
+            if known is not None:
+                self._memory[identity.key] = known
+                return known
             if path.is_file():
                 try:
                     value = self.load_fn(path)
@@ -238,8 +254,11 @@ class EmbeddingCache:
             raise
         except Exception as exc:
             self._errors[identity.key] = exc
+            if identity.path in self._digests:
+                self._by_photo[self._digests[identity.path]] = exc
             raise
         self._memory[identity.key] = value
+        self._by_photo[self._digest(identity)] = value
         return value
 
     def _encode(self, identity: Identity, path: Path) -> Any:

@@ -46,6 +46,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on (default 7860)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted photo upload in MB (default 20)")
     p.add_argument(
+        "--visitor-upload-mb", type=float, default=None,
+        help="upload bytes one visitor (login, or address without one) may hold at once (default 5 x --max-upload-mb)",
+    )
+    p.add_argument(
+        "--total-upload-mb", type=float, default=None,
+        help="upload bytes all visitors may hold at once (default 50 x --max-upload-mb)",
+    )
+    p.add_argument(
         "--output-dir", default=None,
         help="also keep a copy of every PNG here (never served, never deleted; default: ./outputs on 127.0.0.1 "
         "without a login, none on a shared address or with --auth/--auth-file; 'none': keep none)",
@@ -87,8 +95,15 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SpatialIDError(f"--port must be between 1 and 65535, got {args.port}")
     if not args.host.strip():
         raise SpatialIDError("--host is empty; use 127.0.0.1 (this machine) or an address of this machine")
-    if not args.max_upload_mb > 0:
-        raise SpatialIDError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
+    for flag in ("max_upload_mb", "visitor_upload_mb", "total_upload_mb"):
+        value = getattr(args, flag, None)
+        if value is not None and not 0 < value < float("inf"):
+            raise SpatialIDError(f"--{flag.replace('_', '-')} must be > 0 (a finite number of MB), got {value}")
+    for small, large in (("max_upload_mb", "visitor_upload_mb"), ("visitor_upload_mb", "total_upload_mb")):
+        a, b = getattr(args, small, None), getattr(args, large, None)
+        if a is not None and b is not None and b < a:
+            raise SpatialIDError(f"--{large.replace('_', '-')} ({b:g}) is below --{small.replace('_', '-')} ({a:g}); "
+                                 "no upload could fit: raise it")
     for flag, low in (("max_steps", 1), ("max_images", 1), ("max_side", 64), ("queue_size", 1)):
         value = getattr(args, flag, None)
         if value is not None and value < low:
@@ -215,4 +230,6 @@ def _launch(launch, pipe, args: argparse.Namespace, logins, default_queue: int, 
         lora_dir=args.lora_dir,
         queue_size=args.queue_size if args.queue_size is not None else default_queue,
         keep_outputs_hours=args.keep_outputs if args.keep_outputs is not None else default_keep,
+        visitor_upload_mb=getattr(args, "visitor_upload_mb", None),
+        total_upload_mb=getattr(args, "total_upload_mb", None),
     )

@@ -261,6 +261,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"spatialid: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
+    except RuntimeError as exc:  # pathlib's expanduser on "~nosuchuser/...", from any of the path flags
+        if args.debug or "home directory" not in str(exc):
+            raise
+        print("spatialid: error: a path starts with ~NAME, and no user NAME exists here; write the path out in full",
+              file=sys.stderr)
+        return EXIT_USAGE
     except OSError as exc:
         if args.debug or exc.errno not in _ENVIRONMENT_ERRNOS:
             raise

@@ -104,12 +104,14 @@ def defaults_for(pipe: Any) -> tuple[GenerationSettings, UILimits]:
     """The form's initial settings and the limits for ``pipe``.
 
     The tiny model gets the UI's small size and step count (:mod:`spatialid.defaults`) so a click
-    takes seconds; a real model starts from the pipeline's own defaults.
+    takes seconds; a real model starts from the pipeline's own defaults. The true CFG starts at the
+    model family's default (on for Chroma, which has no guidance embedding; off for FLUX.1).
     """
+    true_cfg = D.default_true_cfg(str(getattr(pipe, "family", "flux")))
     if getattr(pipe, "is_tiny", False):
         small = D.size_steps("ui", tiny=True)
         return (
-            GenerationSettings(width=small.width, height=small.height, steps=small.steps),
+            GenerationSettings(width=small.width, height=small.height, steps=small.steps, true_cfg=true_cfg),
             UILimits(max_side=512, max_steps=50, unit_steps=small.steps, unit_width=small.width, unit_height=small.height),
         )
     real = D.size_steps("ui", tiny=False)
@@ -117,7 +119,7 @@ def defaults_for(pipe: Any) -> tuple[GenerationSettings, UILimits]:
     height = int(getattr(pipe, "default_height", real.height) or real.height)
     steps = int(getattr(pipe, "default_num_inference_steps", real.steps) or real.steps)
     limits = UILimits(unit_steps=steps, unit_width=width, unit_height=height)
-    return GenerationSettings(width=width, height=height, steps=steps), limits
+    return GenerationSettings(width=width, height=height, steps=steps, true_cfg=true_cfg), limits
 
 
 # ----------------------------------------------------------------------------- presets
