@@ -17,11 +17,11 @@ import dataclasses
 import functools
 import gc
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
 from spatialid import defaults as D
+from spatialid.app.sources import check_lora_files, in_hub_cache, looks_local  # re-exported: their old home
 from spatialid.errors import SpatialIDError
 
 __all__ = [
@@ -29,6 +29,8 @@ __all__ = [
     "Models",
     "OFFLOAD_MODES",
     "check_lora_files",
+    "in_hub_cache",
+    "looks_local",
     "check_quantize",
     "compile_transformer",
     "load_pipeline",
@@ -240,37 +242,6 @@ def _base_transformer_config(model: str) -> dict[str, Any] | None:
         return json.loads(config.read_text(encoding="utf-8")) if config.is_file() else None
     except (OSError, ValueError):
         return None
-
-
-def check_lora_files(loras: Any) -> None:
-    """Each ``FILE_OR_HUB_ID[:SCALE]`` that names a local file must be a LoRA file (hub ids are checked when they load).
-
-    Shared by ``--lora`` and the web UI's LoRA list, so both refuse the same inputs before anything loads.
-    """
-    from pathlib import Path
-
-    from spatialid.loaders.names import parse_lora
-
-    for text in loras:
-        source, _ = parse_lora(text)
-        path = Path(os.path.expanduser(source))  # never raises: Path.expanduser does for "~nosuchuser"
-        local = path.exists() or source.startswith(("/", "./", "../", "~")) or path.suffix.lower() in (".safetensors", ".bin")
-        if not local:
-            continue  # a hub id: checked when it loads
-        if not path.is_file():
-            raise SpatialIDError(f"--lora {source}: no such LoRA file")
-        if path.suffix.lower() == ".safetensors":
-            from spatialid.models.checkpoint import read_safetensors_layout
-            from spatialid.utils.weights import sniff_safetensors
-
-            # first bytes, with a LoRA's fix (a pickle is no LoRA; PuLID's download hint would mislead)
-            sniff_safetensors(path, "give a FLUX.1 LoRA saved as .safetensors", name=f"--lora {source}: this file")
-            try:
-                shapes, _, _ = read_safetensors_layout(path)
-            except SpatialIDError as exc:
-                raise SpatialIDError(f"--lora {source}: {exc}") from None
-            if not any("lora" in key.lower() for key in shapes):
-                raise SpatialIDError(f"--lora {source}: no LoRA weights in this file (no lora_A/lora_B or lora_down/lora_up keys)")
 
 
 def _check_pipeline_files(spec: ModelSpec) -> None:

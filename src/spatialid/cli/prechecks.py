@@ -16,13 +16,14 @@ import difflib
 import json
 import math
 import os
-import struct
 import sys
 from pathlib import Path
 from typing import Any
 
 from spatialid import defaults as D
+from spatialid.app.sources import check_lora_files, in_hub_cache, looks_local
 from spatialid.errors import SpatialIDError
+from spatialid.utils.weights import read_safetensors_header
 
 __all__ = ["UNSUPPORTED_IMAGE_SUFFIXES", "check_command_line", "gpu_possible", "huge_job_warning", "inputs_of", "model_name_error"]
 
@@ -66,48 +67,12 @@ def _number(flag: str, value: Any, low: float, high: float, what: str) -> None:
         raise SpatialIDError(f"{flag} must be a number between {low:g} and {high:g} ({what}), got {value!r}")
 
 
-def _looks_local(source: str) -> bool:
-    path = Path(source).expanduser()
-    return (path.exists() or source.startswith(("/", "./", "../", "~"))
-            or path.suffix.lower() in (".safetensors", ".bin", ".pt", ".pth", ".ckpt"))
-
-
-def _in_hub_cache(repo_id: str, cache_dir: str | None) -> bool:
-    """Whether a hub repository has anything in the local Hugging Face cache (read from the folder names only)."""
-    from huggingface_hub.constants import HF_HUB_CACHE
-
-    folder = Path(cache_dir or HF_HUB_CACHE).expanduser() / f"models--{repo_id.replace('/', '--')}" / "snapshots"
-    return folder.is_dir() and any(folder.iterdir())
-
-
-def _check_loras(args: argparse.Namespace, offline: bool) -> None:
-    from spatialid.loaders.names import parse_lora
-    from spatialid.utils.weights import sniff_safetensors
-
-    for text in getattr(args, "lora", None) or []:
-        source, scale = parse_lora(text)
-        if not math.isfinite(scale) or abs(scale) > D.MAX_LORA_SCALE:
-            raise SpatialIDError(f"--lora {text}: the scale must be a number between -{D.MAX_LORA_SCALE:g} and "
-                                 f"{D.MAX_LORA_SCALE:g} (beyond it a LoRA only breaks the image), got {scale:g}")
-        if _looks_local(source):
-            path = Path(source).expanduser()
-            if not path.is_file():
-                raise SpatialIDError(f"--lora {source}: no such LoRA file")
-            sniff_safetensors(path, "give a FLUX.1 LoRA saved as .safetensors", name=f"--lora {source}: this file")
-            if path.suffix.lower() != ".safetensors":
-                raise SpatialIDError(f"--lora {source}: not a .safetensors LoRA file; give the LoRA's .safetensors file")
-        elif offline and not _in_hub_cache(source, getattr(args, "cache_dir", None)):
-            raise SpatialIDError(f"--lora {source}: this hub LoRA is not available offline (not in the Hugging Face "
-                                 f"cache); download it on a connected machine with `hf download {source}`, or give a "
-                                 ".safetensors file")
-
-
 def _check_controlnet(args: argparse.Namespace, offline: bool) -> None:
     source = getattr(args, "controlnet", None)
     if not source:
         return
     path = Path(source).expanduser()
-    if _looks_local(source) or path.exists():
+    if looks_local(source) or path.exists():
         if not path.exists():
             raise SpatialIDError(f"--controlnet {source}: the folder does not exist; give a FLUX.1 ControlNet folder "
                                  "(with config.json) or a hub id")
@@ -116,7 +81,7 @@ def _check_controlnet(args: argparse.Namespace, offline: bool) -> None:
                                  "ControlNet folder or a hub id")
     elif "/" not in source:
         raise SpatialIDError(f"--controlnet {source!r} is neither a local folder nor a hub id (owner/name)")
-    elif offline and not _in_hub_cache(source, getattr(args, "cache_dir", None)):
+    elif offline and not in_hub_cache(source, getattr(args, "cache_dir", None)):
         raise SpatialIDError(f"--controlnet {source}: not available offline (not in the Hugging Face cache); download "
                              f"it on a connected machine with `hf download {source}`, or give a local folder")
 
@@ -161,21 +126,6 @@ def _check_masks(args: argparse.Namespace) -> None:
 MAX_MASK_FILE_BYTES = 2**31  # far above any run's recording ([steps, points, people, images, rows, cols] float32)
 
 
-def _safetensors_header(path: Path, flag: str) -> dict[str, Any]:
-    from spatialid.utils.weights import sniff_safetensors
-
-    sniff_safetensors(path, "give a file written by --save-masks", name=f"{flag} {path}")
-    with path.open("rb") as fh:
-        (length,) = struct.unpack("<Q", fh.read(8))
-        try:
-            header = json.loads(fh.read(length))
-        except (ValueError, RecursionError):
-            header = None
-    if not isinstance(header, dict):
-        raise SpatialIDError(f"{flag} {path}: damaged safetensors header; give a file written by --save-masks")
-    return header
-
-
 def _check_mask_file(args: argparse.Namespace, people: int, size: tuple[int, int], steps: int, start: int) -> None:
     """``--masks-from`` against this run: steps, people, images and grid from the header; the values from the data."""
     value = getattr(args, "masks_from", None)
@@ -186,7 +136,7 @@ def _check_mask_file(args: argparse.Namespace, people: int, size: tuple[int, int
         raise SpatialIDError(f"{flag} {p}: mask file not found (write one with --save-masks)")
     if p.stat().st_size > MAX_MASK_FILE_BYTES:
         raise SpatialIDError(f"{flag} {p}: larger than {MAX_MASK_FILE_BYTES // 2**30} GB; give a file written by --save-masks")
-    header = _safetensors_header(p, flag)
+    header = read_safetensors_header(p, "give a file written by --save-masks", name=f"{flag} {p}")
     meta = header.get("__metadata__") if isinstance(header.get("__metadata__"), dict) else {}
     info = header.get("masks")
     shape = info.get("shape") if isinstance(info, dict) else None
@@ -281,7 +231,7 @@ def check_command_line(args: argparse.Namespace) -> None:
         parse_cache(args.cache)  # an unknown cache name: one line before the "loading" line
     _check_identity_files(args)
     offline = is_offline(True if getattr(args, "offline", False) else None)
-    _check_loras(args, offline)
+    check_lora_files(getattr(args, "lora", None) or [], offline=offline, cache_dir=getattr(args, "cache_dir", None))
     _check_controlnet(args, offline)
     _check_masks(args)
     size = parse_size(args.size) if getattr(args, "size", None) else None

@@ -152,7 +152,7 @@ def parse_lora_lines(text: Any, lora_dir: str | os.PathLike[str] | None = None) 
     download arbitrary repositories. Without ``lora_dir`` the LoRA list is off. Returns the lines
     with each name replaced by its full path.
     """
-    from spatialid.app.loading import check_lora_files
+    from spatialid.app.sources import check_lora_files
     from spatialid.loaders.names import parse_lora
 
     lines = [line.strip() for line in str(text or "").splitlines()]

@@ -7,13 +7,15 @@ is refused in one line and never reaches a deserialiser.
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
 from spatialid.errors import CheckpointError
 
-__all__ = ["MAX_SAFETENSORS_HEADER", "NEVER_UNPICKLE", "sniff_safetensors"]
+__all__ = ["MAX_SAFETENSORS_HEADER", "NEVER_UNPICKLE", "read_safetensors_header", "sniff_safetensors"]
 
 # safetensors itself allows a 100 MB JSON header, parsed whole; the largest real headers (FLUX, T5)
 # are well under 1 MB, so a longer one is refused before safetensors reads it (a memory bomb).
@@ -61,3 +63,22 @@ def sniff_safetensors(path: str | os.PathLike[str], fix: str, *, name: str | Non
     if size < 10:
         raise CheckpointError(f"{label} is empty or truncated ({size} bytes), not a safetensors file: {fix}")
     raise CheckpointError(f"{label} is not a safetensors file (unrecognised first bytes {head[:8].hex()}): {fix}")
+
+
+def read_safetensors_header(path: str | os.PathLike[str], fix: str, *, name: str | None = None) -> dict[str, Any]:
+    """The JSON header of a safetensors file (tensor name -> dtype/shape/offsets, plus ``__metadata__``).
+
+    Read with the standard library only (no torch, no tensor data), after :func:`sniff_safetensors`
+    bounded its length; a header that is no JSON object raises :class:`CheckpointError`.
+    """
+    sniff_safetensors(path, fix, name=name)
+    label = name if name is not None else str(path)
+    with Path(path).open("rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        try:
+            header = json.loads(fh.read(length))
+        except (ValueError, RecursionError):
+            header = None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{label}: damaged safetensors header; {fix}")
+    return header
