@@ -303,6 +303,24 @@ def test_masks_from_with_odd_steps_is_one_line(tmp_path, capsys, steps):
     assert "steps" in _err_line(capsys)
 
 
+
+@pytest.mark.parametrize("value", [1e30, 1.5])
+def test_mask_file_values_above_one_are_refused_by_the_library_reader(tmp_path, value):
+    """The [0, 1] bound sat only in the command line's early check: Python's masks_from took 1e30 masks."""
+    import torch
+    from safetensors.torch import save_file
+
+    from spatialid.injection.people import MaskFileError, mask_replay_table
+
+    path = tmp_path / "m.safetensors"
+    save_file({"masks": torch.full((1, 1, 1, 1, 2, 2), value)}, str(path),
+              metadata={"format": "spatialid-masks/1", "steps": "[0]", "persons": "1", "grid": "2x2"})
+    with pytest.raises(MaskFileError, match=r"finite and in \[0, 1\]"):
+        mask_replay_table(path)
+    save_file({"masks": torch.ones(1, 1, 1, 1, 2, 2)}, str(path),
+              metadata={"format": "spatialid-masks/1", "steps": "[0]", "persons": "1", "grid": "2x2"})
+    assert mask_replay_table(path)[1] == [0]  # exactly 1 (full identity) is a valid mask
+
 # ----------------------------------------------------------------------------- 13, 21: hostile settings records
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "IMAGE_PIPELINES",
     "MAX_CONTROLNET_SCALE",
     "MAX_LORA_SCALE",
+    "MAX_MASK_VALUE",
     "PRESET_NAMES",
     "PIPELINES",
     "NOISE_MODES",
@@ -80,6 +81,8 @@ PRESET_NAMES = (
 )
 # Largest |scale| of a LoRA (--lora FILE:SCALE, the web UI's weight): beyond it a LoRA only breaks the image.
 MAX_LORA_SCALE = 4.0
+# A recorded mask is in [0, 1] by construction; the slack covers float rounding of files written elsewhere.
+MAX_MASK_VALUE = 1.001
 MAX_CONTROLNET_SCALE = 2.0  # --controlnet-scale: diffusers' examples use 0.3-1.0
 # other FLUX.1 pipelines (docs/pipelines.md): how much of the input image is redrawn, ControlNet weight
 DEFAULT_IMG2IMG_STRENGTH = 0.8

@@ -171,7 +171,7 @@ def _check_mask_file(args: argparse.Namespace, people: int, size: tuple[int, int
     import numpy as np
 
     masks = load_file(str(p)).get("masks")
-    if masks is None or not np.isfinite(masks).all() or masks.size and (masks.min() < 0 or masks.max() > 1.001):
+    if masks is None or not np.isfinite(masks).all() or masks.size and (masks.min() < 0 or masks.max() > D.MAX_MASK_VALUE):
         raise SpatialIDError(f"{flag} {p}: mask values must be finite and in [0, 1] (0 = no identity, 1 = full)")
 
 

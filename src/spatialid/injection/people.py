@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from spatialid import defaults as D
 from spatialid.errors import SpatialIDError
 from spatialid.masks.multi import MAX_PEOPLE, box_region, region_from_mask
 
@@ -258,6 +259,8 @@ def load_mask_file(path: str | os.PathLike[str]) -> tuple[torch.Tensor, dict[str
         raise MaskFileError(f"{p}: metadata lists {len(steps)} steps but the tensor has {masks.shape[0]}")
     if not bool(torch.isfinite(masks).all()) or (masks.numel() and float(masks.min()) < 0):
         raise MaskFileError(f"{p}: masks must be finite and >= 0")
+    if masks.numel() and float(masks.max()) > D.MAX_MASK_VALUE:  # the command line refuses these before loading too
+        raise MaskFileError(f"{p}: mask values must be finite and in [0, 1] (0 = no identity, 1 = full)")
     parsed: dict[str, Any] = {**meta, "steps": steps}
     for key in ("times", "phases"):
         try:
